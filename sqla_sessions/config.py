@@ -1,0 +1,184 @@
+"""`SessionConfig`: every setting, validated once, shared by the handler and the middlewares."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from .errors import ConfigurationError
+
+SameSite = Literal["lax", "strict", "none"]
+
+_ENV_PREFIX = "SQLA_SESSIONS_"
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 6265 token
+_AES_KEY_SIZES = (16, 24, 32)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Session settings; Laravel's `config/session.php` in Python names. Invalid values raise `ValueError`."""
+
+    database_url: str = "sqlite:///sessions.db"
+    table: str = "sessions"
+    lifetime: int = 120
+    """Idle lifetime in minutes (sliding)."""
+    absolute_lifetime: int | None = None
+    """Optional hard cap in minutes since creation."""
+    expire_on_close: bool = False
+    cookie_name: str = "session"
+    cookie_path: str = "/"
+    cookie_domain: str | None = None
+    cookie_secure: bool | None = None
+    """None: on when the request is https."""
+    cookie_http_only: bool = True
+    cookie_same_site: SameSite = "lax"
+    cookie_partitioned: bool = False
+    lottery: tuple[int, int] = (2, 100)
+    touch_interval: int = 60
+    """Seconds; an unchanged session's `last_activity` is refreshed at most this often."""
+    max_payload_bytes: int = 262_144
+    encryption_keys: tuple[str | bytes, ...] = field(default=(), repr=False)
+    """AEAD keys, newest first: base64 strings or raw bytes of 16, 24 or 32 bytes."""
+    block_lock_seconds: float = 10
+    block_wait_seconds: float = 10
+    lock_timeout_status: int = 423
+    gc_batch_size: int = 1000
+    """Rows deleted per statement by garbage collection."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.database_url), "database_url", "must not be empty")
+        _check(_TABLE_NAME.fullmatch(self.table) is not None, "table", f"{self.table!r} is not a plain SQL identifier")
+        _check_int(self.lifetime, "lifetime", minimum=1)
+        if self.absolute_lifetime is not None:
+            _check_int(self.absolute_lifetime, "absolute_lifetime", minimum=1)
+        _check(
+            _COOKIE_NAME.fullmatch(self.cookie_name) is not None,
+            "cookie_name",
+            f"{self.cookie_name!r} is not a valid cookie name",
+        )
+        _check(
+            self.cookie_path.startswith("/") and not any(c in self.cookie_path for c in ";\r\n,"),
+            "cookie_path",
+            "must start with '/' and contain no ';', ',' or line breaks",
+        )
+        if self.cookie_domain is not None:
+            _check(
+                bool(self.cookie_domain) and not any(c in self.cookie_domain for c in ";\r\n, "),
+                "cookie_domain",
+                "must be a bare domain name",
+            )
+        _check(self.cookie_same_site in ("lax", "strict", "none"), "cookie_same_site", "must be lax, strict or none")
+        if self.cookie_same_site == "none":
+            _check(self.cookie_secure is not False, "cookie_secure", "SameSite=None cookies must be Secure")
+        lottery = self.lottery
+        _check(
+            isinstance(lottery, tuple) and len(lottery) == 2 and all(isinstance(x, int) for x in lottery),
+            "lottery",
+            "must be a pair of integers (chances, out_of)",
+        )
+        _check(0 <= lottery[0] <= lottery[1] and lottery[1] > 0, "lottery", "must satisfy 0 <= chances <= out_of, out_of > 0")
+        _check_int(self.touch_interval, "touch_interval", minimum=0)
+        _check_int(self.max_payload_bytes, "max_payload_bytes", minimum=64)
+        _check_int(self.gc_batch_size, "gc_batch_size", minimum=1)
+        for name in ("block_lock_seconds", "block_wait_seconds"):
+            value = getattr(self, name)
+            _check(isinstance(value, int | float) and not isinstance(value, bool), name, "must be a number")
+            _check(0 < value <= 3600, name, "must be more than 0 and at most 3600 seconds")
+        _check_int(self.lock_timeout_status, "lock_timeout_status", minimum=400)
+        _check(self.lock_timeout_status <= 599, "lock_timeout_status", "must be an HTTP error status (400-599)")
+        _check(isinstance(self.encryption_keys, tuple), "encryption_keys", "must be a tuple")
+        for key in self.encryption_keys:
+            decode_encryption_key(key)
+
+    @property
+    def lifetime_seconds(self) -> int:
+        return self.lifetime * 60
+
+    @property
+    def absolute_lifetime_seconds(self) -> int | None:
+        return None if self.absolute_lifetime is None else self.absolute_lifetime * 60
+
+    def replace(self, **changes: Any) -> SessionConfig:
+        """Return a copy with *changes* applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SessionConfig:
+        """Build a config from `SQLA_SESSIONS_<FIELD>` variables (e.g. `SQLA_SESSIONS_DATABASE_URL`).
+
+        Booleans accept 1/0, true/false, yes/no, on/off; `lottery` is `"2,100"`; `encryption_keys` is a
+        comma-separated list of base64 keys, newest first; an empty value means None for optional fields.
+        Keyword *overrides* win over the environment.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(_ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse_env(f.name, str(f.type), raw.strip())
+        values.update(overrides)
+        return cls(**values)
+
+
+def decode_encryption_key(key: str | bytes) -> bytes:
+    """Return the raw AES key for a configured key (raw bytes, or base64/base64url text)."""
+    if isinstance(key, bytes):
+        raw = key
+    elif isinstance(key, str):
+        try:
+            padded = key.strip() + "=" * (-len(key.strip()) % 4)
+            raw = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
+        except (binascii.Error, ValueError):
+            raise ConfigurationError("encryption_keys", "a key is not valid base64") from None
+    else:
+        raise ConfigurationError("encryption_keys", "keys must be str (base64) or bytes")
+    if len(raw) not in _AES_KEY_SIZES:
+        raise ConfigurationError("encryption_keys", f"a key is {len(raw)} bytes; AES keys are 16, 24 or 32 bytes")
+    return raw
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigurationError(name, message)
+
+
+def _check_int(value: object, name: str, *, minimum: int) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer")
+    assert isinstance(value, int)
+    _check(value >= minimum, name, f"must be at least {minimum}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_env(name: str, annotation: str, raw: str) -> Any:
+    optional = "None" in annotation
+    if optional and raw.lower() in ("", "none", "null"):
+        return None
+    try:
+        if annotation.startswith("bool"):
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError(raw)
+        if annotation.startswith("int"):
+            return int(raw)
+        if annotation.startswith("float"):
+            return float(raw)
+        if annotation.startswith("tuple[int, int]"):
+            chances, out_of = raw.split(",")
+            return (int(chances), int(out_of))
+        if annotation.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ConfigurationError(name, f"cannot parse {_ENV_PREFIX}{name.upper()}={raw!r}") from None
+    return raw

@@ -1,0 +1,333 @@
+"""What every handler promises, written once: load, per-key merge on save, expiry, devices, GC.
+
+A concrete handler supplies only row primitives (`_fetch`, `_insert`, `_update`, `_merge`, …) that
+run on a connection it opens in `_connect()`. The semantics here never touch SQL, so the memory and
+database handlers cannot drift apart, and an async handler can run `_load_on`/`_save_on` on a
+connection of its own (`AsyncConnection.run_sync`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from ..codec import CorruptPayload, PayloadCodec
+from ..config import SessionConfig
+from ..errors import SessionInterrupted
+from ..ids import generate_session_key, hash_session_id, is_valid_session_id, is_valid_session_key
+from ..records import Record, SaveAction, SessionInfo
+from ..schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH
+from ..session import Session
+
+logger = logging.getLogger("sqla_sessions")
+
+C = TypeVar("C")
+#: What `_merge` hands back: the row it wrote and the raw payload it stored.
+Merged = tuple[Record, dict[str, Any]]
+
+
+@runtime_checkable
+class SessionHandler(Protocol):
+    """The contract every handler (database, memory) fulfils."""
+
+    config: SessionConfig
+
+    def load(self, session_id: str | None) -> Session:
+        """Return the live session for a cookie id, or a new empty one (never raises for bad input)."""
+
+    def load_by_key(self, key: str) -> Session | None:
+        """Return the live session with this stable key, or None (used by background jobs)."""
+
+    def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
+        """Persist the session's changes, merged per key onto the current row."""
+
+    def destroy(self, key: str) -> bool:
+        """Delete the session with this stable key; True if a row was deleted."""
+
+    def gc(self, batch_size: int | None = None, *, on_batch: Callable[[int], None] | None = None) -> int:
+        """Delete expired sessions in bounded batches; return how many were deleted."""
+
+    def list_sessions(self, user_id: object) -> list[SessionInfo]:
+        """Return a user's live sessions, most recently active first."""
+
+    def revoke(self, key: str) -> bool:
+        """Log one session out (delete it by stable key)."""
+
+    def revoke_user(self, user_id: object, *, except_key: str | None = None) -> int:
+        """Log a user out everywhere, optionally keeping one session; return how many were deleted."""
+
+
+class BaseHandler(ABC, Generic[C]):
+    """Session semantics over abstract row primitives running on a connection of type `C`."""
+
+    def __init__(self, config: SessionConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config or SessionConfig()
+        self.codec = PayloadCodec(self.config)
+        self._clock = clock
+
+    # -- row primitives ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _connect(self) -> AbstractContextManager[C]:
+        """Open a connection for one operation (each primitive on it is atomic by itself)."""
+
+    @abstractmethod
+    def _fetch(self, conn: C, *, id_hash: str | None = None, key: str | None = None, now: int) -> Record | None:
+        """Return the unexpired row with this id hash or key."""
+
+    @abstractmethod
+    def _insert(self, conn: C, record: Record) -> None:
+        """Insert a new row."""
+
+    @abstractmethod
+    def _update(self, conn: C, record: Record, *, expected_version: int, now: int) -> bool:
+        """Compare-and-set: write *record* if the row still has *expected_version* and is unexpired."""
+
+    @abstractmethod
+    def _merge(self, conn: C, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
+        """Lock the unexpired row, let *build* compute its successor from it, write that; None if gone."""
+
+    @abstractmethod
+    def _touch(self, conn: C, key: str, *, last_activity: int, expires_at: int, now: int) -> bool:
+        """Refresh activity and expiry of an unexpired row; False if it is gone."""
+
+    @abstractmethod
+    def _delete(self, conn: C, key: str) -> bool:
+        """Delete a row by key."""
+
+    @abstractmethod
+    def _delete_expired(self, conn: C, now: int, limit: int) -> int:
+        """Delete at most *limit* expired rows through the expiry index; return how many."""
+
+    @abstractmethod
+    def _fetch_user(self, conn: C, user_id: str, now: int) -> list[Record]:
+        """Return a user's unexpired rows, most recently active first."""
+
+    @abstractmethod
+    def _delete_user(self, conn: C, user_id: str, except_key: str | None) -> int:
+        """Delete a user's rows, except *except_key*."""
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def load(self, session_id: str | None) -> Session:
+        if not session_id:
+            return Session(self)
+        if not is_valid_session_id(session_id):
+            logger.warning("malformed session cookie ignored; starting a new session")
+            return Session(self)
+        with self._connect() as conn:
+            return self._load_on(conn, session_id)
+
+    def load_by_key(self, key: str) -> Session | None:
+        if not is_valid_session_key(key):
+            raise ValueError("not a session key")
+        with self._connect() as conn:
+            record = self._fetch(conn, key=key, now=self._now())
+        if record is None:
+            return None
+        raw = self._decode(record)
+        return None if raw is None else Session._from_record(self, None, record, raw)
+
+    def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
+        if end_of_request:
+            session._end_request()
+        # Encode before touching the database: an unsupported value fails here, naming its key.
+        updates, removals = session._collect_changes()
+        unchanged = not (
+            updates
+            or removals
+            or session._id_changed
+            or session._destroy_key
+            or session._user_id != session._base_user_id
+        )
+        if unchanged:
+            record = session._record
+            if record is None or self._now() - record.last_activity < self.config.touch_interval:
+                return SaveAction.NOTHING  # the common read-only request: no connection at all
+        with self._connect() as conn:
+            return self._save_on(conn, session, updates, removals)
+
+    def destroy(self, key: str) -> bool:
+        with self._connect() as conn:
+            return self._delete(conn, key)
+
+    revoke = destroy
+
+    def gc(self, batch_size: int | None = None, *, on_batch: Callable[[int], None] | None = None) -> int:
+        limit = batch_size or self.config.gc_batch_size
+        now = self._now()  # fixed, so a sweep ends even while more sessions keep expiring
+        total = 0
+        while True:
+            with self._connect() as conn:
+                deleted = self._delete_expired(conn, now, limit)
+            total += deleted
+            if on_batch is not None:
+                on_batch(deleted)
+            if deleted < limit:
+                return total
+
+    def list_sessions(self, user_id: object) -> list[SessionInfo]:
+        with self._connect() as conn:
+            records = self._fetch_user(conn, str(user_id), self._now())
+        return [SessionInfo.from_record(r) for r in records]
+
+    def revoke_user(self, user_id: object, *, except_key: str | None = None) -> int:
+        with self._connect() as conn:
+            return self._delete_user(conn, str(user_id), except_key)
+
+    # -- semantics, on an open connection ----------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _expiry(self, created_at: int, now: int) -> int:
+        expires = now + self.config.lifetime_seconds
+        absolute = self.config.absolute_lifetime_seconds
+        return expires if absolute is None else min(expires, created_at + absolute)
+
+    def _decode(self, record: Record) -> dict[str, Any] | None:
+        try:
+            return self.codec.loads(record.payload, record.key)
+        except CorruptPayload as exc:
+            logger.warning("unreadable session payload ignored (%s); starting a new session", exc)
+            return None
+
+    def _load_on(self, conn: C, session_id: str) -> Session:
+        record = self._fetch(conn, id_hash=hash_session_id(session_id), now=self._now())
+        if record is None:
+            logger.warning("unknown or expired session id; starting a new session")
+            return Session(self)
+        raw = self._decode(record)
+        if raw is None:
+            return Session(self)
+        return Session._from_record(self, session_id, record, raw)
+
+    def _save_on(self, conn: C, session: Session, updates: dict[str, Any], removals: frozenset[str]) -> SaveAction:
+        now = self._now()
+        action = SaveAction.NOTHING
+        if session._destroy_key is not None:
+            self._delete(conn, session._destroy_key)
+            session._destroy_key = None
+            action = SaveAction.DELETED
+        record = session._record
+        if record is None:
+            if not updates and session._user_id is None:
+                return action
+            return self._insert_new(conn, session, updates, now)
+
+        id_changed = session._id_changed
+        user_changed = session._user_id != session._base_user_id
+        if not (updates or removals or id_changed or user_changed):
+            return self._touch_if_due(conn, session, record, now)
+
+        ip, agent = _client(session)
+        new_raw = _apply(session._raw, updates, removals)
+        written = Record(
+            key=record.key,
+            id_hash=hash_session_id(session.id) if id_changed else record.id_hash,
+            user_id=session._user_id,
+            payload=self.codec.dumps(new_raw, record.key),  # PayloadTooLarge: nothing written
+            version=record.version + 1,
+            created_at=record.created_at,
+            last_activity=now,
+            expires_at=self._expiry(record.created_at, now),
+            ip_address=ip or record.ip_address,
+            user_agent=agent or record.user_agent,
+        )
+        if self._update(conn, written, expected_version=record.version, now=now):
+            action = SaveAction.UPDATED
+        else:
+            # Someone else saved since we loaded (or the session is gone): merge our keys onto theirs.
+            def build(current: Record) -> Merged:
+                try:
+                    current_raw = self.codec.loads(current.payload, current.key)
+                except CorruptPayload as exc:
+                    raise SessionInterrupted(f"the stored session became unreadable: {exc}") from None
+                merged = _apply(current_raw, updates, removals)
+                successor = Record(
+                    key=current.key,
+                    id_hash=written.id_hash if id_changed else current.id_hash,
+                    user_id=session._user_id if user_changed else current.user_id,
+                    payload=self.codec.dumps(merged, current.key),
+                    version=current.version + 1,
+                    created_at=current.created_at,
+                    last_activity=now,
+                    expires_at=self._expiry(current.created_at, now),
+                    ip_address=ip or current.ip_address,
+                    user_agent=agent or current.user_agent,
+                )
+                return successor, merged
+
+            merged = self._merge(conn, record.key, now, build)
+            if merged is None:
+                raise SessionInterrupted("the session was destroyed or expired since it was loaded; nothing was saved")
+            written, new_raw = merged
+            action = SaveAction.MERGED
+        if session._forked_id_hash is not None:
+            self._insert_fork(conn, session, record, now)
+        session._rebase(written, new_raw, updates)
+        return action
+
+    def _insert_new(self, conn: C, session: Session, updates: dict[str, Any], now: int) -> SaveAction:
+        key = generate_session_key()
+        ip, agent = _client(session)
+        record = Record(
+            key=key,
+            id_hash=hash_session_id(session.id),
+            user_id=session._user_id,
+            payload=self.codec.dumps(updates, key),
+            version=1,
+            created_at=now,
+            last_activity=now,
+            expires_at=self._expiry(now, now),
+            ip_address=ip,
+            user_agent=agent,
+        )
+        self._insert(conn, record)
+        session._rebase(record, dict(updates), updates)
+        return SaveAction.INSERTED
+
+    def _insert_fork(self, conn: C, session: Session, base: Record, now: int) -> None:
+        """regenerate(destroy=False): the old id keeps a copy of the session as it was loaded."""
+        assert session._forked_id_hash is not None
+        key = generate_session_key()
+        fork = Record(
+            key=key,
+            id_hash=session._forked_id_hash,
+            user_id=session._base_user_id,
+            payload=self.codec.dumps(session._raw, key),
+            version=1,
+            created_at=base.created_at,
+            last_activity=now,
+            expires_at=self._expiry(base.created_at, now),
+            ip_address=base.ip_address,
+            user_agent=base.user_agent,
+        )
+        self._insert(conn, fork)
+
+    def _touch_if_due(self, conn: C, session: Session, record: Record, now: int) -> SaveAction:
+        if now - record.last_activity < self.config.touch_interval:
+            return SaveAction.NOTHING
+        expires_at = self._expiry(record.created_at, now)
+        if not self._touch(conn, record.key, last_activity=now, expires_at=expires_at, now=now):
+            raise SessionInterrupted("the session was destroyed or expired since it was loaded")
+        record.last_activity = now
+        record.expires_at = expires_at
+        return SaveAction.TOUCHED
+
+
+def _apply(base: dict[str, Any], updates: dict[str, Any], removals: frozenset[str]) -> dict[str, Any]:
+    merged = {k: v for k, v in base.items() if k not in removals} if removals else dict(base)
+    merged.update(updates)
+    return merged
+
+
+def _client(session: Session) -> tuple[str | None, str | None]:
+    ip = session.ip_address
+    agent = session.user_agent
+    return (ip[:IP_ADDRESS_LENGTH] if ip else None), (agent[:USER_AGENT_LENGTH] if agent else None)
+

@@ -1,0 +1,218 @@
+"""`DatabaseHandler`: sessions in a SQL table through SQLAlchemy Core (PostgreSQL, MariaDB/MySQL, SQLite).
+
+Every statement is built once, with bound parameters, so SQLAlchemy's compiled cache serves each
+request. Connections run in autocommit: a read is one SELECT and one round trip, an uncontended save
+is one compare-and-set UPDATE. Only a conflicting save opens an explicit transaction, locks the row
+(`SELECT … FOR UPDATE`; on SQLite `BEGIN IMMEDIATE`), merges this save's keys onto what is stored
+now and commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import time
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..config import SessionConfig
+from ..records import Record
+from ..schema import sessions_table
+from .base import BaseHandler, Merged
+from .engines import create_session_engine
+
+_COLUMNS = (
+    "key",
+    "id_hash",
+    "user_id",
+    "payload",
+    "version",
+    "created_at",
+    "last_activity",
+    "expires_at",
+    "ip_address",
+    "user_agent",
+)
+
+
+class DatabaseHandler(BaseHandler[Connection]):
+    """Sessions stored in the `config.table` table of a SQLAlchemy database."""
+
+    def __init__(
+        self,
+        engine_or_url: Engine | str | None = None,
+        config: SessionConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        config = config or SessionConfig()
+        super().__init__(config, clock=clock)
+        if isinstance(engine_or_url, Engine):
+            self.engine = engine_or_url
+            self._owns_engine = False
+        else:
+            self.engine = create_session_engine(engine_or_url or config.database_url)
+            self._owns_engine = True
+        self.table = sessions_table(config.table)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        dialect = self.engine.dialect.name
+        self._dialect = "mysql" if dialect == "mariadb" else dialect
+        self._build_statements()
+
+    def close(self) -> None:
+        """Dispose of the engine if this handler created it."""
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def _build_statements(self) -> None:
+        t = self.table
+        cols = [t.c[name] for name in _COLUMNS]
+        now = sa.bindparam("now", type_=sa.BigInteger)
+        key = sa.bindparam("b_key", type_=t.c.key.type)
+        self._select_by_hash = sa.select(*cols).where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now)
+        self._select_by_key = sa.select(*cols).where(t.c.key == key, t.c.expires_at > now)
+        self._select_for_update = sa.select(*cols).where(t.c.key == key).with_for_update()
+        self._insert_row = sa.insert(t)
+        writable = {name: sa.bindparam(f"v_{name}", type_=t.c[name].type) for name in _COLUMNS if name != "key"}
+        self._update_row = sa.update(t).where(t.c.key == key).values(**writable)
+        self._update_if_version = (
+            sa.update(t)
+            .where(t.c.key == key, t.c.version == sa.bindparam("b_version", type_=sa.BigInteger), t.c.expires_at > now)
+            .values(**writable)
+        )
+        self._touch_row = (
+            sa.update(t)
+            .where(t.c.key == key, t.c.expires_at > now)
+            .values(
+                last_activity=sa.bindparam("v_last_activity", type_=sa.BigInteger),
+                expires_at=sa.bindparam("v_expires_at", type_=sa.BigInteger),
+            )
+        )
+        self._delete_row = sa.delete(t).where(t.c.key == key)
+        user = sa.bindparam("b_user_id", type_=t.c.user_id.type)
+        self._select_user = (
+            sa.select(*cols).where(t.c.user_id == user, t.c.expires_at > now).order_by(t.c.last_activity.desc())
+        )
+        self._delete_user_rows = sa.delete(t).where(t.c.user_id == user)
+        self._delete_user_except = sa.delete(t).where(t.c.user_id == user, t.c.key != key)
+
+    def _gc_statement(self, limit: int) -> sa.Delete:
+        t = self.table
+        expired = t.c.expires_at <= sa.bindparam("now", type_=sa.BigInteger)
+        if self._dialect == "mysql":
+            # MySQL/MariaDB refuse LIMIT in an IN (subquery), but have DELETE … LIMIT on the index range.
+            return sa.delete(t).where(expired).with_dialect_options(mysql_limit=limit)
+        batch = sa.select(t.c.key).where(expired).order_by(t.c.expires_at).limit(limit)
+        if self._dialect == "postgresql":
+            batch = batch.with_for_update(skip_locked=True)  # concurrent sweeps split the work
+        return sa.delete(t).where(t.c.key.in_(batch.scalar_subquery()))
+
+    # -- primitives ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        with self._autocommit.connect() as conn:
+            yield conn
+
+    def _fetch(
+        self, conn: Connection, *, id_hash: str | None = None, key: str | None = None, now: int
+    ) -> Record | None:
+        if id_hash is not None:
+            row = conn.execute(self._select_by_hash, {"b_id_hash": id_hash, "now": now}).first()
+        else:
+            row = conn.execute(self._select_by_key, {"b_key": key, "now": now}).first()
+        return None if row is None else _record(row)
+
+    def _insert(self, conn: Connection, record: Record) -> None:
+        conn.execute(self._insert_row, {name: getattr(record, name) for name in _COLUMNS})
+
+    def _update(self, conn: Connection, record: Record, *, expected_version: int, now: int) -> bool:
+        params = _write_params(record)
+        params["b_version"] = expected_version
+        params["now"] = now
+        return conn.execute(self._update_if_version, params).rowcount == 1
+
+    def _merge(self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
+        with self._transaction(conn):
+            row = conn.execute(self._select_for_update, {"b_key": key}).first()
+            if row is None:
+                return None
+            current = _record(row)
+            if current.expires_at <= now:
+                return None
+            merged = build(current)
+            conn.execute(self._update_row, _write_params(merged[0]))
+            return merged
+
+    def _touch(self, conn: Connection, key: str, *, last_activity: int, expires_at: int, now: int) -> bool:
+        params = {"b_key": key, "now": now, "v_last_activity": last_activity, "v_expires_at": expires_at}
+        return conn.execute(self._touch_row, params).rowcount == 1
+
+    def _delete(self, conn: Connection, key: str) -> bool:
+        return conn.execute(self._delete_row, {"b_key": key}).rowcount > 0
+
+    def _delete_expired(self, conn: Connection, now: int, limit: int) -> int:
+        return conn.execute(self._gc_statement(limit), {"now": now}).rowcount
+
+    def _fetch_user(self, conn: Connection, user_id: str, now: int) -> list[Record]:
+        return [_record(row) for row in conn.execute(self._select_user, {"b_user_id": user_id, "now": now})]
+
+    def _delete_user(self, conn: Connection, user_id: str, except_key: str | None) -> int:
+        if except_key is None:
+            return conn.execute(self._delete_user_rows, {"b_user_id": user_id}).rowcount
+        return conn.execute(self._delete_user_except, {"b_user_id": user_id, "b_key": except_key}).rowcount
+
+    @contextmanager
+    def _transaction(self, conn: Connection) -> Iterator[None]:
+        """An explicit transaction on an autocommit connection (row locks last until it ends).
+
+        SQLite has no row locks: `BEGIN IMMEDIATE` takes the database write lock up front, so the
+        read-modify-write cannot interleave with another writer.
+        """
+        driver = conn.connection.driver_connection
+        if self._dialect == "sqlite":
+            begin = None if getattr(driver, "in_transaction", False) else "BEGIN IMMEDIATE"
+        else:
+            begin = "BEGIN"
+        if begin is not None:
+            conn.exec_driver_sql(begin)
+        try:
+            yield
+        except BaseException:
+            with suppress(Exception):  # a dead connection must not hide the original error
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
+
+
+def _record(row: Any) -> Record:
+    payload = row[3]
+    return Record(
+        key=row[0],
+        id_hash=row[1],
+        user_id=row[2],
+        payload=bytes(payload) if not isinstance(payload, bytes) else payload,
+        version=row[4],
+        created_at=row[5],
+        last_activity=row[6],
+        expires_at=row[7],
+        ip_address=row[8],
+        user_agent=row[9],
+    )
+
+
+def _write_params(record: Record) -> dict[str, Any]:
+    return {
+        "b_key": record.key,
+        "v_id_hash": record.id_hash,
+        "v_user_id": record.user_id,
+        "v_payload": record.payload,
+        "v_version": record.version,
+        "v_created_at": record.created_at,
+        "v_last_activity": record.last_activity,
+        "v_expires_at": record.expires_at,
+        "v_ip_address": record.ip_address,
+        "v_user_agent": record.user_agent,
+    }

@@ -1,0 +1,106 @@
+"""`MemoryHandler`: the same contract as the database handler, in a dict. For tests and demos."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from ..config import SessionConfig
+from ..records import Record
+from .base import BaseHandler, Merged
+
+
+class MemoryHandler(BaseHandler[None]):
+    """Sessions in process memory; one lock makes every primitive atomic, as a row lock would."""
+
+    def __init__(self, config: SessionConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(config, clock=clock)
+        self._rows: dict[str, Record] = {}
+        self._by_hash: dict[str, str] = {}
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        """The number of stored rows, expired or not (handy in tests)."""
+        return len(self._rows)
+
+    @contextmanager
+    def _connect(self) -> Iterator[None]:
+        yield None
+
+    def _fetch(self, conn: None, *, id_hash: str | None = None, key: str | None = None, now: int) -> Record | None:
+        with self._lock:
+            if key is None and id_hash is not None:
+                key = self._by_hash.get(id_hash)
+            row = self._rows.get(key) if key is not None else None
+            return dataclasses.replace(row) if row is not None and row.expires_at > now else None
+
+    def _insert(self, conn: None, record: Record) -> None:
+        with self._lock:
+            if record.key in self._rows or record.id_hash in self._by_hash:
+                raise KeyError("duplicate session key or id hash")
+            self._put(record)
+
+    def _update(self, conn: None, record: Record, *, expected_version: int, now: int) -> bool:
+        with self._lock:
+            row = self._rows.get(record.key)
+            if row is None or row.version != expected_version or row.expires_at <= now:
+                return False
+            self._put(record)
+            return True
+
+    def _merge(self, conn: None, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None or row.expires_at <= now:
+                return None
+            merged = build(dataclasses.replace(row))
+            self._put(merged[0])
+            return merged
+
+    def _touch(self, conn: None, key: str, *, last_activity: int, expires_at: int, now: int) -> bool:
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None or row.expires_at <= now:
+                return False
+            row.last_activity = last_activity
+            row.expires_at = expires_at
+            return True
+
+    def _delete(self, conn: None, key: str) -> bool:
+        with self._lock:
+            row = self._rows.pop(key, None)
+            if row is None:
+                return False
+            self._by_hash.pop(row.id_hash, None)
+            return True
+
+    def _delete_expired(self, conn: None, now: int, limit: int) -> int:
+        with self._lock:
+            expired = sorted((r for r in self._rows.values() if r.expires_at <= now), key=lambda r: r.expires_at)
+            for row in expired[:limit]:
+                self._delete(conn, row.key)
+            return min(len(expired), limit)
+
+    def _fetch_user(self, conn: None, user_id: str, now: int) -> list[Record]:
+        with self._lock:
+            rows = [dataclasses.replace(r) for r in self._rows.values() if r.user_id == user_id and r.expires_at > now]
+        return sorted(rows, key=lambda r: r.last_activity, reverse=True)
+
+    def _delete_user(self, conn: None, user_id: str, except_key: str | None) -> int:
+        with self._lock:
+            doomed = [r.key for r in self._rows.values() if r.user_id == user_id and r.key != except_key]
+            for key in doomed:
+                self._delete(conn, key)
+            return len(doomed)
+
+    def _put(self, record: Record) -> None:
+        old = self._rows.get(record.key)
+        if old is not None and old.id_hash != record.id_hash:
+            self._by_hash.pop(old.id_hash, None)
+        if self._by_hash.get(record.id_hash, record.key) != record.key:
+            raise KeyError("duplicate id hash")
+        self._rows[record.key] = dataclasses.replace(record)
+        self._by_hash[record.id_hash] = record.key

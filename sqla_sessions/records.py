@@ -1,0 +1,69 @@
+"""Plain value types passed between the session, the handlers and callers."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+@dataclass(slots=True)
+class Record:
+    """One stored session row, as the handlers read and write it."""
+
+    key: str
+    id_hash: str
+    user_id: str | None
+    payload: bytes
+    version: int
+    created_at: int
+    last_activity: int
+    expires_at: int
+    ip_address: str | None = None
+    user_agent: str | None = None
+
+
+class SaveAction(enum.Enum):
+    """What a save did, so a middleware knows which cookie to send."""
+
+    NOTHING = "nothing"
+    """Nothing changed and no touch was due: no statement ran."""
+    TOUCHED = "touched"
+    """Only `last_activity` was refreshed (sliding expiry)."""
+    INSERTED = "inserted"
+    """A new row was created (lazy creation)."""
+    UPDATED = "updated"
+    """Changes were written with one compare-and-set statement."""
+    MERGED = "merged"
+    """Another writer got there first; changes were merged onto the current row under a lock."""
+    DELETED = "deleted"
+    """The session was invalidated and nothing new was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A live session of a user, for "your devices" pages."""
+
+    key: str
+    user_id: str | None
+    ip_address: str | None
+    user_agent: str | None
+    created_at: datetime
+    last_activity: datetime
+    expires_at: datetime
+
+    @classmethod
+    def from_record(cls, record: Record) -> SessionInfo:
+        return cls(
+            key=record.key,
+            user_id=record.user_id,
+            ip_address=record.ip_address,
+            user_agent=record.user_agent,
+            created_at=_utc(record.created_at),
+            last_activity=_utc(record.last_activity),
+            expires_at=_utc(record.expires_at),
+        )
+
+
+def _utc(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
