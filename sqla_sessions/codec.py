@@ -47,7 +47,8 @@ class PayloadCodec:
                 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
             except ImportError:  # pragma: no cover - depends on the installed extras
                 raise ConfigurationError(
-                    "encryption_keys", "encryption needs the 'cryptography' package: pip install 'sqla-sessions[encryption]'"
+                    "encryption_keys",
+                    "encryption needs the 'cryptography' package: pip install 'sqla-sessions[encryption]'",
                 ) from None
             for configured in config.encryption_keys:
                 raw_key = decode_encryption_key(configured)

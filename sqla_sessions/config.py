@@ -83,7 +83,11 @@ class SessionConfig:
             "lottery",
             "must be a pair of integers (chances, out_of)",
         )
-        _check(0 <= lottery[0] <= lottery[1] and lottery[1] > 0, "lottery", "must satisfy 0 <= chances <= out_of, out_of > 0")
+        _check(
+            0 <= lottery[0] <= lottery[1] and lottery[1] > 0,
+            "lottery",
+            "must satisfy 0 <= chances <= out_of, out_of > 0",
+        )
         _check_int(self.touch_interval, "touch_interval", minimum=0)
         _check_int(self.max_payload_bytes, "max_payload_bytes", minimum=64)
         _check_int(self.gc_batch_size, "gc_batch_size", minimum=1)

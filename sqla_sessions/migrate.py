@@ -46,9 +46,7 @@ def script_location() -> str:
     return str(Path(__file__).resolve().parent.parent / "migrations")
 
 
-def alembic_config(
-    engine_or_url: Engine | Connection | str | None = None, *, table: str | None = None
-) -> Config:
+def alembic_config(engine_or_url: Engine | Connection | str | None = None, *, table: str | None = None) -> Config:
     """Build an Alembic `Config` for the library's migrations (no alembic.ini needed)."""
     cfg = Config()
     cfg.set_main_option("script_location", script_location())

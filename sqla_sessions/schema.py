@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -26,7 +26,7 @@ USER_AGENT_LENGTH = 512
 IP_ADDRESS_LENGTH = 45
 
 
-@lru_cache(maxsize=None)
+@cache
 def sessions_table(name: str = "sessions") -> sa.Table:
     """Return the sessions `Table` called *name*, on its own `MetaData` (one per name, cached)."""
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)

@@ -309,4 +309,3 @@ def _same(a: Any, b: Any) -> bool:
     if kind is list:
         return len(a) == len(b) and all(map(_same, a, b))
     return bool(a == b)
-

@@ -32,7 +32,9 @@ def upgrade() -> None:
         sa.Column("id_hash", sa.String(64), nullable=False),
         sa.Column(
             "user_id",
-            sa.String(255).with_variant(mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"),
+            sa.String(255).with_variant(
+                mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+            ),
             nullable=True,
         ),
         sa.Column("ip_address", sa.String(45), nullable=True),

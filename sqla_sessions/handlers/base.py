@@ -330,4 +330,3 @@ def _client(session: Session) -> tuple[str | None, str | None]:
     ip = session.ip_address
     agent = session.user_agent
     return (ip[:IP_ADDRESS_LENGTH] if ip else None), (agent[:USER_AGENT_LENGTH] if agent else None)
-

@@ -22,6 +22,12 @@ class MemoryHandler(BaseHandler[None]):
         self._by_hash: dict[str, str] = {}
         self._lock = threading.RLock()
 
+    def with_config(self, config: SessionConfig) -> MemoryHandler:
+        """Return a handler with another config over the same stored sessions (e.g. new encryption keys)."""
+        other = MemoryHandler(config, clock=self._clock)
+        other._rows, other._by_hash, other._lock = self._rows, self._by_hash, self._lock
+        return other
+
     def __len__(self) -> int:
         """The number of stored rows, expired or not (handy in tests)."""
         return len(self._rows)

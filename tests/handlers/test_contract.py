@@ -1,0 +1,508 @@
+"""The handler contract, run on every handler: memory, SQLite file, PostgreSQL, MariaDB."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sqla_sessions import DatabaseHandler, PayloadTooLarge, SaveAction, SessionConfig, SessionInterrupted
+from sqla_sessions.handlers.base import BaseHandler
+from tests.conftest import FakeClock, HandlerFactory, stored_rows
+
+Handler = BaseHandler[Any]
+
+
+def new_stored(handler: Handler, **data: Any) -> str:
+    """Given a stored session holding *data*, return its id."""
+    session = handler.load(None)
+    session.put(data or {"seed": 1})
+    assert session.save() is SaveAction.INSERTED
+    return session.id
+
+
+# -- ids and lazy creation -------------------------------------------------------------------------
+
+
+def test_new_session_that_writes_nothing_stores_nothing(handler: Handler) -> None:
+    session = handler.load(None)
+    _ = session.get("anything")
+    assert session.save() is SaveAction.NOTHING
+    assert session.is_new
+    assert stored_rows(handler) == 0
+
+
+def test_first_write_creates_one_row_and_reloads(handler: Handler) -> None:
+    session = handler.load(None)
+    session["cart"] = ["apple"]
+    assert session.save() is SaveAction.INSERTED
+    assert not session.is_new and session.key is not None
+    assert stored_rows(handler) == 1
+
+    again = handler.load(session.id)
+    assert again.key == session.key
+    assert again["cart"] == ["apple"]
+
+
+def test_only_a_sha256_of_the_id_is_stored(handler: Handler) -> None:
+    if not isinstance(handler, DatabaseHandler):
+        pytest.skip("inspects the SQL table")
+    session_id = new_stored(handler, secret="x")
+    with handler.engine.connect() as conn:
+        rows = conn.execute(sa.select(handler.table)).mappings().all()
+    assert len(rows) == 1
+    assert rows[0]["id_hash"] == hashlib.sha256(session_id.encode()).hexdigest()
+    assert all(session_id not in str(value) for value in rows[0].values())
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    ["short", "x" * 41, "a" * 39 + "!", "../../etc/passwd", "é" * 40, " " * 40, "\x00" * 40],
+)
+def test_malformed_id_gives_a_fresh_session_and_a_warning(
+    handler: Handler, cookie: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        session = handler.load(cookie)
+    assert session.is_new and len(session) == 0
+    assert session.id != cookie
+    assert "malformed" in caplog.text
+    assert cookie not in caplog.text
+
+
+def test_unknown_well_formed_id_is_never_adopted(handler: Handler, caplog: pytest.LogCaptureFixture) -> None:
+    planted = "A" * 40
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        session = handler.load(planted)
+    session["x"] = 1
+    session.save()
+    assert session.id != planted
+    assert handler.load(planted).is_new
+    assert planted not in caplog.text
+
+
+# -- per-key merge ----------------------------------------------------------------------------------
+
+
+def test_concurrent_saves_of_disjoint_keys_both_survive(handler: Handler) -> None:
+    session_id = new_stored(handler, base=0)
+    first, second = handler.load(session_id), handler.load(session_id)
+    first["from_first"] = 1
+    second["from_second"] = 2
+    assert first.save() is SaveAction.UPDATED
+    assert second.save() is SaveAction.MERGED
+    assert handler.load(session_id).all() == {"base": 0, "from_first": 1, "from_second": 2}
+
+
+def test_removed_keys_stay_removed_and_last_write_wins_per_key(handler: Handler) -> None:
+    session_id = new_stored(handler, drop=1, shared="old", keep=True)
+    first, second = handler.load(session_id), handler.load(session_id)
+    del first["drop"]
+    first["shared"] = "first"
+    second["shared"] = "second"
+    second["extra"] = [1]
+    first.save()
+    second.save()
+    assert handler.load(session_id).all() == {"shared": "second", "keep": True, "extra": [1]}
+
+
+def test_a_merge_does_not_resurrect_a_key_another_writer_removed(handler: Handler) -> None:
+    session_id = new_stored(handler, gone="x", mine=0)
+    remover, writer = handler.load(session_id), handler.load(session_id)
+    assert writer["gone"] == "x"  # read, not changed
+    del remover["gone"]
+    remover.save()
+    writer["mine"] = 1
+    assert writer.save() is SaveAction.MERGED
+    assert handler.load(session_id).all() == {"mine": 1}
+
+
+def test_saving_twice_in_one_request_keeps_tracking(handler: Handler) -> None:
+    session_id = new_stored(handler, items=[])
+    session = handler.load(session_id)
+    items = session["items"]
+    items.append(1)
+    assert session.save() is SaveAction.UPDATED
+    items.append(2)  # the same object, mutated after the first save
+    assert session.save() is SaveAction.UPDATED
+    assert handler.load(session_id)["items"] == [1, 2]
+
+
+def test_nested_mutation_is_a_change_and_reading_is_not(handler: Handler) -> None:
+    session_id = new_stored(handler, cart={"items": [{"sku": "a", "qty": 1}]})
+    reader = handler.load(session_id)
+    assert reader["cart"]["items"][0]["qty"] == 1
+    assert not reader.modified
+    writer = handler.load(session_id)
+    writer["cart"]["items"][0]["qty"] += 1
+    assert writer.modified
+    writer.save()
+    assert handler.load(session_id)["cart"] == {"items": [{"sku": "a", "qty": 2}]}
+
+
+def test_setting_an_equal_value_is_not_a_change_but_a_type_change_is(handler: Handler) -> None:
+    session_id = new_stored(handler, n=1, flag=True)
+    session = handler.load(session_id)
+    session["n"] = 1
+    assert not session.modified
+    session["flag"] = 1  # True == 1 in Python, but it would come back as another type
+    assert session.modified
+
+
+# -- destroyed, expired, touched ----------------------------------------------------------------------
+
+
+def test_save_after_destroy_raises_and_does_not_recreate(handler: Handler) -> None:
+    session_id = new_stored(handler, a=1)
+    late = handler.load(session_id)
+    late["b"] = 2
+    assert handler.revoke(late.key or "")
+    with pytest.raises(SessionInterrupted):
+        late.save()
+    assert stored_rows(handler) == 0
+    assert handler.load(session_id).is_new
+
+
+def test_save_after_expiry_raises_and_does_not_extend(handler: Handler, clock: FakeClock) -> None:
+    session_id = new_stored(handler, a=1)
+    late = handler.load(session_id)
+    late["b"] = 2
+    clock.advance(handler.config.lifetime_seconds + 1)
+    with pytest.raises(SessionInterrupted):
+        late.save()
+    clock.advance(-2)  # just inside the lifetime again: the row must hold the old data only
+    assert handler.load(session_id).all() == {"a": 1}
+
+
+def test_idle_expiry_slides_with_activity(make_handler: HandlerFactory, clock: FakeClock) -> None:
+    handler = make_handler(lifetime=10, touch_interval=60)
+    session_id = new_stored(handler)
+    for _ in range(3):
+        clock.advance(9 * 60)
+        session = handler.load(session_id)
+        assert not session.is_new
+        assert session.save() is SaveAction.TOUCHED
+    clock.advance(10 * 60)
+    assert handler.load(session_id).is_new
+
+
+def test_absolute_lifetime_caps_sliding_expiry(make_handler: HandlerFactory, clock: FakeClock) -> None:
+    handler = make_handler(lifetime=10, absolute_lifetime=25)
+    session_id = new_stored(handler)
+    clock.advance(9 * 60)
+    handler.load(session_id).save()
+    clock.advance(9 * 60)
+    session = handler.load(session_id)
+    session["x"] = 1
+    session.save()
+    assert session.expires_at == session.created_at + 25 * 60  # type: ignore[operator]
+    clock.advance(8 * 60)  # 26 minutes after creation, 8 after the last activity
+    assert handler.load(session_id).is_new
+
+
+def test_unchanged_session_is_touched_at_most_every_touch_interval(
+    make_handler: HandlerFactory, clock: FakeClock
+) -> None:
+    handler = make_handler(touch_interval=60)
+    session_id = new_stored(handler)
+    clock.advance(30)
+    assert handler.load(session_id).save() is SaveAction.NOTHING
+    clock.advance(31)
+    touched = handler.load(session_id)
+    assert touched.save() is SaveAction.TOUCHED
+    assert touched.last_activity == int(clock.now)
+    assert handler.load(session_id).save() is SaveAction.NOTHING
+
+
+def test_touch_of_a_destroyed_session_raises(handler: Handler, clock: FakeClock) -> None:
+    session_id = new_stored(handler)
+    session = handler.load(session_id)
+    handler.revoke(session.key or "")
+    clock.advance(handler.config.touch_interval + 1)
+    with pytest.raises(SessionInterrupted):
+        session.save()
+    assert stored_rows(handler) == 0
+
+
+# -- regenerate, invalidate, login, logout ----------------------------------------------------------
+
+
+def test_regenerate_keeps_key_and_data_and_kills_the_old_id(handler: Handler) -> None:
+    old_id = new_stored(handler, a=1)
+    session = handler.load(old_id)
+    key, token = session.key, session.token()
+    session.regenerate()
+    assert session.id != old_id and session.id_changed
+    assert session.token() != token
+    session.save()
+    assert handler.load(old_id).is_new
+    fresh = handler.load(session.id)
+    assert fresh.key == key and fresh["a"] == 1
+
+
+def test_regenerate_without_destroy_leaves_a_copy_under_the_old_id(handler: Handler) -> None:
+    old_id = new_stored(handler, a=1)
+    session = handler.load(old_id)
+    session.regenerate(destroy=False)
+    session["b"] = 2
+    session.save()
+    old = handler.load(old_id)
+    assert old.all() == {"a": 1} and old.key != session.key
+    assert handler.load(session.id).all()["b"] == 2
+
+
+def test_invalidate_deletes_the_row_and_starts_over(handler: Handler) -> None:
+    old_id = new_stored(handler, a=1)
+    session = handler.load(old_id)
+    old_key = session.key
+    session.invalidate()
+    assert len(session) == 0 and session.is_new and session.invalidated
+    assert session.save() is SaveAction.DELETED
+    assert stored_rows(handler) == 0
+    session["after"] = 1
+    assert session.save() is SaveAction.INSERTED
+    assert session.key != old_key and session.id != old_id
+    assert handler.load(old_id).is_new
+
+
+def test_login_sets_the_user_and_regenerates(handler: Handler) -> None:
+    old_id = new_stored(handler, cart=[1])
+    session = handler.load(old_id)
+    session.login(42)
+    session.save()
+    assert session.user_id == "42"
+    assert handler.load(old_id).is_new
+    again = handler.load(session.id)
+    assert again.user_id == "42" and again["cart"] == [1]
+
+
+def test_logout_deletes_the_stored_session(handler: Handler) -> None:
+    session = handler.load(None)
+    session.login("alice")
+    session.save()
+    session_id = session.id
+    session.logout()
+    session.save()
+    assert handler.load(session_id).is_new
+    assert stored_rows(handler) == 0
+
+
+def test_a_merge_keeps_a_concurrent_login(handler: Handler) -> None:
+    session_id = new_stored(handler, a=1)
+    other = handler.load(session_id)
+    logging_in = handler.load(session_id)
+    logging_in.login("u1")
+    logging_in.save()
+    other["b"] = 2
+    assert other.save() is SaveAction.MERGED
+    merged = handler.load(logging_in.id)
+    assert merged.user_id == "u1" and merged.all() == {"a": 1, "_token": merged.token(), "b": 2}
+
+
+# -- payload limits, encryption, corruption --------------------------------------------------------
+
+
+def test_oversized_save_raises_and_leaves_the_stored_session_intact(make_handler: HandlerFactory) -> None:
+    handler = make_handler(max_payload_bytes=1024)
+    session_id = new_stored(handler, small="ok")
+    session = handler.load(session_id)
+    session["big"] = "x" * 2000
+    with pytest.raises(PayloadTooLarge) as caught:
+        session.save()
+    assert caught.value.limit == 1024
+    assert handler.load(session_id).all() == {"small": "ok"}
+
+
+def test_oversized_first_save_stores_nothing(make_handler: HandlerFactory) -> None:
+    handler = make_handler(max_payload_bytes=1024)
+    session = handler.load(None)
+    session["big"] = "x" * 2000
+    with pytest.raises(PayloadTooLarge):
+        session.save()
+    assert stored_rows(handler) == 0
+
+
+KEY_OLD = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY"  # base64url of 32 bytes
+KEY_NEW = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA"
+
+
+def test_encrypted_payloads_round_trip_and_are_not_plaintext(make_handler: HandlerFactory) -> None:
+    handler = make_handler(encryption_keys=(KEY_NEW,))
+    session_id = new_stored(handler, secret="top-secret-value")
+    assert handler.load(session_id)["secret"] == "top-secret-value"
+    if isinstance(handler, DatabaseHandler):
+        with handler.engine.connect() as conn:
+            payload = conn.execute(sa.select(handler.table.c.payload)).scalar_one()
+        assert b"top-secret-value" not in bytes(payload)
+
+
+def test_key_rotation_reads_old_rows_and_writes_the_newest_key(make_handler: HandlerFactory) -> None:
+    old_handler = make_handler(encryption_keys=(KEY_OLD,))
+    session_id = new_stored(old_handler, a=1)
+    rotated = make_handler(encryption_keys=(KEY_NEW, KEY_OLD))
+    session = rotated.load(session_id)
+    assert session["a"] == 1
+    session["b"] = 2
+    session.save()
+    only_new = make_handler(encryption_keys=(KEY_NEW,))
+    assert only_new.load(session_id).all() == {"a": 1, "b": 2}
+    assert old_handler.load(session_id).is_new  # the old key alone can no longer open it
+
+
+def test_corrupt_or_undecryptable_payload_gives_a_fresh_session_and_a_warning(
+    make_handler: HandlerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = make_handler()
+    session_id = new_stored(plain, a=1)
+    encrypted = make_handler(encryption_keys=(KEY_NEW,))
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        session = encrypted.load(session_id)
+    assert session.is_new and "unreadable session payload" in caplog.text
+
+
+# -- devices and GC ------------------------------------------------------------------------------
+
+
+def test_device_management(handler: Handler, clock: FakeClock) -> None:
+    keys = []
+    for agent in ("phone", "laptop", "tablet"):
+        session = handler.load(None)
+        session.ip_address, session.user_agent = "203.0.113.9", agent
+        session.login("alice")
+        session.save()
+        keys.append(session.key)
+        clock.advance(5)
+    bob = handler.load(None)
+    bob.login("bob")
+    bob.save()
+
+    listed = handler.list_sessions("alice")
+    assert [info.user_agent for info in listed] == ["tablet", "laptop", "phone"]
+    assert all(info.ip_address == "203.0.113.9" and info.user_id == "alice" for info in listed)
+    assert listed[0].last_activity >= listed[1].last_activity
+
+    assert handler.revoke(keys[0] or "")
+    assert not handler.revoke(keys[0] or "")
+    assert handler.revoke_user("alice", except_key=keys[2]) == 1
+    assert [info.key for info in handler.list_sessions("alice")] == [keys[2]]
+    assert len(handler.list_sessions("bob")) == 1
+    assert handler.list_sessions("Alice") == []  # user ids are case-sensitive on every backend
+
+
+def test_device_list_excludes_expired_sessions(handler: Handler, clock: FakeClock) -> None:
+    session = handler.load(None)
+    session.login(7)
+    session.save()
+    clock.advance(handler.config.lifetime_seconds)
+    assert handler.list_sessions(7) == []
+
+
+def test_gc_deletes_only_expired_rows_in_bounded_batches(handler: Handler, clock: FakeClock) -> None:
+    for _ in range(7):
+        new_stored(handler)
+    clock.advance(handler.config.lifetime_seconds + 1)
+    live_id = new_stored(handler, live=True)
+    batches: list[int] = []
+    assert handler.gc(batch_size=3, on_batch=batches.append) == 7
+    assert batches == [3, 3, 1]
+    assert stored_rows(handler) == 1
+    assert handler.load(live_id)["live"] is True
+
+
+# -- background-job access and reload -------------------------------------------------------------
+
+
+def test_load_by_key_sees_the_session_without_its_id(handler: Handler) -> None:
+    session_id = new_stored(handler, a=1)
+    key = handler.load(session_id).key
+    assert key is not None
+    job_view = handler.load_by_key(key)
+    assert job_view is not None and job_view["a"] == 1
+    with pytest.raises(RuntimeError):
+        _ = job_view.id
+    job_view["result"] = "done"
+    job_view.save()
+    assert handler.load(session_id)["result"] == "done"
+    handler.revoke(key)
+    assert handler.load_by_key(key) is None
+
+
+def test_reload_keeps_unsaved_changes_on_top(handler: Handler) -> None:
+    session_id = new_stored(handler, shared="old", mine="old")
+    session = handler.load(session_id)
+    assert session["shared"] == "old"
+    session["mine"] = "unsaved"
+    other = handler.load(session_id)
+    other["shared"] = "theirs"
+    other["job"] = "result"
+    other.save()
+    session.reload()
+    assert session.all() == {"shared": "theirs", "mine": "unsaved", "job": "result"}
+    session.save()
+    assert handler.load(session_id).all() == {"shared": "theirs", "mine": "unsaved", "job": "result"}
+
+
+def test_reload_of_a_destroyed_session_raises(handler: Handler) -> None:
+    session = handler.load(new_stored(handler))
+    handler.revoke(session.key or "")
+    with pytest.raises(SessionInterrupted):
+        session.reload()
+
+
+# -- flash data across requests ---------------------------------------------------------------------
+
+
+def request(handler: Handler, session_id: str | None) -> tuple[str, dict[str, Any]]:
+    """One request that only reads: return the id and what the request saw."""
+    session = handler.load(session_id)
+    seen = session.all()
+    session.save()
+    return session.id, seen
+
+
+def test_flash_survives_exactly_one_following_request(handler: Handler) -> None:
+    session = handler.load(None)
+    session.flash("status", "saved")
+    session.save()
+    _, seen = request(handler, session.id)
+    assert seen["status"] == "saved"
+    _, seen = request(handler, session.id)
+    assert "status" not in seen
+
+
+def test_now_is_gone_after_this_request_and_keep_extends(handler: Handler) -> None:
+    session = handler.load(None)
+    session.now("inline", 1)
+    session.flash("a", 1)
+    session.flash("b", 2)
+    session.save()
+    assert "inline" not in handler.load(session.id)
+    second = handler.load(session.id)
+    second.keep("a")
+    second.save()
+    third = handler.load(session.id)
+    assert third.get("a") == 1 and "b" not in third
+    third.reflash()
+    third.save()
+    assert handler.load(session.id).get("a") == 1
+
+
+def test_config_rejected_before_any_write(make_handler: HandlerFactory) -> None:
+    with pytest.raises(ValueError, match="lifetime"):
+        make_handler(lifetime=0)
+
+
+def test_unsupported_value_raises_type_error_naming_the_key(handler: Handler) -> None:
+    session = handler.load(None)
+    session["fine"] = 1
+    session["bad"] = object()
+    with pytest.raises(TypeError, match="'bad'"):
+        session.save()
+    assert stored_rows(handler) == 0
+
+
+def test_config_default_is_used(handler: Handler) -> None:
+    assert handler.config == SessionConfig()
