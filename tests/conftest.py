@@ -96,10 +96,12 @@ def _backend(name: str, tmp_root: Path) -> Backend:
         admin = PG_ADMIN_URL if name == "postgresql" else MYSQL_ADMIN_URL
         try:
             url, drop = _create_database(admin, name)
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the server
+        except Exception as exc:
             unavailable(name, exc)
         _cleanups.append(drop)
-    engine = create_session_engine(url, pool_size=20, max_overflow=60) if name != "sqlite" else create_session_engine(url)
+    engine = (
+        create_session_engine(url, pool_size=20, max_overflow=60) if name != "sqlite" else create_session_engine(url)
+    )
     upgrade(engine)
     _cleanups.append(engine.dispose)
     backend = _backends[name] = Backend(name, url, engine)

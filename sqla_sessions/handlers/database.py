@@ -9,6 +9,7 @@ now and commits.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -22,6 +23,10 @@ from ..records import Record
 from ..schema import sessions_table
 from .base import BaseHandler, Merged
 from .engines import create_session_engine
+
+#: How often a locked merge is tried when the database picks it as a deadlock victim.
+_MERGE_ATTEMPTS = 5
+_MYSQL_DEADLOCK_ERRNOS = (1213,)  # ER_LOCK_DEADLOCK
 
 _COLUMNS = (
     "key",
@@ -132,9 +137,24 @@ class DatabaseHandler(BaseHandler[Connection]):
         params = _write_params(record)
         params["b_version"] = expected_version
         params["now"] = now
-        return conn.execute(self._update_if_version, params).rowcount == 1
+        try:
+            return conn.execute(self._update_if_version, params).rowcount == 1
+        except sa.exc.DBAPIError as exc:
+            if is_transient_conflict(exc):
+                return False  # a deadlock victim is a lost race like any other: merge under the lock
+            raise
 
     def _merge(self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
+        for attempt in range(1, _MERGE_ATTEMPTS + 1):
+            try:
+                return self._merge_once(conn, key, now, build)
+            except sa.exc.DBAPIError as exc:
+                if attempt == _MERGE_ATTEMPTS or not is_transient_conflict(exc):
+                    raise
+                time.sleep(random.uniform(0, 0.005 * attempt))  # de-synchronise the retrying writers
+        raise AssertionError("unreachable")
+
+    def _merge_once(self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
         with self._transaction(conn):
             row = conn.execute(self._select_for_update, {"b_key": key}).first()
             if row is None:
@@ -185,6 +205,19 @@ class DatabaseHandler(BaseHandler[Connection]):
                 conn.exec_driver_sql("ROLLBACK")
             raise
         conn.exec_driver_sql("COMMIT")
+
+
+def is_transient_conflict(exc: sa.exc.DBAPIError) -> bool:
+    """True for a deadlock or serialization failure: the transaction was rolled back and may be retried.
+
+    InnoDB can pick a single-row UPDATE as a deadlock victim when many writers contend for one row
+    (secondary-index locks); PostgreSQL reports 40P01/40001.
+    """
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] in _MYSQL_DEADLOCK_ERRNOS
 
 
 def _record(row: Any) -> Record:

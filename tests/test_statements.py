@@ -1,0 +1,92 @@
+"""The hot path, counted with SQLAlchemy engine events on every real database."""
+
+from __future__ import annotations
+
+from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig
+from tests.conftest import Backend, FakeClock, StatementCounter
+
+
+def _handler(db_backend: Backend, clock: FakeClock) -> DatabaseHandler:
+    return DatabaseHandler(db_backend.engine, SessionConfig(), clock=clock)
+
+
+def _stored_id(handler: DatabaseHandler) -> str:
+    session = handler.load(None)
+    session["counter"] = 0
+    session["profile"] = {"name": "Ada", "tags": ["x"]}
+    session.save()
+    return session.id
+
+
+def test_loading_an_existing_session_is_one_statement(db_backend: Backend, clock: FakeClock) -> None:
+    handler = _handler(db_backend, clock)
+    session_id = _stored_id(handler)
+    with StatementCounter(db_backend.engine) as counter:
+        session = handler.load(session_id)
+    assert session["counter"] == 0
+    assert counter.count == 1 and counter.statements[0].lstrip().upper().startswith("SELECT")
+
+
+def test_a_read_only_request_inside_touch_interval_is_one_select_and_no_write(
+    db_backend: Backend, clock: FakeClock
+) -> None:
+    handler = _handler(db_backend, clock)
+    session_id = _stored_id(handler)
+    clock.advance(10)
+    with StatementCounter(db_backend.engine) as counter:
+        session = handler.load(session_id)
+        assert session["profile"]["tags"] == ["x"]
+        assert session.save() is SaveAction.NOTHING
+    assert counter.count == 1
+
+
+def test_an_uncontended_save_of_changes_is_one_statement(db_backend: Backend, clock: FakeClock) -> None:
+    handler = _handler(db_backend, clock)
+    session = handler.load(_stored_id(handler))
+    session["profile"]["tags"].append("y")
+    session.increment("counter")
+    with StatementCounter(db_backend.engine) as counter:
+        assert session.save() is SaveAction.UPDATED
+    assert counter.count == 1 and counter.statements[0].lstrip().upper().startswith("UPDATE")
+
+
+def test_a_new_session_that_writes_nothing_runs_no_statement(db_backend: Backend, clock: FakeClock) -> None:
+    handler = _handler(db_backend, clock)
+    with StatementCounter(db_backend.engine) as counter:
+        session = handler.load(None)
+        _ = session.get("user")
+        assert session.save() is SaveAction.NOTHING
+    assert counter.count == 0
+
+
+def test_a_first_write_is_one_insert(db_backend: Backend, clock: FakeClock) -> None:
+    handler = _handler(db_backend, clock)
+    session = handler.load(None)
+    session["a"] = 1
+    with StatementCounter(db_backend.engine) as counter:
+        assert session.save() is SaveAction.INSERTED
+    assert counter.count == 1 and counter.statements[0].lstrip().upper().startswith("INSERT")
+
+
+def test_a_due_touch_is_one_update(db_backend: Backend, clock: FakeClock) -> None:
+    handler = _handler(db_backend, clock)
+    session_id = _stored_id(handler)
+    clock.advance(61)
+    session = handler.load(session_id)
+    with StatementCounter(db_backend.engine) as counter:
+        assert session.save() is SaveAction.TOUCHED
+    assert counter.count == 1
+
+
+def test_a_contended_save_locks_merges_and_commits(db_backend: Backend, clock: FakeClock) -> None:
+    handler = _handler(db_backend, clock)
+    session_id = _stored_id(handler)
+    first, second = handler.load(session_id), handler.load(session_id)
+    first["a"] = 1
+    first.save()
+    second["b"] = 2
+    with StatementCounter(db_backend.engine) as counter:
+        assert second.save() is SaveAction.MERGED
+    # failed compare-and-set, BEGIN, SELECT … FOR UPDATE, UPDATE, COMMIT
+    assert counter.count == 5
+    assert "FOR UPDATE" in counter.statements[2] or db_backend.name == "sqlite"
