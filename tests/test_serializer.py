@@ -1,0 +1,116 @@
+"""Tagged JSON: every supported type round-trips to the same type; everything else is refused."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from sqla_sessions.serializer import decode_value, dumps_payload, encode_entry, encode_value, loads_payload
+
+SAMPLES: list[Any] = [
+    None,
+    True,
+    0,
+    -(2**70),
+    1.5,
+    "",
+    "ünïcödé ✓ \x00",
+    [1, "a", None],
+    {"nested": {"deep": [1, 2, {"x": 1}]}},
+    datetime(2026, 1, 2, 3, 4, 5, 678901),
+    datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
+    date(1999, 12, 31),
+    time(23, 59, 59, 1),
+    time(1, 2, tzinfo=UTC),
+    Decimal("12345678901234567890.000000001"),
+    Decimal("-0"),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    b"\x00\xff binary",
+    (1, "two", (3.0,)),
+    {1, 2, 3},
+    {"a", "b"},
+    frozenset({(1, 2), "x"}),
+    {"$dt": "looks like a tag"},
+    {"$dict": {"a": 1}},
+    [{"$s": [1]}],
+    (),
+    set(),
+]
+
+
+@pytest.mark.parametrize("value", SAMPLES, ids=lambda v: type(v).__name__)
+def test_round_trip_keeps_value_and_type(value: Any) -> None:
+    raw = json.loads(json.dumps(encode_value(value)))  # through real JSON text
+    back = decode_value(raw)
+    assert back == value
+    assert type(back) is type(value)
+    if isinstance(value, datetime):
+        assert back.utcoffset() == value.utcoffset()
+
+
+def test_nested_types_keep_their_types() -> None:
+    value = {"when": [datetime(2026, 1, 1, tzinfo=UTC)], "ids": (uuid.uuid4(),), "amount": {"v": Decimal("1.10")}}
+    back = decode_value(encode_value(value))
+    assert back == value
+    assert type(back["ids"]) is tuple and type(back["amount"]["v"]) is Decimal
+
+
+def test_equal_sets_encode_identically_whatever_their_history() -> None:
+    first = {f"item{i}" for i in range(50)}
+    second = set(sorted(first, reverse=True))
+    assert encode_value(first) == encode_value(second)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [object(), float("nan"), float("inf"), {1: "int key"}, bytearray(b"x"), timedelta(1), [lambda: 1], {"a": {2}}],
+    ids=["object", "nan", "inf", "int-key", "bytearray", "timedelta", "lambda", "set-of-unhashable-ok"],
+)
+def test_unsupported_values_raise_type_error_naming_the_key(value: Any) -> None:
+    if isinstance(value, dict) and value == {"a": {2}}:
+        assert decode_value(encode_value(value)) == value  # a set inside a dict is fine
+        return
+    with pytest.raises(TypeError, match="'cart'"):
+        encode_entry("cart", value)
+
+
+def test_cyclic_values_are_refused() -> None:
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    with pytest.raises(TypeError, match="'loop'"):
+        encode_entry("loop", cyclic)
+
+
+def test_subclasses_are_refused_rather_than_silently_changing_type() -> None:
+    class Name(str):
+        pass
+
+    with pytest.raises(TypeError):
+        encode_value(Name("x"))
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"[]", b'"x"', b"{", b"\xff\xfe", b"null", b"[" * 100_000 + b"]" * 100_000]
+)
+def test_loads_payload_rejects_anything_but_an_object(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        loads_payload(data)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [{"$dt": "not a date"}, {"$dec": "abc"}, {"$u": "nope"}, {"$b": "!!"}, {"$t": "notalist"}, {"$s": [[1]]}],
+)
+def test_corrupt_tagged_values_raise_value_error(raw: Any) -> None:
+    with pytest.raises(ValueError):
+        decode_value(raw)
+
+
+def test_dumps_is_compact_utf8() -> None:
+    assert dumps_payload({"a": "é", "b": [1, 2]}) == '{"a":"é","b":[1,2]}'.encode()
