@@ -12,8 +12,18 @@ from sqla_sessions import ConfigurationError, SessionConfig
 def test_defaults_match_the_spec() -> None:
     config = SessionConfig()
     assert config.database_url == "sqlite:///sessions.db"
-    assert (config.table, config.lifetime, config.absolute_lifetime, config.expire_on_close) == ("sessions", 120, None, False)
-    assert (config.cookie_name, config.cookie_path, config.cookie_domain, config.cookie_secure) == ("session", "/", None, None)
+    assert (config.table, config.lifetime, config.absolute_lifetime, config.expire_on_close) == (
+        "sessions",
+        120,
+        None,
+        False,
+    )
+    assert (config.cookie_name, config.cookie_path, config.cookie_domain, config.cookie_secure) == (
+        "session",
+        "/",
+        None,
+        None,
+    )
     assert (config.cookie_http_only, config.cookie_same_site, config.cookie_partitioned) == (True, "lax", False)
     assert (config.lottery, config.touch_interval, config.max_payload_bytes) == ((2, 100), 60, 262144)
     assert config.encryption_keys == ()

@@ -95,9 +95,7 @@ def test_subclasses_are_refused_rather_than_silently_changing_type() -> None:
         encode_value(Name("x"))
 
 
-@pytest.mark.parametrize(
-    "data", [b"", b"[]", b'"x"', b"{", b"\xff\xfe", b"null", b"[" * 100_000 + b"]" * 100_000]
-)
+@pytest.mark.parametrize("data", [b"", b"[]", b'"x"', b"{", b"\xff\xfe", b"null", b"[" * 100_000 + b"]" * 100_000])
 def test_loads_payload_rejects_anything_but_an_object(data: bytes) -> None:
     with pytest.raises(ValueError):
         loads_payload(data)
