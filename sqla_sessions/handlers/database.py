@@ -216,7 +216,7 @@ def is_transient_conflict(exc: sa.exc.DBAPIError) -> bool:
     orig = exc.orig
     if getattr(orig, "sqlstate", None) in ("40001", "40P01"):
         return True
-    args = getattr(orig, "args", ())
+    args: tuple[Any, ...] = getattr(orig, "args", ())
     return bool(args) and args[0] in _MYSQL_DEADLOCK_ERRNOS
 
 
