@@ -22,7 +22,7 @@ from ..config import SessionConfig
 from ..records import Record
 from ..schema import sessions_table
 from .base import BaseHandler, Merged
-from .engines import create_session_engine
+from .engines import create_session_engine, is_autocommit_engine
 
 #: How often a locked merge is tried when the database picks it as a deadlock victim.
 _MERGE_ATTEMPTS = 5
@@ -58,10 +58,16 @@ class DatabaseHandler(BaseHandler[Connection]):
             self.engine = engine_or_url
             self._owns_engine = False
         else:
-            self.engine = create_session_engine(engine_or_url or config.database_url)
+            self.engine = create_session_engine(engine_or_url or config.database_url, autocommit=True)
             self._owns_engine = True
         self.table = sessions_table(config.table)
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Single statements run in autocommit: one round trip each. An engine that is not in autocommit
+        # already is switched per checkout, which is correct but slower (see create_session_engine).
+        self._autocommit = (
+            self.engine
+            if is_autocommit_engine(self.engine)
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         dialect = self.engine.dialect.name
         self._dialect = "mysql" if dialect == "mariadb" else dialect
         self._build_statements()

@@ -25,9 +25,16 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def create_session_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """Create an engine for *url*: SQLite gets WAL and a busy timeout, `:memory:` one shared database."""
+def create_session_engine(url: str | URL, *, autocommit: bool = False, **kwargs: Any) -> Engine:
+    """Create an engine for *url*: SQLite gets WAL and a busy timeout, `:memory:` one shared database.
+
+    With *autocommit*, every connection is put in autocommit once, when it is opened: the setting
+    session handlers want (one statement, one round trip). Setting it per checkout instead
+    (`engine.execution_options(isolation_level=…)`) costs a round trip to reset it at every return.
+    """
     parsed = normalize_url(url)
+    if autocommit:
+        kwargs.setdefault("isolation_level", "AUTOCOMMIT")
     if parsed.get_backend_name() != "sqlite":
         return sa.create_engine(parsed, **kwargs)
     connect_args = dict(kwargs.pop("connect_args", {}))
@@ -49,3 +56,11 @@ def create_session_engine(url: str | URL, **kwargs: Any) -> Engine:
             cursor.close()
 
     return engine
+
+
+def is_autocommit_engine(engine: Engine) -> bool:
+    """True if *engine* opens its connections in autocommit (`create_engine(…, isolation_level="AUTOCOMMIT")`)."""
+    # SQLAlchemy keeps create_engine()'s level on the dialect (a private name, stable since 1.4).
+    return getattr(engine.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT" or (
+        engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    )

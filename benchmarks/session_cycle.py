@@ -1,0 +1,98 @@
+"""Session cycle on PostgreSQL: DatabaseHandler vs raw psycopg issuing the same statements, same run.
+
+    python benchmarks/session_cycle.py [--url postgresql+psycopg://postgres@127.0.0.1/postgres] [--seconds 3]
+
+Prints operations per second for a read-only request (load) and a writing request (load + one
+compare-and-set UPDATE), and our throughput as a ratio of raw psycopg's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from collections.abc import Callable
+
+import psycopg
+import sqlalchemy as sa
+
+from sqla_sessions import DatabaseHandler, SessionConfig, upgrade
+from sqla_sessions.handlers.engines import create_session_engine
+from sqla_sessions.ids import hash_session_id
+
+
+def rate(fn: Callable[[], object], seconds: float) -> float:
+    for _ in range(200):  # warm caches, prepared statements, the pool
+        fn()
+    n, start = 0, time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(50):
+            fn()
+        n += 50
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+
+    table = f"bench_{uuid.uuid4().hex[:8]}"
+    engine = create_session_engine(args.url, autocommit=True, pool_size=2)
+    upgrade(engine, table=table)
+    handler = DatabaseHandler(engine, SessionConfig(table=table))
+    seed = handler.load(None)
+    seed.put({"user": "ada", "cart": ["apple", "pear"], "counter": 0, "prefs": {"theme": "dark"}})
+    seed.save()
+    session_id = seed.id
+
+    def ours_read() -> None:
+        handler.load(session_id).save()
+
+    def ours_write() -> None:
+        session = handler.load(session_id)
+        session["counter"] += 1
+        session.save()
+
+    dsn = sa.make_url(args.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    raw = psycopg.connect(dsn, autocommit=True)
+    id_hash = hash_session_id(session_id)
+    select = (
+        f"SELECT key, id_hash, user_id, payload, version, created_at, last_activity, expires_at, ip_address, "
+        f"user_agent FROM {table} WHERE id_hash = %s AND expires_at > %s"
+    )
+    update = (
+        f"UPDATE {table} SET id_hash=%s, user_id=%s, ip_address=%s, user_agent=%s, payload=%s, version=%s, "
+        f"created_at=%s, last_activity=%s, expires_at=%s WHERE key = %s AND version = %s AND expires_at > %s"
+    )
+
+    def raw_read() -> None:
+        raw.execute(select, (id_hash, int(time.time()))).fetchone()
+
+    def raw_write() -> None:
+        now = int(time.time())
+        row = raw.execute(select, (id_hash, now)).fetchone()
+        assert row is not None
+        raw.execute(
+            update, (row[1], row[2], row[8], row[9], row[3], row[4] + 1, row[5], now, now + 7200, row[0], row[4], now)
+        )
+
+    results = []
+    for name, ours, baseline in (("read-only", ours_read, raw_read), ("write", ours_write, raw_write)):
+        theirs_rate = rate(baseline, args.seconds)
+        ours_rate = rate(ours, args.seconds)
+        results.append((name, ours_rate, theirs_rate))
+    print(f"{'cycle':<10} {'sqla_sessions/s':>16} {'raw psycopg/s':>14} {'ratio':>6}")
+    for name, ours_rate, theirs_rate in results:
+        print(f"{name:<10} {ours_rate:>16.0f} {theirs_rate:>14.0f} {ours_rate / theirs_rate:>6.2f}")
+    raw.close()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {table}")
+        conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
