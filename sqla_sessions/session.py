@@ -105,6 +105,14 @@ class Session(StoreApi):
         """True once the data was read or written (a response then varies by cookie)."""
         return self._accessed
 
+    @accessed.setter
+    def accessed(self, value: bool) -> None:  # Flask's request context sets it on every `flask.session`
+        self._accessed = bool(value)
+
+    def mark_accessed(self) -> None:
+        """Flag the session as read (Starlette's `request.session` calls this)."""
+        self._accessed = True
+
     @property
     def id_changed(self) -> bool:
         """True when the id changed in this request (regenerate, login, invalidate): a cookie is due."""
@@ -120,6 +128,25 @@ class Session(StoreApi):
         """True when saving would write something (data, user, id or deletion)."""
         updates, removals = self._collect_changes()
         return bool(updates or removals or self._user_id != self._base_user_id or self._id_changed)
+
+    @modified.setter
+    def modified(self, value: bool) -> None:
+        """Accepted for Flask code (`session.modified = True`); changes are found by comparing values."""
+
+    @property
+    def new(self) -> bool:
+        """Flask's name for `is_new`."""
+        return self._record is None
+
+    @property
+    def permanent(self) -> bool:
+        """Flask's flag: the cookie outlives the browser unless the config says `expire_on_close`."""
+        handler = self._handler
+        return not (handler is not None and handler.config.expire_on_close)
+
+    @permanent.setter
+    def permanent(self, value: bool) -> None:
+        """Accepted for Flask code; the cookie lifetime comes from the config."""
 
     @property
     def created_at(self) -> int | None:

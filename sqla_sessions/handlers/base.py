@@ -48,8 +48,14 @@ class SessionHandler(Protocol):
     def destroy(self, key: str) -> bool:
         """Delete the session with this stable key; True if a row was deleted."""
 
-    def gc(self, batch_size: int | None = None, *, on_batch: Callable[[int], None] | None = None) -> int:
-        """Delete expired sessions in bounded batches; return how many were deleted."""
+    def gc(
+        self,
+        batch_size: int | None = None,
+        *,
+        on_batch: Callable[[int], None] | None = None,
+        max_batches: int | None = None,
+    ) -> int:
+        """Delete expired sessions in bounded batches (at most *max_batches*); return how many were deleted."""
 
     def list_sessions(self, user_id: object) -> list[SessionInfo]:
         """Return a user's live sessions, most recently active first."""
@@ -114,11 +120,10 @@ class BaseHandler(ABC, Generic[C]):
     # -- public API ------------------------------------------------------------------------------
 
     def load(self, session_id: str | None) -> Session:
-        if not session_id:
-            return Session(self)
-        if not is_valid_session_id(session_id):
-            logger.warning("malformed session cookie ignored; starting a new session")
-            return Session(self)
+        fresh = self._fresh_unless_valid(session_id)
+        if fresh is not None:
+            return fresh
+        assert session_id is not None
         with self._connect() as conn:
             return self._load_on(conn, session_id)
 
@@ -133,23 +138,11 @@ class BaseHandler(ABC, Generic[C]):
         return None if raw is None else Session._from_record(self, None, record, raw)
 
     def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
-        if end_of_request:
-            session._end_request()
-        # Encode before touching the database: an unsupported value fails here, naming its key.
-        updates, removals = session._collect_changes()
-        unchanged = not (
-            updates
-            or removals
-            or session._id_changed
-            or session._destroy_key
-            or session._user_id != session._base_user_id
-        )
-        if unchanged:
-            record = session._record
-            if record is None or self._now() - record.last_activity < self.config.touch_interval:
-                return SaveAction.NOTHING  # the common read-only request: no connection at all
+        plan = self._plan_save(session, end_of_request)
+        if plan is None:
+            return SaveAction.NOTHING
         with self._connect() as conn:
-            return self._save_on(conn, session, updates, removals)
+            return self._save_on(conn, session, *plan)
 
     def destroy(self, key: str) -> bool:
         with self._connect() as conn:
@@ -157,18 +150,26 @@ class BaseHandler(ABC, Generic[C]):
 
     revoke = destroy
 
-    def gc(self, batch_size: int | None = None, *, on_batch: Callable[[int], None] | None = None) -> int:
+    def gc(
+        self,
+        batch_size: int | None = None,
+        *,
+        on_batch: Callable[[int], None] | None = None,
+        max_batches: int | None = None,
+    ) -> int:
         limit = batch_size or self.config.gc_batch_size
         now = self._now()  # fixed, so a sweep ends even while more sessions keep expiring
-        total = 0
-        while True:
+        total = batches = 0
+        while max_batches is None or batches < max_batches:
             with self._connect() as conn:
                 deleted = self._delete_expired(conn, now, limit)
             total += deleted
+            batches += 1
             if on_batch is not None:
                 on_batch(deleted)
             if deleted < limit:
-                return total
+                break
+        return total
 
     def list_sessions(self, user_id: object) -> list[SessionInfo]:
         with self._connect() as conn:
@@ -195,6 +196,34 @@ class BaseHandler(ABC, Generic[C]):
         except CorruptPayload as exc:
             logger.warning("unreadable session payload ignored (%s); starting a new session", exc)
             return None
+
+    def _fresh_unless_valid(self, session_id: str | None) -> Session | None:
+        """A new session for a missing or malformed id (no I/O); None when the id must be looked up."""
+        if not session_id:
+            return Session(self)
+        if not is_valid_session_id(session_id):
+            logger.warning("malformed session cookie ignored; starting a new session")
+            return Session(self)
+        return None
+
+    def _plan_save(self, session: Session, end_of_request: bool) -> tuple[dict[str, Any], frozenset[str]] | None:
+        """The changes to write, or None when the save needs no I/O at all (the common read-only request)."""
+        if end_of_request:
+            session._end_request()
+        # Encode before touching the database: an unsupported value fails here, naming its key.
+        updates, removals = session._collect_changes()
+        unchanged = not (
+            updates
+            or removals
+            or session._id_changed
+            or session._destroy_key
+            or session._user_id != session._base_user_id
+        )
+        if unchanged:
+            record = session._record
+            if record is None or self._now() - record.last_activity < self.config.touch_interval:
+                return None
+        return updates, removals
 
     def _load_on(self, conn: C, session_id: str) -> Session:
         record = self._fetch(conn, id_hash=hash_session_id(session_id), now=self._now())

@@ -1,0 +1,147 @@
+"""Run a handler's session logic from async code without blocking the event loop.
+
+There is one implementation of the logic (`BaseHandler._load_on`, `_save_on`, …); this module only
+decides where it runs:
+
+- `DatabaseHandler` with an async driver for its database (psycopg 3 for PostgreSQL, aiosqlite for a
+  SQLite file, aiomysql for MariaDB/MySQL when installed): on an `AsyncEngine` connection through
+  `AsyncConnection.run_sync`, so every statement awaits its socket and the loop keeps serving others;
+- `DatabaseHandler` without one (an in-memory SQLite, or no async driver installed): in a worker
+  thread of a dedicated pool;
+- `MemoryHandler`: inline (no I/O).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy.engine import URL
+
+from .handlers.base import BaseHandler
+from .handlers.database import DatabaseHandler
+from .records import SaveAction
+from .session import Session
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+logger = logging.getLogger("sqla_sessions")
+T = TypeVar("T")
+
+#: Threads for databases without an async driver; a request holds one only while a statement runs.
+THREADS = 32
+
+
+def async_url(url: URL) -> URL | None:
+    """The async-driver URL for *url*, or None when there is no async driver for it here."""
+    backend = url.get_backend_name()
+    if backend == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg_async"):
+        return url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if url.database in (None, "", ":memory:") or importlib.util.find_spec("aiosqlite") is None:
+            return None  # an in-memory database lives in its sync engine's one connection
+        return url.set(drivername="sqlite+aiosqlite")
+    if backend in ("mysql", "mariadb") and importlib.util.find_spec("aiomysql") is not None:
+        return url.set(drivername=f"{backend}+aiomysql")
+    return None
+
+
+def _greenlet_available() -> bool:
+    return importlib.util.find_spec("greenlet") is not None
+
+
+class AsyncSessionStore:
+    """Async `load`/`save`/`gc` over any handler."""
+
+    def __init__(self, handler: BaseHandler[Any], *, async_engine: AsyncEngine | None = None) -> None:
+        self.handler = handler
+        self.config = handler.config
+        self._engine = async_engine
+        self._owns_engine = False
+        self._executor: ThreadPoolExecutor | None = None
+        if isinstance(handler, DatabaseHandler) and self._engine is None:
+            url = async_url(handler.engine.url)
+            if url is not None and _greenlet_available():
+                self._engine = _create_async_engine(url, handler)
+                self._owns_engine = True
+            else:
+                self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="sqla_sessions")
+
+    @property
+    def mode(self) -> str:
+        """'async-engine', 'threads' or 'inline': where the handler's logic runs."""
+        return "async-engine" if self._engine is not None else "threads" if self._executor else "inline"
+
+    async def load(self, session_id: str | None) -> Session:
+        fresh = self.handler._fresh_unless_valid(session_id)
+        if fresh is not None:
+            return fresh
+        return await self._run(self.handler._load_on, session_id)
+
+    async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
+        plan = self.handler._plan_save(session, end_of_request)
+        if plan is None:
+            return SaveAction.NOTHING
+        return await self._run(self.handler._save_on, session, *plan)
+
+    async def load_by_key(self, key: str) -> Session | None:
+        return await self._call(lambda: self.handler.load_by_key(key))
+
+    async def reload(self, session: Session) -> None:
+        """`session.reload()` for async code."""
+        await self._call(session.reload)
+
+    async def gc(self, *, max_batches: int | None = None) -> int:
+        return await self._call(lambda: self.handler.gc(max_batches=max_batches))
+
+    async def aclose(self) -> None:
+        if self._engine is not None and self._owns_engine:
+            await self._engine.dispose()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(connection, *args)` on a connection of the right kind."""
+        if self._engine is not None:
+            async with self._engine.connect() as conn:
+                return await conn.run_sync(fn, *args)
+        if self._executor is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._run_in_thread, fn, args)
+        return self._run_in_thread(fn, args)
+
+    def _run_in_thread(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self.handler._connect() as conn:
+            return fn(conn, *args)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run a whole sync handler operation (several connections, e.g. GC) off the loop."""
+        if self._engine is None and self._executor is None:
+            return fn()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
+
+
+def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:
+    from sqlalchemy import event
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from .handlers.engines import SQLITE_BUSY_TIMEOUT
+
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _wal(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine

@@ -1,0 +1,191 @@
+"""`SessionMiddleware` for any ASGI app (Starlette, FastAPI, Quart, bare ASGI); no framework import.
+
+The `Session` is put in `scope["session"]`, where Starlette's and FastAPI's `request.session` find it.
+It is loaded before the app runs (one indexed SELECT when the request carries a cookie, none
+otherwise) and saved when the app starts its response (`http.response.start`), so the cookie can go
+out with the headers and nothing is held while the body streams.
+
+Websocket scopes get the session read-only: a websocket has no response headers to carry a new
+cookie, so changes made during a websocket connection are not saved (a warning says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from .aio import AsyncSessionStore
+from .config import SessionConfig
+from .handlers.base import BaseHandler
+from .handlers.database import DatabaseHandler
+from .records import SaveAction
+from .session import Session
+from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, sweep_batches
+
+logger = logging.getLogger("sqla_sessions")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Seconds a client is told to wait after a 503 caused by an unreachable database.
+RETRY_AFTER = 5
+
+
+class SessionMiddleware:
+    """Server-side sessions for an ASGI app."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: SessionConfig | None = None,
+        *,
+        handler: BaseHandler[Any] | None = None,
+    ) -> None:
+        self.app = app
+        if handler is None:
+            config = config or SessionConfig()
+            handler = DatabaseHandler(config.database_url, config)
+        self.config = config or handler.config
+        self.handler = handler
+        self.store = AsyncSessionStore(handler)
+        self.cycle = SessionCycle(self.config)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        info = request_info(scope)
+        presented = self.cycle.session_id(info)
+        try:
+            session = await self.store.load(presented)
+        except DBAPIError:
+            logger.exception("session store unreachable; answering 503")
+            await _send_error(send, 503, "Service Unavailable", retry_after=RETRY_AFTER)
+            return
+        self.cycle.attach_client(session, info)
+        replaced = False
+
+        async def send_with_session(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = list(message.get("headers", ()))
+                outcome = await self._finish(session, info, presented, status, _content_type(headers))
+                if isinstance(outcome, int):
+                    replaced = True
+                    await _send_error(send, outcome, _REASONS[outcome], retry_after=RETRY_AFTER)
+                    return
+                headers.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in outcome)
+                message = {**message, "headers": headers}
+            elif replaced:
+                return  # the app's body for a response we replaced with an error
+            await send(message)
+
+        await self.app({**scope, "session": session}, receive, send_with_session)
+        if self.cycle.lottery():
+            await self._sweep()
+
+    async def _finish(
+        self, session: Session, info: RequestInfo, presented: str | None, status: int, content_type: str
+    ) -> Headers | int:
+        """Save (below 500) and return the headers to add, or an error status to answer instead."""
+        id_changed = session.id_changed
+        action: SaveAction | None = None
+        error: Exception | None = None
+        if self.cycle.begin_save(session, info, status, content_type):
+            try:
+                action = await self.store.save(session, end_of_request=True)
+            except SAVE_ERRORS as exc:
+                error = exc
+        return self.cycle.conclude(
+            session, info, presented_id=presented, id_changed=id_changed, action=action, error=error
+        )
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        info = request_info(scope)
+        try:
+            session = await self.store.load(self.cycle.session_id(info))
+        except DBAPIError:
+            logger.exception("session store unreachable; closing the websocket")
+            await send({"type": "websocket.close", "code": 1011})
+            return
+        await self.app({**scope, "session": session}, receive, send)
+        if session.modified:
+            logger.warning("changes to the session during a websocket connection are not saved")
+
+    async def _sweep(self) -> None:
+        try:
+            deleted = await self.store.gc(max_batches=sweep_batches(self.config))
+            logger.debug("lottery sweep deleted %d expired sessions", deleted)
+        except Exception:
+            logger.exception("expired-session sweep failed")
+
+
+_REASONS = {500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def request_info(scope: Scope) -> RequestInfo:
+    """Pick the session-relevant facts out of an ASGI scope."""
+    cookies: list[str] = []
+    user_agent = host = None
+    xhr = prefetch = False
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.lower()
+        if name == b"cookie":
+            cookies.append(raw_value.decode("latin-1"))
+        elif name == b"user-agent":
+            user_agent = raw_value.decode("latin-1")
+        elif name == b"host":
+            host = raw_value.decode("latin-1")
+        elif name == b"x-requested-with":
+            xhr = raw_value.lower() == b"xmlhttprequest"
+        elif name in (b"sec-purpose", b"purpose", b"x-moz"):
+            prefetch = prefetch or b"prefetch" in raw_value.lower()
+    scheme = scope.get("scheme", "http")
+    method = scope.get("method", "GET")
+    url = ""
+    if method == "GET":
+        if host is None:
+            server = scope.get("server") or ("localhost", None)
+            host = server[0] if server[1] in (None, 80, 443) else f"{server[0]}:{server[1]}"
+        query = scope.get("query_string", b"").decode("latin-1")
+        path = scope.get("root_path", "") + scope.get("path", "/")
+        url = f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+    client = scope.get("client")
+    return RequestInfo(
+        method=method,
+        https=scheme in ("https", "wss"),
+        url=url,
+        cookie_headers=cookies,
+        client_ip=client[0] if client else None,
+        user_agent=user_agent,
+        xhr=xhr,
+        prefetch=prefetch,
+    )
+
+
+def _content_type(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return ""
+
+
+async def _send_error(send: Send, status: int, text: str, *, retry_after: int) -> None:
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
+    if status == 503:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": text.encode()})

@@ -1,0 +1,78 @@
+"""The session cookie: read it from request headers without ever raising, and write `Set-Cookie` values.
+
+Only the session id (a strict 40-character base64url token) ever goes into a cookie value, and every
+attribute comes from the validated config, so session content can never reach a response header.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from email.utils import formatdate
+
+from .config import SessionConfig
+from .ids import is_valid_session_id
+
+#: A Cookie header longer than this is not scanned further (browsers send at most ~8 KB in total).
+MAX_COOKIE_HEADER = 16_384
+
+
+def session_cookie_values(headers: Iterable[str], name: str) -> list[str]:
+    """Return every value of cookie *name* in the given `Cookie` header values, in order. Never raises."""
+    values = []
+    for header in headers:
+        for pair in header[:MAX_COOKIE_HEADER].split(";"):
+            key, sep, value = pair.partition("=")
+            if sep and key.strip() == name:
+                values.append(value.strip().strip('"'))
+    return values
+
+
+def pick_session_id(values: list[str]) -> str | None:
+    """Choose the cookie value to look up: the first well-formed id, else the first value (to be refused)."""
+    for value in values:
+        if is_valid_session_id(value):
+            return value
+    return values[0] if values else None
+
+
+class CookieWriter:
+    """Builds `Set-Cookie` header values from a config."""
+
+    __slots__ = ("_attributes", "_config", "_name")
+
+    def __init__(self, config: SessionConfig) -> None:
+        self._config = config
+        self._name = config.cookie_name
+        attributes = [f"Path={config.cookie_path}"]
+        if config.cookie_domain:
+            attributes.append(f"Domain={config.cookie_domain}")
+        if config.cookie_http_only:
+            attributes.append("HttpOnly")
+        attributes.append(f"SameSite={config.cookie_same_site.capitalize()}")
+        if config.cookie_partitioned:
+            attributes.append("Partitioned")
+        self._attributes = "; ".join(attributes)
+
+    def _secure(self, https: bool) -> str:
+        secure = self._config.cookie_secure
+        if secure is None:
+            secure = https or self._config.cookie_partitioned or self._config.cookie_same_site == "none"
+        return "; Secure" if secure else ""
+
+    def set(self, session_id: str, *, expires_at: int | None, https: bool, now: float | None = None) -> str:
+        """The `Set-Cookie` value that stores *session_id* until *expires_at* (a session cookie if None)."""
+        if not is_valid_session_id(session_id):  # defence in depth: nothing else may reach a header
+            raise ValueError("refusing to write a malformed session id into a cookie")
+        lifetime = ""
+        if expires_at is not None and not self._config.expire_on_close:
+            now = time.time() if now is None else now
+            max_age = max(0, int(expires_at - now))
+            lifetime = f"; Max-Age={max_age}; Expires={formatdate(now + max_age, usegmt=True)}"
+        return f"{self._name}={session_id}{lifetime}; {self._attributes}{self._secure(https)}"
+
+    def delete(self, *, https: bool) -> str:
+        """The `Set-Cookie` value that removes the session cookie."""
+        return (
+            f"{self._name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; {self._attributes}{self._secure(https)}"
+        )

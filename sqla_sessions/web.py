@@ -1,0 +1,150 @@
+"""What every web integration does around a request, written once (ASGI, WSGI and Flask use it).
+
+Policy, following Django's middleware and improving on Laravel's:
+
+- the session is saved only for responses below 500 (a failing request must not commit half-done state);
+- `Set-Cookie` goes out only when needed: a new row, a new id, a sliding-expiry touch (at most once
+  per `touch_interval`), or a deletion (invalidated session, a session destroyed meanwhile, or a
+  cookie that did not resolve to a session);
+- `Vary: Cookie` whenever the session was read;
+- `previous_url` is recorded on successful, non-XHR, non-prefetch GETs that return HTML, for
+  sessions that already exist: a JSON API or a bot never causes a write through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import DBAPIError
+
+from .config import SessionConfig
+from .cookies import CookieWriter, pick_session_id, session_cookie_values
+from .errors import PayloadTooLarge, SessionInterrupted
+from .records import SaveAction
+from .session import Session
+
+#: What a failed save may raise; `SessionCycle.conclude` turns each into a response.
+SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, DBAPIError)
+
+logger = logging.getLogger("sqla_sessions")
+
+Headers = list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """The few facts about a request that the session cycle needs, from any server interface."""
+
+    method: str
+    https: bool
+    url: str
+    cookie_headers: list[str] = field(default_factory=list)
+    client_ip: str | None = None
+    user_agent: str | None = None
+    xhr: bool = False
+    prefetch: bool = False
+
+
+class SessionCycle:
+    """Cookie in, headers out: the per-request policy shared by the middlewares."""
+
+    __slots__ = ("_cookies", "config")
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self._cookies = CookieWriter(config)
+
+    def session_id(self, info: RequestInfo) -> str | None:
+        """The session id the request presents (None when it has no session cookie)."""
+        return pick_session_id(session_cookie_values(info.cookie_headers, self.config.cookie_name))
+
+    def attach_client(self, session: Session, info: RequestInfo) -> None:
+        session.ip_address = info.client_ip
+        session.user_agent = info.user_agent
+
+    def begin_save(self, session: Session, info: RequestInfo, status: int, content_type: str) -> bool:
+        """True when a response with *status* saves the session (then `previous_url` is recorded first)."""
+        if status >= 500:
+            return False
+        self._record_previous_url(session, info, status, content_type)
+        return True
+
+    def conclude(
+        self,
+        session: Session,
+        info: RequestInfo,
+        *,
+        presented_id: str | None,
+        id_changed: bool,
+        action: SaveAction | None,
+        error: Exception | None,
+    ) -> Headers | int:
+        """Headers to add after a save (or none), or the error status to answer instead of the app's response."""
+        interrupted = False
+        if isinstance(error, SessionInterrupted):
+            logger.warning("session was destroyed by another request while this one ran; changes dropped")
+            interrupted = True
+        elif isinstance(error, PayloadTooLarge | TypeError):
+            logger.error("session could not be saved; answering 500", exc_info=error)
+            return 500
+        elif isinstance(error, DBAPIError):
+            logger.error("session store unreachable while saving; answering 503", exc_info=error)
+            return 503
+        elif error is not None:
+            raise error
+        return self.response_headers(
+            session, info, action=action, id_changed=id_changed, presented_id=presented_id, interrupted=interrupted
+        )
+
+    def _record_previous_url(self, session: Session, info: RequestInfo, status: int, content_type: str) -> None:
+        if (
+            info.method == "GET"
+            and not info.xhr
+            and not info.prefetch
+            and 200 <= status < 300
+            and content_type.lower().startswith("text/html")
+            and not session.is_new
+        ):
+            session.previous_url = info.url
+
+    def response_headers(
+        self,
+        session: Session,
+        info: RequestInfo,
+        *,
+        action: SaveAction | None,
+        id_changed: bool,
+        presented_id: str | None,
+        interrupted: bool = False,
+    ) -> Headers:
+        """Headers to add: `Set-Cookie` when the browser's cookie must change, `Vary: Cookie` when read.
+
+        *action* is None when the session was not saved (5xx response, or the save was interrupted).
+        """
+        headers: Headers = []
+        cookie: str | None = None
+        if action is SaveAction.INSERTED or (
+            action in (SaveAction.UPDATED, SaveAction.MERGED, SaveAction.TOUCHED)
+            and (id_changed or (action is SaveAction.TOUCHED and not self.config.expire_on_close))
+        ):
+            cookie = self._cookies.set(session.id, expires_at=session.expires_at, https=info.https)
+        elif interrupted or (presented_id is not None and session.is_new):
+            # The cookie names no live session (invalidated, destroyed, expired or forged): drop it.
+            cookie = self._cookies.delete(https=info.https)
+        if cookie is not None:
+            headers.append(("Set-Cookie", cookie))
+        if session.accessed or cookie is not None:
+            headers.append(("Vary", "Cookie"))
+        return headers
+
+    def lottery(self) -> bool:
+        """True when this request should sweep expired sessions (after its response is sent)."""
+        chances, out_of = self.config.lottery
+        return chances > 0 and random.randrange(out_of) < chances
+
+
+def sweep_batches(config: SessionConfig) -> int:
+    """How many GC batches one lottery sweep may run: bounded, so a backlog is worked off over time."""
+    return 10 if config.gc_batch_size >= 100 else 100

@@ -1,0 +1,162 @@
+"""`SessionMiddleware` for any WSGI app (PEP 3333); the session is in `environ["sqla_sessions.session"]`.
+
+The session is saved inside the app's `start_response` call, before the real one, so the cookie
+goes out with the headers. The lottery sweep runs in the response iterable's `close()`, after the
+server has sent the body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import DBAPIError
+
+from .config import SessionConfig
+from .handlers.base import BaseHandler
+from .handlers.database import DatabaseHandler
+from .records import SaveAction
+from .session import Session
+from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, sweep_batches
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+logger = logging.getLogger("sqla_sessions")
+
+ENVIRON_KEY = "sqla_sessions.session"
+RETRY_AFTER = 5
+_ERRORS = {500: "500 Internal Server Error", 503: "503 Service Unavailable"}
+
+
+class SessionMiddleware:
+    """Server-side sessions for a WSGI app."""
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        config: SessionConfig | None = None,
+        *,
+        handler: BaseHandler[Any] | None = None,
+    ) -> None:
+        self.app = app
+        if handler is None:
+            config = config or SessionConfig()
+            handler = DatabaseHandler(config.database_url, config)
+        self.config = config or handler.config
+        self.handler = handler
+        self.cycle = SessionCycle(self.config)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        info = request_info(environ)
+        presented = self.cycle.session_id(info)
+        try:
+            session = self.handler.load(presented)
+        except DBAPIError:
+            logger.exception("session store unreachable; answering 503")
+            return _error(start_response, 503)
+        self.cycle.attach_client(session, info)
+        environ[ENVIRON_KEY] = session
+        replaced: list[bytes] = []
+
+        def start_with_session(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            code = int(status.split(" ", 1)[0])
+            outcome = finish_response(self.cycle, session, info, presented, code, _content_type(headers))
+            if isinstance(outcome, int):
+                replaced.append(_ERRORS[outcome].encode())
+                return start_response(_ERRORS[outcome], _error_headers(outcome), exc_info)
+            return start_response(status, headers + outcome, exc_info)
+
+        app_iter = self.app(environ, start_with_session)
+        return _Response(app_iter, replaced, self._after_response)
+
+    def _after_response(self) -> None:
+        if self.cycle.lottery():
+            try:
+                self.handler.gc(max_batches=sweep_batches(self.config))
+            except Exception:
+                logger.exception("expired-session sweep failed")
+
+
+def finish_response(
+    cycle: SessionCycle, session: Session, info: RequestInfo, presented: str | None, status: int, content_type: str
+) -> Headers | int:
+    """Save (below 500) and return the headers to add, or an error status to answer instead."""
+    id_changed = session.id_changed
+    action: SaveAction | None = None
+    error: Exception | None = None
+    if cycle.begin_save(session, info, status, content_type):
+        try:
+            action = session.save()
+        except SAVE_ERRORS as exc:
+            error = exc
+    return cycle.conclude(session, info, presented_id=presented, id_changed=id_changed, action=action, error=error)
+
+
+class _Response:
+    """The app's iterable, with our error body swapped in if the save failed, and `close()` propagated."""
+
+    def __init__(self, app_iter: Iterable[bytes], replaced: list[bytes], after: Callable[[], None]) -> None:
+        self._app_iter = app_iter
+        self._replaced = replaced
+        self._after = after
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._app_iter:  # start_response may first be called during this iteration
+            if self._replaced:
+                break
+            yield chunk
+        if self._replaced:
+            yield self._replaced[0]
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._app_iter, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._after()
+
+
+def request_info(environ: WSGIEnvironment) -> RequestInfo:
+    """Pick the session-relevant facts out of a WSGI environ."""
+    scheme = environ.get("wsgi.url_scheme", "http")
+    method = environ.get("REQUEST_METHOD", "GET")
+    url = ""
+    if method == "GET":
+        host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "localhost")
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/")
+        query = environ.get("QUERY_STRING", "")
+        url = f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+    cookie = environ.get("HTTP_COOKIE")
+    purpose = (environ.get("HTTP_SEC_PURPOSE", "") + environ.get("HTTP_PURPOSE", "")).lower()
+    return RequestInfo(
+        method=method,
+        https=scheme == "https",
+        url=url,
+        cookie_headers=[cookie] if cookie else [],
+        client_ip=environ.get("REMOTE_ADDR"),
+        user_agent=environ.get("HTTP_USER_AGENT"),
+        xhr=environ.get("HTTP_X_REQUESTED_WITH", "").lower() == "xmlhttprequest",
+        prefetch="prefetch" in purpose,
+    )
+
+
+def _content_type(headers: list[tuple[str, str]]) -> str:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value
+    return ""
+
+
+def _error_headers(status: int) -> list[tuple[str, str]]:
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+    if status == 503:
+        headers.append(("Retry-After", str(RETRY_AFTER)))
+    return headers
+
+
+def _error(start_response: StartResponse, status: int) -> list[bytes]:
+    start_response(_ERRORS[status], _error_headers(status))
+    return [_ERRORS[status].encode()]
