@@ -54,7 +54,7 @@ class SessionMiddleware:
         self.config = config or handler.config
         self.handler = handler
         self.store = AsyncSessionStore(handler)
-        self.cycle = SessionCycle(self.config)
+        self.cycle = SessionCycle(self.config, handler.now)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

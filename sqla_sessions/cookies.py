@@ -67,7 +67,7 @@ class CookieWriter:
         lifetime = ""
         if expires_at is not None and not self._config.expire_on_close:
             now = time.time() if now is None else now
-            max_age = max(0, int(expires_at - now))
+            max_age = max(0, int(expires_at) - int(now))
             lifetime = f"; Max-Age={max_age}; Expires={formatdate(now + max_age, usegmt=True)}"
         return f"{self._name}={session_id}{lifetime}; {self._attributes}{self._secure(https)}"
 

@@ -37,7 +37,7 @@ class SqlaSessionInterface(SessionInterface):
 
     def __init__(self, handler: BaseHandler[Any]) -> None:
         self.handler = handler
-        self.cycle = SessionCycle(handler.config)
+        self.cycle = SessionCycle(handler.config, handler.now)
 
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
         environ: WSGIEnvironment = request.environ

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import DBAPIError
@@ -50,10 +52,11 @@ class RequestInfo:
 class SessionCycle:
     """Cookie in, headers out: the per-request policy shared by the middlewares."""
 
-    __slots__ = ("_cookies", "config")
+    __slots__ = ("_clock", "_cookies", "config")
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self._clock = clock  # the handler's: cookie lifetimes must agree with stored expiry
         self._cookies = CookieWriter(config)
 
     def session_id(self, info: RequestInfo) -> str | None:
@@ -129,7 +132,7 @@ class SessionCycle:
             action in (SaveAction.UPDATED, SaveAction.MERGED, SaveAction.TOUCHED)
             and (id_changed or (action is SaveAction.TOUCHED and not self.config.expire_on_close))
         ):
-            cookie = self._cookies.set(session.id, expires_at=session.expires_at, https=info.https)
+            cookie = self._cookies.set(session.id, expires_at=session.expires_at, https=info.https, now=self._clock())
         elif interrupted or (presented_id is not None and session.is_new):
             # The cookie names no live session (invalidated, destroyed, expired or forged): drop it.
             cookie = self._cookies.delete(https=info.https)

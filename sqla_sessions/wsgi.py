@@ -46,7 +46,7 @@ class SessionMiddleware:
             handler = DatabaseHandler(config.database_url, config)
         self.config = config or handler.config
         self.handler = handler
-        self.cycle = SessionCycle(self.config)
+        self.cycle = SessionCycle(self.config, handler.now)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         info = request_info(environ)

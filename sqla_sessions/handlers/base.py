@@ -36,6 +36,9 @@ class SessionHandler(Protocol):
 
     config: SessionConfig
 
+    def now(self) -> int:
+        """The handler's clock in unix seconds."""
+
     def load(self, session_id: str | None) -> Session:
         """Return the live session for a cookie id, or a new empty one (never raises for bad input)."""
 
@@ -131,7 +134,7 @@ class BaseHandler(ABC, Generic[C]):
         if not is_valid_session_key(key):
             raise ValueError("not a session key")
         with self._connect() as conn:
-            record = self._fetch(conn, key=key, now=self._now())
+            record = self._fetch(conn, key=key, now=self.now())
         if record is None:
             return None
         raw = self._decode(record)
@@ -158,7 +161,7 @@ class BaseHandler(ABC, Generic[C]):
         max_batches: int | None = None,
     ) -> int:
         limit = batch_size or self.config.gc_batch_size
-        now = self._now()  # fixed, so a sweep ends even while more sessions keep expiring
+        now = self.now()  # fixed, so a sweep ends even while more sessions keep expiring
         total = batches = 0
         while max_batches is None or batches < max_batches:
             with self._connect() as conn:
@@ -173,7 +176,7 @@ class BaseHandler(ABC, Generic[C]):
 
     def list_sessions(self, user_id: object) -> list[SessionInfo]:
         with self._connect() as conn:
-            records = self._fetch_user(conn, str(user_id), self._now())
+            records = self._fetch_user(conn, str(user_id), self.now())
         return [SessionInfo.from_record(r) for r in records]
 
     def revoke_user(self, user_id: object, *, except_key: str | None = None) -> int:
@@ -182,7 +185,8 @@ class BaseHandler(ABC, Generic[C]):
 
     # -- semantics, on an open connection ----------------------------------------------------------
 
-    def _now(self) -> int:
+    def now(self) -> int:
+        """The handler's clock in unix seconds: what expiry is computed with."""
         return int(self._clock())
 
     def _expiry(self, created_at: int, now: int) -> int:
@@ -221,12 +225,12 @@ class BaseHandler(ABC, Generic[C]):
         )
         if unchanged:
             record = session._record
-            if record is None or self._now() - record.last_activity < self.config.touch_interval:
+            if record is None or self.now() - record.last_activity < self.config.touch_interval:
                 return None
         return updates, removals
 
     def _load_on(self, conn: C, session_id: str) -> Session:
-        record = self._fetch(conn, id_hash=hash_session_id(session_id), now=self._now())
+        record = self._fetch(conn, id_hash=hash_session_id(session_id), now=self.now())
         if record is None:
             logger.warning("unknown or expired session id; starting a new session")
             return Session(self)
@@ -236,7 +240,7 @@ class BaseHandler(ABC, Generic[C]):
         return Session._from_record(self, session_id, record, raw)
 
     def _save_on(self, conn: C, session: Session, updates: dict[str, Any], removals: frozenset[str]) -> SaveAction:
-        now = self._now()
+        now = self.now()
         action = SaveAction.NOTHING
         if session._destroy_key is not None:
             self._delete(conn, session._destroy_key)

@@ -1,0 +1,303 @@
+"""Middleware edge paths, in process: errors, cookies, touches, websockets, lifespan, GC lottery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sqla_sessions import DatabaseHandler, MemoryHandler, Session, SessionConfig, upgrade
+from sqla_sessions.asgi import SessionMiddleware as AsgiMiddleware
+from sqla_sessions.wsgi import SessionMiddleware as WsgiMiddleware
+from tests.conftest import FakeClock
+
+Scope = dict[str, Any]
+
+
+def asgi_app(action: Callable[[Session], Any]) -> Callable[..., Any]:
+    """A bare ASGI app that runs *action* on the session and answers 200 text/plain."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            message = await receive()
+            await send({"type": f"{message['type']}.complete"})
+            return
+        result = action(scope["session"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": str(result).encode()})
+
+    return app
+
+
+def call(app: Any, method: str = "GET", cookie: str | None = None, base: str = "http://test") -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
+            headers = {"Cookie": f"session={cookie}"} if cookie else {}
+            return await client.request(method, "/", headers=headers)
+
+    return asyncio.run(go())
+
+
+def cookie_header(response: httpx.Response) -> str:
+    (value,) = [h for h in response.headers.get_list("set-cookie") if h.startswith("session=")]
+    return value
+
+
+def cookie_value(response: httpx.Response) -> str:
+    return cookie_header(response).split(";", 1)[0].split("=", 1)[1]
+
+
+@pytest.fixture
+def memory(clock: FakeClock) -> MemoryHandler:
+    return MemoryHandler(SessionConfig(lottery=(0, 1)), clock=clock)
+
+
+def test_cookie_attributes_follow_the_config(clock: FakeClock) -> None:
+    config = SessionConfig(
+        cookie_name="session", cookie_domain="example.com", cookie_same_site="strict", cookie_partitioned=True
+    )
+    app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=MemoryHandler(config, clock=clock))
+    header = cookie_header(call(app, "POST", base="https://example.com"))
+    assert "Max-Age=7200" in header and "Expires=" in header
+    for attribute in ("Path=/", "Domain=example.com", "HttpOnly", "SameSite=Strict", "Partitioned", "Secure"):
+        assert attribute in header
+
+
+def test_secure_follows_the_scheme_and_expire_on_close_drops_max_age(clock: FakeClock) -> None:
+    app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=MemoryHandler(SessionConfig(), clock=clock))
+    assert "Secure" not in cookie_header(call(app, "POST", base="http://test"))
+    assert "Secure" in cookie_header(call(app, "POST", base="https://test"))
+    closing = MemoryHandler(SessionConfig(expire_on_close=True), clock=clock)
+    header = cookie_header(call(AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=closing), "POST"))
+    assert "Max-Age" not in header and "Expires" not in header
+
+
+def test_a_due_touch_refreshes_the_cookie_and_a_recent_one_does_not(memory: MemoryHandler, clock: FakeClock) -> None:
+    writer = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=memory)
+    reader = AsgiMiddleware(asgi_app(lambda s: s.get("a")), handler=memory)
+    cookie = cookie_value(call(writer, "POST"))
+    clock.advance(30)
+    assert call(reader, cookie=cookie).headers.get_list("set-cookie") == []
+    clock.advance(31)
+    refreshed = call(reader, cookie=cookie)
+    assert cookie_value(refreshed) == cookie and "Max-Age=7200" in cookie_header(refreshed)
+
+
+def test_absolute_lifetime_caps_the_cookie_max_age(clock: FakeClock) -> None:
+    handler = MemoryHandler(SessionConfig(lifetime=60, absolute_lifetime=90), clock=clock)
+    writer = AsgiMiddleware(asgi_app(lambda s: s.increment("n")), handler=handler)
+    cookie = cookie_value(call(writer, "POST"))
+    clock.advance(50 * 60)
+    response = call(AsgiMiddleware(asgi_app(lambda s: s.regenerate()), handler=handler), "POST", cookie=cookie)
+    assert "Max-Age=2400" in cookie_header(response)  # 90 - 50 minutes left, not the idle 60
+
+
+def test_a_session_revoked_during_the_request_answers_normally_and_drops_the_cookie(
+    memory: MemoryHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    cookie = cookie_value(call(AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=memory), "POST"))
+
+    def revoke_meanwhile(session: Session) -> str:
+        memory.revoke(session.key or "")  # "logout in another tab"
+        session["b"] = 2
+        return "done"
+
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        response = call(AsgiMiddleware(asgi_app(revoke_meanwhile), handler=memory), "POST", cookie=cookie)
+    assert response.status_code == 200 and response.text == "done"
+    assert "Max-Age=0" in cookie_header(response)
+    assert "destroyed by another request" in caplog.text
+    assert len(memory) == 0
+
+
+def test_an_oversized_session_answers_500_and_keeps_the_stored_session(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = MemoryHandler(SessionConfig(max_payload_bytes=256), clock=clock)
+    cookie = cookie_value(call(AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=handler), "POST"))
+    big = AsgiMiddleware(asgi_app(lambda s: s.put("big", "x" * 1000)), handler=handler)
+    with caplog.at_level(logging.ERROR, logger="sqla_sessions"):
+        response = call(big, "POST", cookie=cookie)
+    assert response.status_code == 500 and response.headers.get_list("set-cookie") == []
+    assert "could not be saved" in caplog.text
+    assert handler.load(cookie).all() == {"a": 1}
+
+
+def test_an_unreachable_database_answers_503_quickly() -> None:
+    handler = DatabaseHandler("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2", SessionConfig())
+    app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=handler)
+    response = call(app, cookie="A" * 40)
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raise AssertionError("the app must not run without its session")
+
+    status: list[str] = []
+    body = WsgiMiddleware(wsgi, handler=handler)(
+        {"REQUEST_METHOD": "GET", "HTTP_COOKIE": "session=" + "A" * 40}, lambda s, h, e=None: status.append(s)
+    )
+    assert status == ["503 Service Unavailable"] and b"".join(body)
+
+
+def test_an_app_exception_saves_nothing(memory: MemoryHandler) -> None:
+    def explode(session: Session) -> None:
+        session["half"] = "done"
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        call(AsgiMiddleware(asgi_app(explode), handler=memory), "POST")
+    assert len(memory) == 0
+
+
+def test_lifespan_passes_through_and_websockets_get_a_read_only_session(
+    memory: MemoryHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            seen.append("session" in scope)
+            return
+        seen.append(scope["session"].get("a"))
+        scope["session"]["changed"] = True
+        await send({"type": "websocket.close", "code": 1000})
+
+    middleware = AsgiMiddleware(app, handler=memory)
+    cookie = cookie_value(call(AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=memory), "POST"))
+
+    async def run() -> None:
+        await middleware({"type": "lifespan"}, _never, _ignore)
+        scope = {"type": "websocket", "headers": [(b"cookie", f"session={cookie}".encode())], "path": "/"}
+        await middleware(scope, _never, _ignore)
+
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        asyncio.run(run())
+    assert seen == [False, 1]
+    assert "websocket" in caplog.text and "changed" not in memory.load(cookie)
+
+
+async def _never() -> dict[str, Any]:
+    raise AssertionError("not expected to receive")
+
+
+async def _ignore(message: dict[str, Any]) -> None:
+    return None
+
+
+def test_the_gc_lottery_sweeps_after_the_response(clock: FakeClock) -> None:
+    handler = MemoryHandler(SessionConfig(lottery=(1, 1)), clock=clock)
+    writer = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=handler)
+    for _ in range(3):
+        call(writer, "POST")
+    clock.advance(handler.config.lifetime_seconds + 1)
+    assert len(handler) == 3
+    call(AsgiMiddleware(asgi_app(lambda s: "untouched"), handler=handler))
+    assert len(handler) == 0
+
+
+def test_the_async_store_uses_an_async_engine_for_a_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    upgrade(url)
+    app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=DatabaseHandler(url))
+    assert app.store.mode == "async-engine"
+    assert call(app, "POST").status_code == 200
+    memory_db = AsgiMiddleware(asgi_app(lambda s: 1), handler=DatabaseHandler("sqlite://"))
+    assert memory_db.store.mode == "threads"
+
+
+# -- WSGI specifics -------------------------------------------------------------------------------------
+
+
+class Closing:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.chunks)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def run_wsgi(app: Any, cookie: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "wsgi.url_scheme": "http", "REMOTE_ADDR": "192.0.2.1"}
+    if cookie:
+        environ["HTTP_COOKIE"] = f"session={cookie}"
+    captured: list[Any] = []
+    iterable = app(environ, lambda status, headers, exc_info=None: captured.extend([status, headers]))
+    try:
+        body = b"".join(iterable)
+    finally:
+        iterable.close()
+    return captured[0], captured[1], body
+
+
+def test_wsgi_saves_when_start_response_is_called_lazily_and_propagates_close(memory: MemoryHandler) -> None:
+    closing = Closing([b"ok"])
+
+    def generator_app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["sqla_sessions.session"]["lazy"] = True
+        start_response("200 OK", [("Content-Type", "text/plain")])  # called during the first iteration
+        yield from closing
+
+    status, headers, body = run_wsgi(WsgiMiddleware(generator_app, handler=memory))
+    cookie = dict(headers)["Set-Cookie"].split(";")[0].split("=")[1]
+    assert status == "200 OK" and body == b"ok" and memory.load(cookie)["lazy"] is True
+
+    def closing_app(environ: dict[str, Any], start_response: Any) -> Closing:
+        start_response("200 OK", [])
+        return closing
+
+    run_wsgi(WsgiMiddleware(closing_app, handler=memory))
+    assert closing.closed
+
+
+def test_wsgi_replaces_the_body_when_the_save_fails(clock: FakeClock) -> None:
+    handler = MemoryHandler(SessionConfig(max_payload_bytes=128), clock=clock)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["sqla_sessions.session"]["big"] = "x" * 500
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"secret page that assumed the save worked"]
+
+    status, _, body = run_wsgi(WsgiMiddleware(app, handler=handler))
+    assert status.startswith("500") and b"secret" not in body and len(handler) == 0
+
+
+def test_wsgi_records_the_client(memory: MemoryHandler) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["sqla_sessions.session"].login("u1")
+        start_response("200 OK", [])
+        return [b""]
+
+    run_wsgi(WsgiMiddleware(app, handler=memory))
+    (info,) = memory.list_sessions("u1")
+    assert info.ip_address == "192.0.2.1"
+
+
+def test_flask_session_flags_are_accepted(memory: MemoryHandler) -> None:
+    flask = pytest.importorskip("flask")
+    from sqla_sessions.flask import init_app
+
+    app = flask.Flask(__name__)
+    init_app(app, handler=memory)
+
+    @app.post("/")
+    def index() -> str:
+        flask.session["cart"] = []
+        flask.session["cart"].append(1)
+        flask.session.modified = True
+        flask.session.permanent = True
+        return "ok"
+
+    response = app.test_client().post("/")
+    assert response.status_code == 200
+    cookie = response.headers["Set-Cookie"].split(";")[0].split("=")[1]
+    assert memory.load(cookie)["cart"] == [1]
