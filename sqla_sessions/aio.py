@@ -84,10 +84,15 @@ class AsyncSessionStore:
         return await self._run(self.handler._load_on, session_id)
 
     async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
-        plan = self.handler._plan_save(session, end_of_request)
-        if plan is None:
-            return SaveAction.NOTHING
-        return await self._run(self.handler._save_on, session, *plan)
+        try:
+            plan = self.handler._plan_save(session, end_of_request)
+            action = SaveAction.NOTHING if plan is None else await self._run(self.handler._save_on, session, *plan)
+        except BaseException as exc:
+            session._run_after_save(exc)
+            raise
+        if session._after_save_hooks:  # enqueueing jobs talks to a broker: not on the event loop
+            await self._call(lambda: session._run_after_save(None))
+        return action
 
     async def load_by_key(self, key: str) -> Session | None:
         return await self._call(lambda: self.handler.load_by_key(key))

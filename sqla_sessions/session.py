@@ -8,7 +8,8 @@ key to the value it already had is not, and a session that was only read costs n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .ids import generate_session_id, hash_session_id
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from .records import Record, SaveAction
 
 T = TypeVar("T")
+logger = logging.getLogger("sqla_sessions")
 _MISSING: Any = object()
 
 
@@ -28,6 +30,7 @@ class Session(StoreApi):
 
     __slots__ = (
         "_accessed",
+        "_after_save_hooks",
         "_base_user_id",
         "_destroy_key",
         "_flash_aged",
@@ -59,6 +62,7 @@ class Session(StoreApi):
         self._destroy_key: str | None = None  # invalidate(): the row to delete at save
         self._accessed = False
         self._flash_aged = False
+        self._after_save_hooks: list[tuple[Callable[[], None], str]] = []
         self.ip_address: str | None = None
         """Client address written with the next change (set by the middleware)."""
         self.user_agent: str | None = None
@@ -261,9 +265,13 @@ class Session(StoreApi):
         """Forget the user and everything in the session (invalidate)."""
         self.invalidate()
 
-    def save(self) -> SaveAction:
-        """Age flash data and persist this request's changes through the handler (end of request)."""
-        return self._require_handler().save(self, end_of_request=True)
+    def save(self, *, end_of_request: bool = True) -> SaveAction:
+        """Persist this request's changes through the handler.
+
+        By default this is the end of the request: flash data is aged first (once per request). To
+        flush mid-request (e.g. before dispatching jobs you will wait for), pass `end_of_request=False`.
+        """
+        return self._require_handler().save(self, end_of_request=end_of_request)
 
     def reload(self) -> None:
         """Re-read the stored session, keeping this request's unsaved changes on top.
@@ -318,6 +326,23 @@ class Session(StoreApi):
         self._id_changed = False
         self._forked_id_hash = None
         self._destroy_key = None
+
+    def _after_save(self, hook: Callable[[], None], label: str) -> None:
+        """Run *hook* once this session has been saved successfully (jobs enqueued after the save)."""
+        self._after_save_hooks.append((hook, label))
+
+    def _run_after_save(self, error: BaseException | None) -> None:
+        """Run (after a successful save) or drop (after a failed one) the pending hooks."""
+        hooks, self._after_save_hooks = self._after_save_hooks, []
+        for hook, label in hooks:
+            if error is not None:
+                logger.warning("%s not sent: the session was not saved (%s)", label, type(error).__name__)
+                continue
+            try:
+                hook()
+            except Exception:
+                # The session is saved and the response stands; the job could not be handed over.
+                logger.exception("%s could not be enqueued after the session was saved", label)
 
     def _end_request(self) -> None:
         """Age flash data, once per request however often the session is saved."""

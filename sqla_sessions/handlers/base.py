@@ -45,8 +45,11 @@ class SessionHandler(Protocol):
     def load_by_key(self, key: str) -> Session | None:
         """Return the live session with this stable key, or None (used by background jobs)."""
 
-    def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
-        """Persist the session's changes, merged per key onto the current row."""
+    def save(self, session: Session, *, end_of_request: bool = False, record_activity: bool = True) -> SaveAction:
+        """Persist the session's changes, merged per key onto the current row.
+
+        *record_activity* False (background jobs) leaves `last_activity` and the expiry as they are.
+        """
 
     def destroy(self, key: str) -> bool:
         """Delete the session with this stable key; True if a row was deleted."""
@@ -140,12 +143,19 @@ class BaseHandler(ABC, Generic[C]):
         raw = self._decode(record)
         return None if raw is None else Session._from_record(self, None, record, raw)
 
-    def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
-        plan = self._plan_save(session, end_of_request)
-        if plan is None:
-            return SaveAction.NOTHING
-        with self._connect() as conn:
-            return self._save_on(conn, session, *plan)
+    def save(self, session: Session, *, end_of_request: bool = False, record_activity: bool = True) -> SaveAction:
+        try:
+            plan = self._plan_save(session, end_of_request, record_activity)
+            if plan is None:
+                action = SaveAction.NOTHING
+            else:
+                with self._connect() as conn:
+                    action = self._save_on(conn, session, *plan)
+        except BaseException as exc:
+            session._run_after_save(exc)
+            raise
+        session._run_after_save(None)
+        return action
 
     def destroy(self, key: str) -> bool:
         with self._connect() as conn:
@@ -210,7 +220,9 @@ class BaseHandler(ABC, Generic[C]):
             return Session(self)
         return None
 
-    def _plan_save(self, session: Session, end_of_request: bool) -> tuple[dict[str, Any], frozenset[str]] | None:
+    def _plan_save(
+        self, session: Session, end_of_request: bool, record_activity: bool = True
+    ) -> tuple[dict[str, Any], frozenset[str], bool] | None:
         """The changes to write, or None when the save needs no I/O at all (the common read-only request)."""
         if end_of_request:
             session._end_request()
@@ -225,9 +237,9 @@ class BaseHandler(ABC, Generic[C]):
         )
         if unchanged:
             record = session._record
-            if record is None or self.now() - record.last_activity < self.config.touch_interval:
+            if not record_activity or record is None or self.now() - record.last_activity < self.config.touch_interval:
                 return None
-        return updates, removals
+        return updates, removals, record_activity
 
     def _load_on(self, conn: C, session_id: str) -> Session:
         record = self._fetch(conn, id_hash=hash_session_id(session_id), now=self.now())
@@ -239,7 +251,9 @@ class BaseHandler(ABC, Generic[C]):
             return Session(self)
         return Session._from_record(self, session_id, record, raw)
 
-    def _save_on(self, conn: C, session: Session, updates: dict[str, Any], removals: frozenset[str]) -> SaveAction:
+    def _save_on(
+        self, conn: C, session: Session, updates: dict[str, Any], removals: frozenset[str], record_activity: bool
+    ) -> SaveAction:
         now = self.now()
         action = SaveAction.NOTHING
         if session._destroy_key is not None:
@@ -266,8 +280,8 @@ class BaseHandler(ABC, Generic[C]):
             payload=self.codec.dumps(new_raw, record.key),  # PayloadTooLarge: nothing written
             version=record.version + 1,
             created_at=record.created_at,
-            last_activity=now,
-            expires_at=self._expiry(record.created_at, now),
+            last_activity=now if record_activity else record.last_activity,
+            expires_at=self._expiry(record.created_at, now) if record_activity else record.expires_at,
             ip_address=ip or record.ip_address,
             user_agent=agent or record.user_agent,
         )
@@ -288,8 +302,8 @@ class BaseHandler(ABC, Generic[C]):
                     payload=self.codec.dumps(merged, current.key),
                     version=current.version + 1,
                     created_at=current.created_at,
-                    last_activity=now,
-                    expires_at=self._expiry(current.created_at, now),
+                    last_activity=now if record_activity else current.last_activity,
+                    expires_at=self._expiry(current.created_at, now) if record_activity else current.expires_at,
                     ip_address=ip or current.ip_address,
                     user_agent=agent or current.user_agent,
                 )
