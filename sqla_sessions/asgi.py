@@ -33,6 +33,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+#: Where an endpoint finds the `AsyncSessionStore` (for `await store.save(session)` / `reload`).
+STORE_KEY = "sqla_sessions.store"
+
 #: Seconds a client is told to wait after a 503 caused by an unreachable database.
 RETRY_AFTER = 5
 
@@ -93,7 +96,7 @@ class SessionMiddleware:
                 return  # the app's body for a response we replaced with an error
             await send(message)
 
-        await self.app({**scope, "session": session}, receive, send_with_session)
+        await self.app({**scope, "session": session, STORE_KEY: self.store}, receive, send_with_session)
         if self.cycle.lottery():
             await self._sweep()
 

@@ -77,7 +77,9 @@ def test_send_with_a_session_waits_for_its_save_and_carries_only_the_key(
     assert pending.message_id == message.message_id
 
 
-def test_a_failed_save_sends_nothing(broker: StubBroker, handler: MemoryHandler, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_save_sends_nothing(
+    broker: StubBroker, handler: MemoryHandler, caplog: pytest.LogCaptureFixture
+) -> None:
     actor = actor_on(broker, handler, lambda session: None)
     session = stored(handler, a=1)
     handler.revoke(session.key or "")
@@ -110,7 +112,11 @@ def test_the_job_merges_onto_writes_made_while_it_ran(broker: StubBroker, worker
     assert message.get_result(block=True, timeout=10_000) == "ok"
     final = handler.load_by_key(session.key or "")
     assert final is not None
-    assert {k: v for k, v in final.items() if k != JOBS_KEY} == {"keep": True, "from_request": True, "result": [1, 2, 3]}
+    assert {k: v for k, v in final.items() if k != JOBS_KEY} == {
+        "keep": True,
+        "from_request": True,
+        "result": [1, 2, 3],
+    }
 
 
 def test_a_logged_out_session_is_never_resurrected(broker: StubBroker, worker: Any, handler: MemoryHandler) -> None:
@@ -125,9 +131,7 @@ def test_a_logged_out_session_is_never_resurrected(broker: StubBroker, worker: A
     assert ran == [] and len(handler) == 0
 
 
-def test_a_logout_while_the_job_runs_drops_its_changes(
-    broker: StubBroker, worker: Any, handler: MemoryHandler
-) -> None:
+def test_a_logout_while_the_job_runs_drops_its_changes(broker: StubBroker, worker: Any, handler: MemoryHandler) -> None:
     started, release = threading.Event(), threading.Event()
 
     def slow(session: Session) -> None:

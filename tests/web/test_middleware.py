@@ -301,3 +301,22 @@ def test_flask_session_flags_are_accepted(memory: MemoryHandler) -> None:
     assert response.status_code == 200
     cookie = response.headers["Set-Cookie"].split(";")[0].split("=")[1]
     assert memory.load(cookie)["cart"] == [1]
+
+
+def test_an_asgi_endpoint_can_flush_mid_request_and_reload(memory: MemoryHandler) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        store, session = scope["sqla_sessions.store"], scope["session"]
+        session["early"] = 1
+        await store.save(session)  # stored now, before the response
+        other = memory.load_by_key(session.key)
+        assert other is not None
+        other["from_job"] = 2
+        other.save()
+        await store.reload(session)
+        session["late"] = 3
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": repr(sorted(session)).encode()})
+
+    response = call(AsgiMiddleware(app, handler=memory), "POST")
+    assert response.text == "['early', 'from_job', 'late']"
+    assert memory.load(cookie_value(response)).all() == {"early": 1, "from_job": 2, "late": 3}
