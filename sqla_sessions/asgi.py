@@ -104,7 +104,6 @@ class SessionMiddleware:
         self, session: Session, info: RequestInfo, presented: str | None, status: int, content_type: str
     ) -> Headers | int:
         """Save (below 500) and return the headers to add, or an error status to answer instead."""
-        id_changed = session.id_changed
         action: SaveAction | None = None
         error: Exception | None = None
         if self.cycle.begin_save(session, info, status, content_type):
@@ -112,9 +111,7 @@ class SessionMiddleware:
                 action = await self.store.save(session, end_of_request=True)
             except SAVE_ERRORS as exc:
                 error = exc
-        return self.cycle.conclude(
-            session, info, presented_id=presented, id_changed=id_changed, action=action, error=error
-        )
+        return self.cycle.conclude(session, info, presented_id=presented, action=action, error=error)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = request_info(scope)

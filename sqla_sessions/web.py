@@ -80,7 +80,6 @@ class SessionCycle:
         info: RequestInfo,
         *,
         presented_id: str | None,
-        id_changed: bool,
         action: SaveAction | None,
         error: Exception | None,
     ) -> Headers | int:
@@ -97,9 +96,7 @@ class SessionCycle:
             return 503
         elif error is not None:
             raise error
-        return self.response_headers(
-            session, info, action=action, id_changed=id_changed, presented_id=presented_id, interrupted=interrupted
-        )
+        return self.response_headers(session, info, action=action, presented_id=presented_id, interrupted=interrupted)
 
     def _record_previous_url(self, session: Session, info: RequestInfo, status: int, content_type: str) -> None:
         if (
@@ -118,7 +115,6 @@ class SessionCycle:
         info: RequestInfo,
         *,
         action: SaveAction | None,
-        id_changed: bool,
         presented_id: str | None,
         interrupted: bool = False,
     ) -> Headers:
@@ -128,12 +124,16 @@ class SessionCycle:
         """
         headers: Headers = []
         cookie: str | None = None
-        if action is SaveAction.INSERTED or (
-            action in (SaveAction.UPDATED, SaveAction.MERGED, SaveAction.TOUCHED)
-            and (id_changed or (action is SaveAction.TOUCHED and not self.config.expire_on_close))
-        ):
-            cookie = self._cookies.set(session.id, expires_at=session.expires_at, https=info.https, now=self._clock())
-        elif interrupted or (presented_id is not None and session.is_new):
+        if interrupted:
+            cookie = self._cookies.delete(https=info.https)  # destroyed meanwhile: the id is dead
+        elif action is None:
+            pass  # not saved: the browser keeps what it has
+        elif not session.is_new and session.id != presented_id:
+            # A row the browser does not hold the id of: created, or its id regenerated, in this request.
+            cookie = self._set(session, info)
+        elif action is SaveAction.TOUCHED and not self.config.expire_on_close:
+            cookie = self._set(session, info)  # sliding expiry: at most once per touch_interval
+        elif presented_id is not None and session.is_new:
             # The cookie names no live session (invalidated, destroyed, expired or forged): drop it.
             cookie = self._cookies.delete(https=info.https)
         if cookie is not None:
@@ -141,6 +141,9 @@ class SessionCycle:
         if session.accessed or cookie is not None:
             headers.append(("Vary", "Cookie"))
         return headers
+
+    def _set(self, session: Session, info: RequestInfo) -> str:
+        return self._cookies.set(session.id, expires_at=session.expires_at, https=info.https, now=self._clock())
 
     def lottery(self) -> bool:
         """True when this request should sweep expired sessions (after its response is sent)."""

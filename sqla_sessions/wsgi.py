@@ -83,7 +83,6 @@ def finish_response(
     cycle: SessionCycle, session: Session, info: RequestInfo, presented: str | None, status: int, content_type: str
 ) -> Headers | int:
     """Save (below 500) and return the headers to add, or an error status to answer instead."""
-    id_changed = session.id_changed
     action: SaveAction | None = None
     error: Exception | None = None
     if cycle.begin_save(session, info, status, content_type):
@@ -91,7 +90,7 @@ def finish_response(
             action = session.save()
         except SAVE_ERRORS as exc:
             error = exc
-    return cycle.conclude(session, info, presented_id=presented, id_changed=id_changed, action=action, error=error)
+    return cycle.conclude(session, info, presented_id=presented, action=action, error=error)
 
 
 class _Response:
