@@ -16,14 +16,21 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
+from .errors import LockTimeout
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
+from .ids import is_valid_session_id
+from .locking import FIRST_POLL, next_poll
 from .records import SaveAction
 from .session import Session
 
@@ -104,6 +111,10 @@ class AsyncSessionStore:
     async def gc(self, *, max_batches: int | None = None) -> int:
         return await self._call(lambda: self.handler.gc(max_batches=max_batches))
 
+    async def open_blocking(self, session_id: str | None) -> AsyncBlockingSession:
+        """Lock the session for a blocking request (see `sqla_sessions.locking`); `LockTimeout` past the wait."""
+        return await AsyncBlockingSession.open(self, session_id)
+
     async def aclose(self) -> None:
         if self._engine is not None and self._owns_engine:
             await self._engine.dispose()
@@ -132,15 +143,148 @@ class AsyncSessionStore:
         return await loop.run_in_executor(self._executor, fn)
 
 
+class _HeldConnection:
+    """One connection kept for a whole request, of whichever kind the store uses."""
+
+    def __init__(self, store: AsyncSessionStore) -> None:
+        self._store = store
+        self._async: Any = None
+        self._sync_cm: Any = None
+        self._sync: Any = None
+
+    async def open(self) -> None:
+        store = self._store
+        if store._engine is not None:
+            self._async = store._engine.connect()
+            await self._async.start()
+        else:
+            self._sync_cm = store.handler._connect()
+            self._sync = await self._in_thread(self._sync_cm.__enter__)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._async is not None:
+            return cast(T, await self._async.run_sync(fn, *args))
+        return await self._in_thread(lambda: fn(self._sync, *args))
+
+    async def close(self) -> None:
+        if self._async is not None:
+            conn, self._async = self._async, None
+            with suppress(Exception):
+                await conn.close()
+        elif self._sync_cm is not None:
+            cm, self._sync_cm = self._sync_cm, None
+            with suppress(Exception):
+                await self._in_thread(lambda: cm.__exit__(None, None, None))
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        executor = self._store._executor
+        if executor is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+
+
+class AsyncBlockingSession:
+    """A session locked for the whole of one ASGI request: `open`, then `save` or `release`."""
+
+    def __init__(self, store: AsyncSessionStore, session: Session) -> None:
+        self.store = store
+        self.session = session
+        self._owner = secrets.token_hex(16)
+        self._key: str | None = None
+        self._conn: _HeldConnection | None = None
+
+    @classmethod
+    async def open(cls, store: AsyncSessionStore, session_id: str | None) -> AsyncBlockingSession:
+        handler = store.handler
+        if not is_valid_session_id(session_id):
+            return cls(store, await store.load(session_id))
+        held = cls(store, Session(handler))
+        wait = handler.config.block_wait_seconds
+        deadline = time.monotonic() + wait
+        delay = FIRST_POLL
+        held._conn = _HeldConnection(store)
+        try:
+            await held._conn.open()
+            while True:
+                status, session = await held._conn.run(handler._acquire_session_on, session_id, held._owner)
+                if status == "locked":
+                    assert session is not None
+                    held.session, held._key = session, session.key
+                    return held
+                if status == "missing":
+                    await held._close()
+                    held.session = Session(handler)
+                    logger.warning("unknown or expired session id; starting a new session")
+                    return held
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LockTimeout(wait)
+                await asyncio.sleep(min(delay, remaining))  # leases only: row locks wait in the database
+                delay = next_poll(delay)
+        except BaseException:
+            await held._close()
+            raise
+
+    @property
+    def locked(self) -> bool:
+        return self._key is not None
+
+    async def save(self, *, end_of_request: bool = True) -> SaveAction:
+        if not self.locked:
+            return await self.store.save(self.session, end_of_request=end_of_request)
+        assert self._conn is not None and self._key is not None
+        session = self.session
+        try:
+            action = await self._conn.run(self.store.handler._save_locked_on, session, self._owner, self._key)
+            self._key = None
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                session._run_after_save(exc)
+                raise
+            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
+            self._key = None
+            await self._close()
+            return await self.store.save(session, end_of_request=True)
+        except BaseException as exc:
+            session._run_after_save(exc)
+            raise
+        finally:
+            if not self.locked:
+                await self._close()
+        if session._after_save_hooks:
+            await self.store._call(lambda: session._run_after_save(None))
+        return action
+
+    async def release(self) -> None:
+        if self.locked and self._conn is not None:
+            with suppress(Exception):
+                handler, key, owner = self.store.handler, self._key, self._owner
+                await self._conn.run(lambda conn: handler._release(conn, key, owner, commit=False))
+            self._key = None
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+
 def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:
     from sqlalchemy import event
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from .handlers.engines import SQLITE_BUSY_TIMEOUT
 
+    pool: Any = handler.engine.pool
+    sizing: dict[str, Any] = {}
+    if hasattr(pool, "size") and hasattr(pool, "_max_overflow"):
+        # Mirror the sync engine's pool: blocking requests each hold a connection, so its size matters.
+        sizing = {"pool_size": pool.size(), "max_overflow": pool._max_overflow, "pool_timeout": pool.timeout()}
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        return create_async_engine(url, isolation_level="AUTOCOMMIT", **sizing)
+    engine = create_async_engine(
+        url, isolation_level="AUTOCOMMIT", connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, **sizing
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _wal(dbapi_connection: Any, _record: Any) -> None:

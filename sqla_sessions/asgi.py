@@ -12,18 +12,22 @@ cookie, so changes made during a websocket connection are not saved (a warning s
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from .aio import AsyncSessionStore
+from .aio import AsyncBlockingSession, AsyncSessionStore
 from .config import SessionConfig
+from .errors import LockTimeout
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
+from .locking import Blocking, blocking_matcher
 from .records import SaveAction
 from .session import Session
-from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, sweep_batches
+from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, sweep_batches
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -49,7 +53,12 @@ class SessionMiddleware:
         config: SessionConfig | None = None,
         *,
         handler: BaseHandler[Any] | None = None,
+        blocking: Blocking = None,
     ) -> None:
+        """*blocking*: path globs (`["/checkout/*"]`) or a callable given the scope; see `sqla_sessions.locking`.
+
+        For per-endpoint marking in Starlette/FastAPI use `sqla_sessions.starlette.marked_blocking(app)`.
+        """
         self.app = app
         if handler is None:
             config = config or SessionConfig()
@@ -58,6 +67,7 @@ class SessionMiddleware:
         self.handler = handler
         self.store = AsyncSessionStore(handler)
         self.cycle = SessionCycle(self.config, handler.now)
+        self._blocking = blocking_matcher(blocking, lambda scope: scope.get("path", ""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -71,13 +81,23 @@ class SessionMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = request_info(scope)
         presented = self.cycle.session_id(info)
+        held: AsyncBlockingSession | None = None
         try:
-            session = await self.store.load(presented)
+            if self._blocking is not None and self._blocking(scope):
+                held = await self.store.open_blocking(presented)
+                session = held.session
+            else:
+                session = await self.store.load(presented)
+        except LockTimeout as exc:
+            logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
+            await _send_error(send, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
+            return
         except DBAPIError:
             logger.exception("session store unreachable; answering 503")
-            await _send_error(send, 503, "Service Unavailable", retry_after=RETRY_AFTER)
+            await _send_error(send, 503, retry_after=RETRY_AFTER)
             return
         self.cycle.attach_client(session, info)
+        save = held.save if held is not None else partial(self.store.save, session, end_of_request=True)
         replaced = False
 
         async def send_with_session(message: Message) -> None:
@@ -85,10 +105,10 @@ class SessionMiddleware:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 headers = list(message.get("headers", ()))
-                outcome = await self._finish(session, info, presented, status, _content_type(headers))
+                outcome = await self._finish(session, info, presented, status, _content_type(headers), save)
                 if isinstance(outcome, int):
                     replaced = True
-                    await _send_error(send, outcome, _REASONS[outcome], retry_after=RETRY_AFTER)
+                    await _send_error(send, outcome, retry_after=RETRY_AFTER)
                     return
                 headers.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in outcome)
                 message = {**message, "headers": headers}
@@ -96,19 +116,29 @@ class SessionMiddleware:
                 return  # the app's body for a response we replaced with an error
             await send(message)
 
-        await self.app({**scope, "session": session, STORE_KEY: self.store}, receive, send_with_session)
+        try:
+            await self.app({**scope, "session": session, STORE_KEY: self.store}, receive, send_with_session)
+        finally:
+            if held is not None:
+                await held.release()  # no-op after the save; a rollback if the app failed or sent a 5xx
         if self.cycle.lottery():
             await self._sweep()
 
     async def _finish(
-        self, session: Session, info: RequestInfo, presented: str | None, status: int, content_type: str
+        self,
+        session: Session,
+        info: RequestInfo,
+        presented: str | None,
+        status: int,
+        content_type: str,
+        save: Callable[[], Awaitable[SaveAction]],
     ) -> Headers | int:
         """Save (below 500) and return the headers to add, or an error status to answer instead."""
         action: SaveAction | None = None
         error: Exception | None = None
         if self.cycle.begin_save(session, info, status, content_type):
             try:
-                action = await self.store.save(session, end_of_request=True)
+                action = await save()
             except SAVE_ERRORS as exc:
                 error = exc
         return self.cycle.conclude(session, info, presented_id=presented, action=action, error=error)
@@ -131,9 +161,6 @@ class SessionMiddleware:
             logger.debug("lottery sweep deleted %d expired sessions", deleted)
         except Exception:
             logger.exception("expired-session sweep failed")
-
-
-_REASONS = {500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -183,9 +210,9 @@ def _content_type(headers: list[tuple[bytes, bytes]]) -> str:
     return ""
 
 
-async def _send_error(send: Send, status: int, text: str, *, retry_after: int) -> None:
+async def _send_error(send: Send, status: int, *, retry_after: int) -> None:
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
-    if status == 503:
+    if status != 500:
         headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": text.encode()})
+    await send({"type": "http.response.body", "body": http_reason(status).encode()})

@@ -1,7 +1,13 @@
 """Flask integration: `init_app(app)` makes `flask.session` a sqla_sessions `Session`.
 
     from sqla_sessions.flask import init_app
-    init_app(app, SessionConfig.from_env())
+    from sqla_sessions.locking import blocking
+
+    init_app(app, SessionConfig.from_env(), blocking=["/checkout/*"])
+
+    @app.post("/pay")
+    @blocking                      # this view's requests of one session run one at a time
+    def pay(): ...
 
 `session.modified = True` (needed with Flask's cookie sessions after nested changes) is accepted and
 unnecessary here: changes are found by comparing values. `session.permanent` is always true unless
@@ -10,58 +16,76 @@ unnecessary here: changes are found by comparing values. `session.permanent` is 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, cast
 
 try:
-    from flask import Flask, Request, Response
+    from flask import Flask, Request, Response, request
     from flask.sessions import SessionInterface, SessionMixin
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise ImportError("sqla_sessions.flask needs Flask: pip install 'sqla-sessions[flask]'") from None
 
+from werkzeug.exceptions import HTTPException
+
 from .config import SessionConfig
+from .errors import LockTimeout
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
+from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .session import Session
-from .web import SessionCycle, sweep_batches
+from .web import SessionCycle, http_reason, sweep_batches
 from .wsgi import finish_response, request_info
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
+_HELD = "sqla_sessions.held"
 _PRESENTED = "sqla_sessions.presented_id"
 _INFO = "sqla_sessions.request_info"
+_LOCK_TIMEOUT = "sqla_sessions.lock_timeout"
 
 
 class SqlaSessionInterface(SessionInterface):
     """A Flask `SessionInterface` backed by a sqla_sessions handler."""
 
-    def __init__(self, handler: BaseHandler[Any]) -> None:
+    def __init__(self, handler: BaseHandler[Any], blocking: Blocking = None) -> None:
         self.handler = handler
         self.cycle = SessionCycle(handler.config, handler.now)
+        self._blocking = blocking_matcher(blocking, lambda environ: environ.get("PATH_INFO", ""))
 
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
         environ: WSGIEnvironment = request.environ
         info = request_info(environ)
         presented = self.cycle.session_id(info)
-        session = self.handler.load(presented)
-        self.cycle.attach_client(session, info)
+        try:
+            if self._is_blocking(app, environ):
+                held = BlockingSession.open(self.handler, presented)
+            else:
+                held = BlockingSession(self.handler, self.handler.load(presented))
+        except LockTimeout as exc:
+            # Flask turns exceptions raised here into 500s: answer from a before_request hook instead.
+            environ[_LOCK_TIMEOUT] = exc
+            held = BlockingSession(self.handler, Session(self.handler))
+        self.cycle.attach_client(held.session, info)
+        environ[_HELD] = held
         environ[_PRESENTED] = presented
         environ[_INFO] = info
-        return cast(SessionMixin, session)  # duck-typed: a MutableMapping with the SessionMixin flags
+        return cast(SessionMixin, held.session)  # duck-typed: a MutableMapping with the SessionMixin flags
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
-        if not isinstance(session, Session):  # pragma: no cover - another interface's session
+        environ: WSGIEnvironment = request.environ
+        held: BlockingSession | None = environ.get(_HELD)
+        if held is None or environ.get(_LOCK_TIMEOUT) is not None:
             return
-        environ = _request_environ()
         info = environ.get(_INFO) or request_info(environ)
         outcome = finish_response(
-            self.cycle, session, info, environ.get(_PRESENTED), response.status_code, response.content_type or ""
+            self.cycle, held, info, environ.get(_PRESENTED), response.status_code, response.content_type or ""
         )
         if isinstance(outcome, int):
-            response.status_code = outcome
+            response.status = http_reason(outcome)
             response.set_data(response.status.encode())
             response.content_type = "text/plain; charset=utf-8"
-            if outcome == 503:
+            if outcome != 500:
                 response.headers["Retry-After"] = "5"
             return
         for name, value in outcome:
@@ -69,18 +93,46 @@ class SqlaSessionInterface(SessionInterface):
         if self.cycle.lottery():
             response.call_on_close(lambda: self.handler.gc(max_batches=sweep_batches(self.handler.config)))
 
+    def _is_blocking(self, app: Flask, environ: WSGIEnvironment) -> bool:
+        if self._blocking is not None and self._blocking(environ):
+            return True
+        try:  # Flask matches the URL after opening the session, so look the view up here
+            endpoint, _ = app.url_map.bind_to_environ(environ).match()
+        except HTTPException:
+            return False
+        return is_marked_blocking(app.view_functions.get(str(endpoint)))
 
-def _request_environ() -> WSGIEnvironment:
-    from flask import request
 
-    environ: WSGIEnvironment = request.environ
-    return environ
+def init_app(
+    app: Flask,
+    config: SessionConfig | None = None,
+    *,
+    handler: BaseHandler[Any] | None = None,
+    blocking: Blocking = None,
+) -> None:
+    """Make `flask.session` a sqla_sessions `Session` for *app*.
 
-
-def init_app(app: Flask, config: SessionConfig | None = None, *, handler: BaseHandler[Any] | None = None) -> None:
-    """Make `flask.session` a sqla_sessions `Session` for *app*."""
+    *blocking*: path globs or a callable given the WSGI environ; views can also be marked with
+    `sqla_sessions.locking.blocking`.
+    """
     if handler is None:
         config = config or SessionConfig()
         handler = DatabaseHandler(config.database_url, config)
-    app.session_interface = SqlaSessionInterface(handler)
+    app.session_interface = SqlaSessionInterface(handler, blocking)
     app.extensions["sqla_sessions"] = handler
+
+    @app.before_request
+    def _answer_lock_timeout() -> Response | None:
+        exc: LockTimeout | None = request.environ.get(_LOCK_TIMEOUT)
+        if exc is None:
+            return None
+        status = handler.config.lock_timeout_status
+        response = app.response_class(http_reason(status), status=status, content_type="text/plain; charset=utf-8")
+        response.headers["Retry-After"] = str(math.ceil(exc.waited))
+        return response
+
+    @app.teardown_request
+    def _release(_exc: BaseException | None) -> None:
+        held: BlockingSession | None = request.environ.get(_HELD)
+        if held is not None:
+            held.release()  # no-op after the save; a rollback if the request failed

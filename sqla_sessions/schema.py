@@ -45,6 +45,9 @@ def sessions_table(name: str = "sessions") -> sa.Table:
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("last_activity", sa.BigInteger, nullable=False),
         sa.Column("expires_at", sa.BigInteger, nullable=False),
+        # Blocking sessions where the database has no row locks (SQLite): who holds the lease, until when.
+        sa.Column("lease_owner", sa.String(32), nullable=True),
+        sa.Column("lease_until", sa.BigInteger, nullable=True),
     )
     sa.Index(None, table.c.user_id, table.c.last_activity)
     sa.Index(None, table.c.expires_at)

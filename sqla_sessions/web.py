@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from sqlalchemy.exc import DBAPIError
 
@@ -149,6 +150,14 @@ class SessionCycle:
         """True when this request should sweep expired sessions (after its response is sent)."""
         chances, out_of = self.config.lottery
         return chances > 0 and random.randrange(out_of) < chances
+
+
+def http_reason(status: int) -> str:
+    """`423 Locked`-style status line text."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
 
 
 def sweep_batches(config: SessionConfig) -> int:

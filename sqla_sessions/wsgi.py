@@ -8,17 +8,19 @@ server has sent the body.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
 from .config import SessionConfig
+from .errors import LockTimeout
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
+from .locking import Blocking, BlockingSession, blocking_matcher
 from .records import SaveAction
-from .session import Session
-from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, sweep_batches
+from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, sweep_batches
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -27,7 +29,6 @@ logger = logging.getLogger("sqla_sessions")
 
 ENVIRON_KEY = "sqla_sessions.session"
 RETRY_AFTER = 5
-_ERRORS = {500: "500 Internal Server Error", 503: "503 Service Unavailable"}
 
 
 class SessionMiddleware:
@@ -39,7 +40,9 @@ class SessionMiddleware:
         config: SessionConfig | None = None,
         *,
         handler: BaseHandler[Any] | None = None,
+        blocking: Blocking = None,
     ) -> None:
+        """*blocking*: path globs (`["/checkout/*"]`) or a callable given the environ; see `sqla_sessions.locking`."""
         self.app = app
         if handler is None:
             config = config or SessionConfig()
@@ -47,31 +50,44 @@ class SessionMiddleware:
         self.config = config or handler.config
         self.handler = handler
         self.cycle = SessionCycle(self.config, handler.now)
+        self._blocking = blocking_matcher(blocking, lambda environ: environ.get("PATH_INFO", ""))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         info = request_info(environ)
         presented = self.cycle.session_id(info)
         try:
-            session = self.handler.load(presented)
+            if self._blocking is not None and self._blocking(environ):
+                held = BlockingSession.open(self.handler, presented)
+            else:
+                held = BlockingSession(self.handler, self.handler.load(presented))  # holds nothing
+        except LockTimeout as exc:
+            logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
+            return _error(start_response, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
         except DBAPIError:
             logger.exception("session store unreachable; answering 503")
             return _error(start_response, 503)
+        session = held.session
         self.cycle.attach_client(session, info)
         environ[ENVIRON_KEY] = session
         replaced: list[bytes] = []
 
         def start_with_session(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             code = int(status.split(" ", 1)[0])
-            outcome = finish_response(self.cycle, session, info, presented, code, _content_type(headers))
+            outcome = finish_response(self.cycle, held, info, presented, code, _content_type(headers))
             if isinstance(outcome, int):
-                replaced.append(_ERRORS[outcome].encode())
-                return start_response(_ERRORS[outcome], _error_headers(outcome), exc_info)
+                replaced.append(http_reason(outcome).encode())
+                return start_response(http_reason(outcome), _error_headers(outcome), exc_info)
             return start_response(status, headers + outcome, exc_info)
 
-        app_iter = self.app(environ, start_with_session)
-        return _Response(app_iter, replaced, self._after_response)
+        try:
+            app_iter = self.app(environ, start_with_session)
+        except BaseException:
+            held.release()
+            raise
+        return _Response(app_iter, replaced, lambda: self._after_response(held))
 
-    def _after_response(self) -> None:
+    def _after_response(self, held: BlockingSession) -> None:
+        held.release()  # no-op after the save; a rollback if the app failed or sent a 5xx
         if self.cycle.lottery():
             try:
                 self.handler.gc(max_batches=sweep_batches(self.config))
@@ -80,14 +96,15 @@ class SessionMiddleware:
 
 
 def finish_response(
-    cycle: SessionCycle, session: Session, info: RequestInfo, presented: str | None, status: int, content_type: str
+    cycle: SessionCycle, held: BlockingSession, info: RequestInfo, presented: str | None, status: int, content_type: str
 ) -> Headers | int:
     """Save (below 500) and return the headers to add, or an error status to answer instead."""
+    session = held.session
     action: SaveAction | None = None
     error: Exception | None = None
     if cycle.begin_save(session, info, status, content_type):
         try:
-            action = session.save()
+            action = held.save()
         except SAVE_ERRORS as exc:
             error = exc
     return cycle.conclude(session, info, presented_id=presented, action=action, error=error)
@@ -149,13 +166,13 @@ def _content_type(headers: list[tuple[str, str]]) -> str:
     return ""
 
 
-def _error_headers(status: int) -> list[tuple[str, str]]:
+def _error_headers(status: int, retry_after: int = RETRY_AFTER) -> list[tuple[str, str]]:
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
-    if status == 503:
-        headers.append(("Retry-After", str(RETRY_AFTER)))
+    if status != 500:
+        headers.append(("Retry-After", str(retry_after)))
     return headers
 
 
-def _error(start_response: StartResponse, status: int) -> list[bytes]:
-    start_response(_ERRORS[status], _error_headers(status))
-    return [_ERRORS[status].encode()]
+def _error(start_response: StartResponse, status: int, retry_after: int = RETRY_AFTER) -> list[bytes]:
+    start_response(http_reason(status), _error_headers(status, retry_after))
+    return [http_reason(status).encode()]

@@ -78,7 +78,7 @@ def test_the_host_apps_alembic_version_is_untouched(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["host_rev_1"]
         assert conn.exec_driver_sql(f"SELECT version_num FROM {DEFAULT_VERSION_TABLE}").scalar_one() == (
-            "sqla_sessions_0001"
+            "sqla_sessions_0002"
         )
     engine.dispose()
 
@@ -145,6 +145,7 @@ def test_the_wheel_ships_the_migrations_and_migrates_from_an_install(tmp_path: P
     names = zipfile.ZipFile(wheel).namelist()
     assert "sqla_sessions/migrations/env.py" in names
     assert "sqla_sessions/migrations/versions/sqla_sessions_0001_create_sessions.py" in names
+    assert "sqla_sessions/migrations/versions/sqla_sessions_0002_leases.py" in names
     assert "sqla_sessions/py.typed" in names
 
     # Install the wheel alone into a folder and migrate from there, away from the checkout.

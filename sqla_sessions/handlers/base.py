@@ -123,6 +123,22 @@ class BaseHandler(ABC, Generic[C]):
     def _delete_user(self, conn: C, user_id: str, except_key: str | None) -> int:
         """Delete a user's rows, except *except_key*."""
 
+    #: "row": the database holds a row lock for the request (waits in the database, hand-off at commit);
+    #: "lease": a lease on the row, polled for (SQLite, memory: no row locks there).
+    lock_strategy: str = "lease"
+
+    @abstractmethod
+    def _acquire(self, conn: C, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
+        """Lock the live row with this id hash for a blocking request.
+
+        Return ("locked", row), ("busy", None) — only for leases, the caller polls — or ("missing", None).
+        A row lock waits in the database up to `block_wait_seconds` and raises `LockTimeout` past it.
+        """
+
+    @abstractmethod
+    def _release(self, conn: C, key: str | None, owner: str, *, commit: bool) -> None:
+        """End what `_acquire` started: commit or roll back the row lock's transaction, or drop the lease."""
+
     # -- public API ------------------------------------------------------------------------------
 
     def load(self, session_id: str | None) -> Session:
@@ -240,6 +256,24 @@ class BaseHandler(ABC, Generic[C]):
             if not record_activity or record is None or self.now() - record.last_activity < self.config.touch_interval:
                 return None
         return updates, removals, record_activity
+
+    def _acquire_session_on(self, conn: C, session_id: str, owner: str) -> tuple[str, Session | None]:
+        """One attempt to lock a session for a blocking request (see `_acquire`)."""
+        status, record = self._acquire(conn, hash_session_id(session_id), owner, self.now())
+        if record is None:
+            return status, None
+        raw = self._decode(record)
+        if raw is None:
+            self._release(conn, record.key, owner, commit=False)
+            return "missing", None
+        return status, Session._from_record(self, session_id, record, raw)
+
+    def _save_locked_on(self, conn: C, session: Session, owner: str, key: str) -> SaveAction:
+        """Save a blocking request's session on the connection holding its lock, then release the lock."""
+        plan = self._plan_save(session, True)
+        action = SaveAction.NOTHING if plan is None else self._save_on(conn, session, *plan)
+        self._release(conn, key, owner, commit=True)
+        return action
 
     def _load_on(self, conn: C, session_id: str) -> Session:
         record = self._fetch(conn, id_hash=hash_session_id(session_id), now=self.now())

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import SessionConfig
+from ..errors import LockTimeout
 from ..records import Record
 from ..schema import sessions_table
 from .base import BaseHandler, Merged
@@ -27,6 +28,8 @@ from .engines import create_session_engine, is_autocommit_engine
 #: How often a locked merge is tried when the database picks it as a deadlock victim.
 _MERGE_ATTEMPTS = 5
 _MYSQL_DEADLOCK_ERRNOS = (1213,)  # ER_LOCK_DEADLOCK
+#: `Connection.info` flag: a blocking request's transaction is open on this connection.
+_HELD = "sqla_sessions_held_lock"
 
 _COLUMNS = (
     "key",
@@ -70,6 +73,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         dialect = self.engine.dialect.name
         self._dialect = "mysql" if dialect == "mariadb" else dialect
+        self.lock_strategy = "lease" if self._dialect == "sqlite" else "row"
         self._build_statements()
 
     def close(self) -> None:
@@ -108,6 +112,28 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         self._delete_user_rows = sa.delete(t).where(t.c.user_id == user)
         self._delete_user_except = sa.delete(t).where(t.c.user_id == user, t.c.key != key)
+
+        # Blocking sessions: a row lock (PostgreSQL, MariaDB/MySQL) or a lease (SQLite).
+        self._select_by_hash_for_update = (
+            sa.select(*cols).where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now).with_for_update()
+        )
+        self._set_pg_timeouts = sa.select(
+            sa.func.set_config("lock_timeout", sa.bindparam("wait"), True),
+            sa.func.set_config("idle_in_transaction_session_timeout", sa.bindparam("hold"), True),
+        )
+        free = sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now)
+        self._take_lease = (
+            sa.update(t)
+            .where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now, free)
+            .values(lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until", type_=sa.BigInteger))
+            .returning(*cols)
+        )
+        self._exists_by_hash = sa.select(t.c.key).where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now)
+        self._drop_lease = (
+            sa.update(t)
+            .where(t.c.key == key, t.c.lease_owner == sa.bindparam("owner"))
+            .values(lease_owner=None, lease_until=None)
+        )
 
     def _gc_statement(self, limit: int) -> sa.Delete:
         t = self.table
@@ -190,6 +216,56 @@ class DatabaseHandler(BaseHandler[Connection]):
             return conn.execute(self._delete_user_rows, {"b_user_id": user_id}).rowcount
         return conn.execute(self._delete_user_except, {"b_user_id": user_id, "b_key": except_key}).rowcount
 
+    def _acquire(self, conn: Connection, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
+        if self.lock_strategy == "lease":
+            until = now + int(self.config.block_lock_seconds + 0.999)
+            params = {"b_id_hash": id_hash, "now": now, "owner": owner, "until": until}
+            row = conn.execute(self._take_lease, params).first()
+            if row is not None:
+                return "locked", _record(row)
+            exists = conn.execute(self._exists_by_hash, {"b_id_hash": id_hash, "now": now}).first()
+            return ("busy" if exists else "missing"), None
+        wait, hold = self.config.block_wait_seconds, self.config.block_lock_seconds
+        try:
+            if self._dialect == "mysql":
+                # Session variables (seconds), reset in _release; MariaDB kills a connection idle in a
+                # transaction past idle_transaction_timeout, releasing its locks.
+                conn.exec_driver_sql(
+                    f"SET SESSION innodb_lock_wait_timeout = {max(1, round(wait))}, "
+                    f"idle_transaction_timeout = {max(1, round(hold))}"
+                )
+            conn.exec_driver_sql("BEGIN")
+            if self._dialect == "postgresql":
+                # Both die with the transaction: the wait and the hold are bounded by the database itself.
+                conn.execute(self._set_pg_timeouts, {"wait": f"{int(wait * 1000)}ms", "hold": f"{int(hold * 1000)}ms"})
+            conn.info[_HELD] = True
+            row = conn.execute(self._select_by_hash_for_update, {"b_id_hash": id_hash, "now": now}).first()
+        except sa.exc.DBAPIError as exc:
+            self._release(conn, None, owner, commit=False)
+            if is_lock_timeout(exc):
+                raise LockTimeout(wait) from None
+            raise
+        if row is None:
+            self._release(conn, None, owner, commit=False)
+            return "missing", None
+        return "locked", _record(row)
+
+    def _release(self, conn: Connection, key: str | None, owner: str, *, commit: bool) -> None:
+        if self.lock_strategy == "lease":
+            if key is not None:
+                conn.execute(self._drop_lease, {"b_key": key, "owner": owner})
+            return
+        if not conn.info.pop(_HELD, False):
+            return
+        try:
+            conn.exec_driver_sql("COMMIT" if commit else "ROLLBACK")
+        finally:
+            if self._dialect == "mysql":
+                with suppress(sa.exc.DBAPIError):
+                    conn.exec_driver_sql(
+                        "SET SESSION innodb_lock_wait_timeout = DEFAULT, idle_transaction_timeout = DEFAULT"
+                    )
+
     @contextmanager
     def _transaction(self, conn: Connection) -> Iterator[None]:
         """An explicit transaction on an autocommit connection (row locks last until it ends).
@@ -197,6 +273,9 @@ class DatabaseHandler(BaseHandler[Connection]):
         SQLite has no row locks: `BEGIN IMMEDIATE` takes the database write lock up front, so the
         read-modify-write cannot interleave with another writer.
         """
+        if conn.info.get(_HELD):
+            yield  # a blocking request's transaction is already open and holds the row lock
+            return
         driver = conn.connection.driver_connection
         if self._dialect == "sqlite":
             begin = None if getattr(driver, "in_transaction", False) else "BEGIN IMMEDIATE"
@@ -224,6 +303,15 @@ def is_transient_conflict(exc: sa.exc.DBAPIError) -> bool:
         return True
     args: tuple[Any, ...] = getattr(orig, "args", ())
     return bool(args) and args[0] in _MYSQL_DEADLOCK_ERRNOS
+
+
+def is_lock_timeout(exc: sa.exc.DBAPIError) -> bool:
+    """True when the database gave up waiting for a row lock (PostgreSQL 55P03, MySQL/MariaDB 1205/3572)."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) == "55P03":
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] in (1205, 3572)
 
 
 def _record(row: Any) -> Record:

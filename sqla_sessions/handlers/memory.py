@@ -21,11 +21,12 @@ class MemoryHandler(BaseHandler[None]):
         self._rows: dict[str, Record] = {}
         self._by_hash: dict[str, str] = {}
         self._lock = threading.RLock()
+        self._leases: dict[str, tuple[str, int]] = {}  # key -> (owner, until)
 
     def with_config(self, config: SessionConfig) -> MemoryHandler:
         """Return a handler with another config over the same stored sessions (e.g. new encryption keys)."""
         other = MemoryHandler(config, clock=self._clock)
-        other._rows, other._by_hash, other._lock = self._rows, self._by_hash, self._lock
+        other._rows, other._by_hash, other._lock, other._leases = self._rows, self._by_hash, self._lock, self._leases
         return other
 
     def __len__(self) -> int:
@@ -78,6 +79,7 @@ class MemoryHandler(BaseHandler[None]):
     def _delete(self, conn: None, key: str) -> bool:
         with self._lock:
             row = self._rows.pop(key, None)
+            self._leases.pop(key, None)
             if row is None:
                 return False
             self._by_hash.pop(row.id_hash, None)
@@ -101,6 +103,22 @@ class MemoryHandler(BaseHandler[None]):
             for key in doomed:
                 self._delete(conn, key)
             return len(doomed)
+
+    def _acquire(self, conn: None, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
+        with self._lock:
+            row = self._fetch(conn, id_hash=id_hash, now=now)
+            if row is None:
+                return "missing", None
+            lease = self._leases.get(row.key)
+            if lease is not None and lease[1] > now:
+                return "busy", None
+            self._leases[row.key] = (owner, now + int(self.config.block_lock_seconds + 0.999))
+            return "locked", row
+
+    def _release(self, conn: None, key: str | None, owner: str, *, commit: bool) -> None:
+        with self._lock:
+            if key is not None and self._leases.get(key, ("", 0))[0] == owner:
+                del self._leases[key]
 
     def _put(self, record: Record) -> None:
         old = self._rows.get(record.key)

@@ -206,7 +206,15 @@ def test_the_async_store_uses_an_async_engine_for_a_sqlite_file(tmp_path: Path) 
     upgrade(url)
     app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=DatabaseHandler(url))
     assert app.store.mode == "async-engine"
-    assert call(app, "POST").status_code == 200
+
+    async def go() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            status = (await client.post("/")).status_code
+        await app.store.aclose()  # in the loop its connections belong to
+        return status
+
+    assert asyncio.run(go()) == 200
     memory_db = AsgiMiddleware(asgi_app(lambda s: 1), handler=DatabaseHandler("sqlite://"))
     assert memory_db.store.mode == "threads"
 
