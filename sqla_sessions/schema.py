@@ -45,7 +45,8 @@ def sessions_table(name: str = "sessions") -> sa.Table:
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("last_activity", sa.BigInteger, nullable=False),
         sa.Column("expires_at", sa.BigInteger, nullable=False),
-        # Blocking sessions where the database has no row locks (SQLite): who holds the lease, until when.
+        # Blocking sessions where the database has no row locks (SQLite): who holds the lease, until when
+        # (unix milliseconds).
         sa.Column("lease_owner", sa.String(32), nullable=True),
         sa.Column("lease_until", sa.BigInteger, nullable=True),
     )

@@ -121,7 +121,8 @@ class DatabaseHandler(BaseHandler[Connection]):
             sa.func.set_config("lock_timeout", sa.bindparam("wait"), True),
             sa.func.set_config("idle_in_transaction_session_timeout", sa.bindparam("hold"), True),
         )
-        free = sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= now)
+        # lease_until is in milliseconds: whole seconds would cut a hold short by up to a second.
+        free = sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= sa.bindparam("now_ms", type_=sa.BigInteger))
         self._take_lease = (
             sa.update(t)
             .where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now, free)
@@ -218,8 +219,9 @@ class DatabaseHandler(BaseHandler[Connection]):
 
     def _acquire(self, conn: Connection, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
         if self.lock_strategy == "lease":
-            until = now + int(self.config.block_lock_seconds + 0.999)
-            params = {"b_id_hash": id_hash, "now": now, "owner": owner, "until": until}
+            now_ms = int(self._clock() * 1000)
+            until = now_ms + int(self.config.block_lock_seconds * 1000)
+            params = {"b_id_hash": id_hash, "now": now, "now_ms": now_ms, "owner": owner, "until": until}
             row = conn.execute(self._take_lease, params).first()
             if row is not None:
                 return "locked", _record(row)

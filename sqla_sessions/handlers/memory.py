@@ -21,7 +21,7 @@ class MemoryHandler(BaseHandler[None]):
         self._rows: dict[str, Record] = {}
         self._by_hash: dict[str, str] = {}
         self._lock = threading.RLock()
-        self._leases: dict[str, tuple[str, int]] = {}  # key -> (owner, until)
+        self._leases: dict[str, tuple[str, int]] = {}  # key -> (owner, until in milliseconds)
 
     def with_config(self, config: SessionConfig) -> MemoryHandler:
         """Return a handler with another config over the same stored sessions (e.g. new encryption keys)."""
@@ -109,10 +109,11 @@ class MemoryHandler(BaseHandler[None]):
             row = self._fetch(conn, id_hash=id_hash, now=now)
             if row is None:
                 return "missing", None
+            now_ms = int(self._clock() * 1000)
             lease = self._leases.get(row.key)
-            if lease is not None and lease[1] > now:
+            if lease is not None and lease[1] > now_ms:
                 return "busy", None
-            self._leases[row.key] = (owner, now + int(self.config.block_lock_seconds + 0.999))
+            self._leases[row.key] = (owner, now_ms + int(self.config.block_lock_seconds * 1000))
             return "locked", row
 
     def _release(self, conn: None, key: str | None, owner: str, *, commit: bool) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, Session, SessionConfig
+from sqla_sessions.handlers.engines import create_session_engine
+from sqla_sessions.locking import blocking
 
 EVIL = "v\r\nSet-Cookie: pwned=1\r\nX-Injected: yes"
 
@@ -32,12 +34,29 @@ class Counter:
 
 
 def _config() -> SessionConfig:
-    return SessionConfig(database_url=os.environ["SQLA_SESSIONS_DATABASE_URL"], lottery=(0, 1))
+    return SessionConfig(
+        database_url=os.environ["SQLA_SESSIONS_DATABASE_URL"],
+        lottery=(0, 1),
+        block_wait_seconds=float(os.environ.get("TEST_BLOCK_WAIT", "10")),
+        block_lock_seconds=float(os.environ.get("TEST_BLOCK_HOLD", "10")),
+    )
 
 
 def _handler() -> DatabaseHandler:
     config = _config()
-    return DatabaseHandler(config.database_url, config)
+    pool_size = os.environ.get("TEST_POOL_SIZE")
+    if pool_size is None:
+        return DatabaseHandler(config.database_url, config)
+    engine = create_session_engine(config.database_url, autocommit=True, pool_size=int(pool_size), max_overflow=0)
+    return DatabaseHandler(engine, config)
+
+
+def _blocking_work(session: Session, ms: float) -> dict[str, Any]:
+    """Record when this request held the session, and count it (a read-modify-write of one key)."""
+    entered = time.time()
+    time.sleep(ms / 1000)
+    session.increment("n")
+    return {"enter": entered, "exit": time.time(), "n": session["n"]}
 
 
 def _visible(session: Session) -> dict[str, Any]:
@@ -54,6 +73,7 @@ def starlette_app() -> Any:
     from starlette.routing import Route
 
     from sqla_sessions.asgi import SessionMiddleware
+    from sqla_sessions.starlette import marked_blocking
 
     counter = Counter()
 
@@ -92,6 +112,30 @@ def starlette_app() -> Any:
             counter.count = 0
         return JSONResponse({"statements": counter.count})
 
+    @blocking
+    async def blocking_work(request: Request) -> JSONResponse:
+        ms = float(request.query_params.get("ms", "200"))
+        entered = time.time()
+        await asyncio.sleep(ms / 1000)
+        request.session.increment("n")
+        return JSONResponse({"enter": entered, "exit": time.time(), "n": request.session["n"]})
+
+    async def blocking_boom(request: Request) -> JSONResponse:
+        request.session["boom"] = True
+        raise RuntimeError("the app failed while holding the session")
+
+    async def blocking_stream(request: Request) -> Any:
+        from starlette.responses import StreamingResponse
+
+        request.session.increment("streams")
+
+        async def body() -> Any:
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                yield b"."
+
+        return StreamingResponse(body(), media_type="text/plain")
+
     routes = [
         Route("/read", read),
         Route("/untouched", untouched),
@@ -102,13 +146,22 @@ def starlette_app() -> Any:
         Route("/boom", boom, methods=["POST"]),
         Route("/page", page),
         Route("/stats", stats, methods=["GET", "POST"]),
+        Route("/marked/work", blocking_work, methods=["POST"]),  # blocking by its @blocking marker
+        Route("/blocking/work", blocking_work, methods=["POST"]),
+        Route("/blocking/boom", blocking_boom, methods=["POST"]),
+        Route("/blocking/stream", blocking_stream),
     ]
 
     async def failed(request: Request, exc: Exception) -> PlainTextResponse:
         return PlainTextResponse("failed", status_code=500)
 
     app = Starlette(routes=routes, exception_handlers={RuntimeError: failed})
-    middleware = SessionMiddleware(app, handler=_handler())
+    marked = marked_blocking(app)
+    middleware = SessionMiddleware(
+        app,
+        handler=_handler(),
+        blocking=lambda scope: scope["path"].startswith("/blocking/") or marked(scope),
+    )
     _watch(counter, middleware)
     return middleware
 
@@ -194,7 +247,7 @@ def flask_app() -> Any:
 
     app = Flask(__name__)
     handler = _handler()
-    init_app(app, handler=handler)
+    init_app(app, handler=handler, blocking=["/blocking/*"])
     counter = Counter()
     counter.watch(handler.engine)
 
@@ -247,6 +300,19 @@ def flask_app() -> Any:
         if request.method == "POST":
             counter.count = 0
         return jsonify(statements=counter.count)
+
+    def work() -> Any:
+        from flask import request
+
+        return jsonify(_blocking_work(current(), float(request.args.get("ms", "200"))))
+
+    app.post("/blocking/work")(work)
+    app.post("/marked/work", endpoint="marked_work")(blocking(lambda: work()))
+
+    @app.post("/blocking/boom")
+    def blocking_boom() -> Any:
+        session["boom"] = True
+        raise RuntimeError("the app failed while holding the session")
 
     return app
 
