@@ -1,0 +1,122 @@
+"""BlockingSession on every handler: exclusion, bounded wait, release, and a hold that outlives its bound."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from sqla_sessions import DatabaseHandler, LockTimeout, SaveAction
+from sqla_sessions.handlers.base import BaseHandler
+from sqla_sessions.locking import BlockingSession, blocking, blocking_matcher, is_marked_blocking
+from tests.conftest import HandlerFactory
+
+
+def stored_id(handler: BaseHandler[Any]) -> str:
+    session = handler.load(None)
+    session["n"] = 0
+    session.save()
+    return session.id
+
+
+@pytest.fixture
+def real_clock_handler(make_handler: HandlerFactory) -> BaseHandler[Any]:
+    handler = make_handler(block_wait_seconds=0.5, block_lock_seconds=5)
+    handler._clock = time.time  # leases are timed: use the real clock
+    return handler
+
+
+def test_a_second_blocking_request_waits_for_the_first(real_clock_handler: BaseHandler[Any]) -> None:
+    handler = real_clock_handler
+    session_id = stored_id(handler)
+    first = BlockingSession.open(handler, session_id)
+    assert first.locked
+    entered = threading.Event()
+    second: list[BlockingSession] = []
+
+    def wait_for_it() -> None:
+        second.append(BlockingSession.open(handler, session_id))
+        entered.set()
+
+    thread = threading.Thread(target=wait_for_it)
+    thread.start()
+    assert not entered.wait(0.2)  # still held
+    first.session.increment("n")
+    assert first.save() is SaveAction.UPDATED
+    assert entered.wait(5)  # handed over when the first saved
+    thread.join()
+    assert second[0].session["n"] == 1
+    second[0].session.increment("n")
+    second[0].save()
+    assert handler.load(session_id)["n"] == 2
+
+
+def test_the_wait_is_bounded(real_clock_handler: BaseHandler[Any]) -> None:
+    handler = real_clock_handler
+    session_id = stored_id(handler)
+    holder = BlockingSession.open(handler, session_id)
+    started = time.monotonic()
+    with pytest.raises(LockTimeout) as caught:
+        BlockingSession.open(handler, session_id)
+    assert 0.4 <= time.monotonic() - started < 3.0
+    assert caught.value.waited == 0.5
+    holder.release()
+    BlockingSession.open(handler, session_id).release()  # free again
+
+
+def test_release_without_saving_discards_changes_and_frees_the_session(real_clock_handler: BaseHandler[Any]) -> None:
+    handler = real_clock_handler
+    session_id = stored_id(handler)
+    held = BlockingSession.open(handler, session_id)
+    held.session["discarded"] = True
+    held.release()
+    held.release()  # idempotent
+    again = BlockingSession.open(handler, session_id)
+    assert "discarded" not in again.session
+    again.release()
+
+
+def test_nothing_to_lock_gives_a_fresh_session(real_clock_handler: BaseHandler[Any]) -> None:
+    for cookie in (None, "garbage", "A" * 40):
+        held = BlockingSession.open(real_clock_handler, cookie)
+        assert not held.locked and held.session.is_new
+        held.session["x"] = 1
+        assert held.save() is SaveAction.INSERTED
+
+
+def test_a_hold_past_block_lock_seconds_is_ended_by_postgresql_and_the_save_still_lands(
+    make_handler: HandlerFactory, backend_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if backend_name != "postgresql":
+        pytest.skip("idle_in_transaction_session_timeout is PostgreSQL's")
+    handler = make_handler(block_lock_seconds=0.5)
+    assert isinstance(handler, DatabaseHandler)
+    handler._clock = time.time
+    session_id = stored_id(handler)
+    held = BlockingSession.open(handler, session_id)
+    time.sleep(1.2)  # the database ends the idle transaction and releases the lock
+    other = BlockingSession.open(handler, session_id)  # not blocked by a stale lock
+    other.release()
+    held.session["late"] = True
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        held.save()
+    assert "past block_lock_seconds" in caplog.text
+    assert handler.load(session_id)["late"] is True
+
+
+def test_blocking_matchers() -> None:
+    globs = blocking_matcher(["/checkout/*", "/pay"], lambda environ: environ["PATH_INFO"])
+    assert globs is not None
+    assert globs({"PATH_INFO": "/checkout/step1"}) and globs({"PATH_INFO": "/pay"})
+    assert not globs({"PATH_INFO": "/pay/x"}) and not globs({"PATH_INFO": "/"})
+    assert blocking_matcher(None, str) is None
+    always = blocking_matcher(lambda request: True, str)
+    assert always is not None and always({})
+
+    @blocking
+    def view() -> None: ...
+
+    assert is_marked_blocking(view) and not is_marked_blocking(lambda: None)
