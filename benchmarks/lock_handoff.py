@@ -30,7 +30,7 @@ def measure(handler: DatabaseHandler, rounds: int) -> list[float]:
     for _ in range(rounds):
         holder = BlockingSession.open(handler, session_id)
         acquired: list[float] = []
-        waiter = threading.Thread(target=lambda: acquired.append(_open_and_stamp(handler, session_id)))
+        waiter = threading.Thread(target=_open_and_stamp, args=(handler, session_id, acquired))
         waiter.start()
         time.sleep(0.02)  # the waiter is waiting now
         released_at = time.perf_counter()
@@ -40,11 +40,10 @@ def measure(handler: DatabaseHandler, rounds: int) -> list[float]:
     return latencies
 
 
-def _open_and_stamp(handler: DatabaseHandler, session_id: str) -> float:
+def _open_and_stamp(handler: DatabaseHandler, session_id: str, stamps: list[float]) -> None:
     held = BlockingSession.open(handler, session_id)
-    stamp = time.perf_counter()
+    stamps.append(time.perf_counter())
     held.release()
-    return stamp
 
 
 def summary(latencies: list[float]) -> tuple[float, float]:
