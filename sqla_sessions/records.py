@@ -67,3 +67,15 @@ class SessionInfo:
 
 def _utc(epoch: int) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What `sqla-sessions stats` shows."""
+
+    live: int
+    expired: int
+    users: int
+    """Distinct users with a live session."""
+    table_bytes: int | None
+    """Size on disk of the table and its indexes, where the database tells (None elsewhere)."""

@@ -19,7 +19,7 @@ from ..codec import CorruptPayload, PayloadCodec
 from ..config import SessionConfig
 from ..errors import SessionInterrupted
 from ..ids import generate_session_key, hash_session_id, is_valid_session_id, is_valid_session_key
-from ..records import Record, SaveAction, SessionInfo
+from ..records import Record, SaveAction, SessionInfo, StoreStats
 from ..schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH
 from ..session import Session
 
@@ -123,6 +123,10 @@ class BaseHandler(ABC, Generic[C]):
     def _delete_user(self, conn: C, user_id: str, except_key: str | None) -> int:
         """Delete a user's rows, except *except_key*."""
 
+    @abstractmethod
+    def _stats(self, conn: C, now: int) -> StoreStats:
+        """Count live and expired rows and users with a live session; the table's size if known."""
+
     #: "row": the database holds a row lock for the request (waits in the database, hand-off at commit);
     #: "lease": a lease on the row, polled for (SQLite, memory: no row locks there).
     lock_strategy: str = "lease"
@@ -199,6 +203,11 @@ class BaseHandler(ABC, Generic[C]):
             if deleted < limit:
                 break
         return total
+
+    def stats(self) -> StoreStats:
+        """Counts for monitoring (`sqla-sessions stats`): one aggregate query, plus the size where known."""
+        with self._connect() as conn:
+            return self._stats(conn, self.now())
 
     def list_sessions(self, user_id: object) -> list[SessionInfo]:
         with self._connect() as conn:

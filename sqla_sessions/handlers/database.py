@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..config import SessionConfig
 from ..errors import LockTimeout
-from ..records import Record
+from ..records import Record, StoreStats
 from ..schema import sessions_table
 from .base import BaseHandler, Merged
 from .engines import create_session_engine, is_autocommit_engine
@@ -216,6 +216,45 @@ class DatabaseHandler(BaseHandler[Connection]):
         if except_key is None:
             return conn.execute(self._delete_user_rows, {"b_user_id": user_id}).rowcount
         return conn.execute(self._delete_user_except, {"b_user_id": user_id, "b_key": except_key}).rowcount
+
+    def _stats(self, conn: Connection, now: int) -> StoreStats:
+        t = self.table
+        live = t.c.expires_at > sa.bindparam("now", type_=sa.BigInteger)
+        counts = sa.select(
+            sa.func.count().filter(live),
+            sa.func.count().filter(sa.not_(live)),
+            sa.func.count(sa.distinct(t.c.user_id)).filter(live),
+        )
+        if self._dialect == "mysql":  # no FILTER clause there
+            counts = sa.select(
+                sa.func.coalesce(sa.func.sum(sa.case((live, 1), else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((live, 0), else_=1)), 0),
+                sa.func.count(sa.distinct(sa.case((live, t.c.user_id)))),
+            )
+        row = conn.execute(counts, {"now": now}).one()
+        return StoreStats(int(row[0]), int(row[1]), int(row[2]), self._table_bytes(conn))
+
+    def _table_bytes(self, conn: Connection) -> int | None:
+        name = self.table.name
+        if self._dialect == "postgresql":
+            return int(conn.execute(sa.select(sa.func.pg_total_relation_size(sa.literal(name)))).scalar_one())
+        if self._dialect == "mysql":
+            size = conn.execute(
+                sa.text(
+                    "SELECT data_length + index_length FROM information_schema.tables "
+                    "WHERE table_schema = DATABASE() AND table_name = :name"
+                ),
+                {"name": name},
+            ).scalar()
+            return None if size is None else int(size)
+        try:  # SQLite's dbstat table exists only when compiled in
+            size = conn.execute(
+                sa.text("SELECT sum(pgsize) FROM dbstat WHERE name = :name OR name LIKE :indexes"),
+                {"name": name, "indexes": f"%{name}%"},
+            ).scalar()
+        except sa.exc.OperationalError:
+            return None
+        return None if size is None else int(size)
 
     def _acquire(self, conn: Connection, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
         if self.lock_strategy == "lease":

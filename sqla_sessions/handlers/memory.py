@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..config import SessionConfig
-from ..records import Record
+from ..records import Record, StoreStats
 from .base import BaseHandler, Merged
 
 
@@ -103,6 +103,12 @@ class MemoryHandler(BaseHandler[None]):
             for key in doomed:
                 self._delete(conn, key)
             return len(doomed)
+
+    def _stats(self, conn: None, now: int) -> StoreStats:
+        with self._lock:
+            live = [r for r in self._rows.values() if r.expires_at > now]
+            users = {r.user_id for r in live if r.user_id is not None}
+            return StoreStats(len(live), len(self._rows) - len(live), len(users), None)
 
     def _acquire(self, conn: None, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
         with self._lock:

@@ -506,3 +506,23 @@ def test_unsupported_value_raises_type_error_naming_the_key(handler: Handler) ->
 
 def test_config_default_is_used(handler: Handler) -> None:
     assert handler.config == SessionConfig()
+
+
+def test_stats_count_live_expired_and_users(handler: Handler, clock: FakeClock) -> None:
+    for user in ("a", "a", "b"):
+        session = handler.load(None)
+        session.login(user)
+        session.save()
+    clock.advance(handler.config.lifetime_seconds + 1)
+    new_stored(handler)
+    anonymous = handler.load(None)
+    anonymous["x"] = 1
+    anonymous.save()
+    stats = handler.stats()
+    assert (stats.live, stats.expired, stats.users) == (2, 3, 0)
+    late = handler.load(None)
+    late.login("c")
+    late.save()
+    assert handler.stats().users == 1
+    if isinstance(handler, DatabaseHandler) and handler.engine.dialect.name != "sqlite":
+        assert (handler.stats().table_bytes or 0) > 0

@@ -1,0 +1,5 @@
+"""`python -m sqla_sessions` is the `sqla-sessions` command."""
+
+from .cli import main
+
+main()
