@@ -31,7 +31,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_URL = SessionConfig().database_url
 
 out = Console()
-err = Console(stderr=True)
+if not out.is_terminal:  # piped or redirected: do not squeeze tables into 80 columns
+    out = Console(width=200)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class Failure(click.ClickException):

@@ -1,0 +1,133 @@
+"""`sqla-sessions`: every command on a real database, and bad input as one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sqla_sessions import DatabaseHandler, SessionConfig
+from sqla_sessions.cli import main
+from tests.conftest import Backend, backend_for
+
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command, as a user types it (`python -m sqla_sessions` is the same entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sqla_sessions", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    result = run("migrate", "--database-url", url)
+    assert result.returncode == 0, result.stderr
+    return url
+
+
+def seed(url: str, user: str, count: int, *, agent: str = CHROME) -> list[str]:
+    handler = DatabaseHandler(url, SessionConfig(database_url=url))
+    keys = []
+    for _ in range(count):
+        session = handler.load(None)
+        session.ip_address, session.user_agent = "198.51.100.7", agent
+        session.login(user)
+        session.save()
+        keys.append(session.key or "")
+    handler.close()
+    return keys
+
+
+def test_sessions_lists_a_users_devices_with_browser_and_os(sqlite_url: str) -> None:
+    keys = seed(sqlite_url, "ada", 2)
+    result = CliRunner().invoke(main, ["sessions", "--user", "ada", "--database-url", sqlite_url])
+    assert result.exit_code == 0, result.output
+    assert all(key in result.output for key in keys)
+    assert "Chrome 120" in result.output and "Linux" in result.output and "198.51.100.7" in result.output
+    assert "2 session(s)" in result.output
+
+
+def test_revoke_one_and_revoke_a_user_except_one(sqlite_url: str) -> None:
+    keys = seed(sqlite_url, "bob", 3)
+    runner = CliRunner()
+    assert "revoked session" in runner.invoke(main, ["revoke", keys[0], "--database-url", sqlite_url]).output
+    missing = runner.invoke(main, ["revoke", keys[0], "--database-url", sqlite_url])
+    assert missing.exit_code == 1 and "no session with key" in missing.output
+    result = runner.invoke(main, ["revoke", "--user", "bob", "--except", keys[2], "--database-url", sqlite_url])
+    assert "revoked 1 session(s)" in result.output
+    assert "1 session(s)" in runner.invoke(main, ["sessions", "--user", "bob", "--database-url", sqlite_url]).output
+    usage = runner.invoke(main, ["revoke", "--database-url", sqlite_url])
+    assert usage.exit_code == 2
+
+
+def test_stats_and_gc(sqlite_url: str) -> None:
+    seed(sqlite_url, "cy", 2)
+    handler = DatabaseHandler(sqlite_url, SessionConfig(database_url=sqlite_url))
+    with handler.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE sessions SET expires_at = 0")  # everything has expired
+    seed(sqlite_url, "dee", 1)
+    stats = run("stats", "--database-url", sqlite_url)
+    assert stats.returncode == 0
+    assert "live sessions" in stats.stdout and "│ 1" in stats.stdout.replace("┃", "│")
+    dry = run("gc", "--dry-run", "--database-url", sqlite_url)
+    assert "2 expired sessions would be deleted" in dry.stdout
+    gc = run("gc", "--batch-size", "1", "--database-url", sqlite_url)  # not a terminal: plain lines
+    assert gc.returncode == 0
+    assert "deleted 1 (total 1)" in gc.stdout and "deleted 1 (total 2)" in gc.stdout
+    assert "deleted 2 expired sessions" in gc.stdout
+    assert handler.stats().expired == 0 and handler.stats().live == 1
+
+
+def test_environment_supplies_the_url(sqlite_url: str) -> None:
+    seed(sqlite_url, "eve", 1)
+    result = run("sessions", "--user", "eve", env={"SQLA_SESSIONS_DATABASE_URL": sqlite_url})
+    assert result.returncode == 0 and "1 session(s)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stats", "--database-url", "not a url"], "database_url"),
+        (["stats", "--database-url", "postgresql+psycopg://nobody@127.0.0.1:1/x?connect_timeout=2"], "cannot reach"),
+        (["gc", "--database-url", "sqlite:////nonexistent/dir/x.db"], "cannot reach"),
+        (["stats", "--database-url", "nosuchdialect://x"], "database_url"),
+    ],
+    ids=["malformed-url", "unreachable", "unopenable-file", "unknown-dialect"],
+)
+def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_table_says_to_migrate(tmp_path: Path) -> None:
+    result = run("stats", "--database-url", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert result.returncode == 1 and "run `sqla-sessions migrate` first" in result.stderr
+
+
+def test_migrate_on_postgresql_and_print_sql(tmp_root: Path) -> None:
+    backend: Backend = backend_for("postgresql", tmp_root)
+    result = run("migrate", "--database-url", backend.url, "--table", "cli_sessions")
+    assert result.returncode == 0, result.stderr
+    assert "'cli_sessions' is at revision head" in result.stdout
+    assert run("stats", "--database-url", backend.url, "--table", "cli_sessions").returncode == 0
+    ddl = run("migrate", "--sql", "--database-url", "postgresql+psycopg://u@h/db")
+    assert "CREATE TABLE sessions" in ddl.stdout
+
+
+def test_help_lists_every_command() -> None:
+    result = run("--help")
+    for command in ("migrate", "gc", "sessions", "revoke", "stats", "demo"):
+        assert command in result.stdout
