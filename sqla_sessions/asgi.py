@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.exc import DBAPIError
 
@@ -28,6 +28,9 @@ from .locking import Blocking, blocking_matcher
 from .records import SaveAction
 from .session import Session
 from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, sweep_batches
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -54,10 +57,13 @@ class SessionMiddleware:
         *,
         handler: BaseHandler[Any] | None = None,
         blocking: Blocking = None,
+        async_engine: AsyncEngine | Literal["auto"] | None = None,
     ) -> None:
         """*blocking*: path globs (`["/checkout/*"]`) or a callable given the scope; see `sqla_sessions.locking`.
 
         For per-endpoint marking in Starlette/FastAPI use `sqla_sessions.starlette.marked_blocking(app)`.
+        *async_engine*: run database work on an `AsyncEngine` ("auto": derived from the handler's URL)
+        instead of the default thread pool; see `sqla_sessions.aio`.
         """
         self.app = app
         if handler is None:
@@ -65,7 +71,7 @@ class SessionMiddleware:
             handler = DatabaseHandler(config.database_url, config)
         self.config = config or handler.config
         self.handler = handler
-        self.store = AsyncSessionStore(handler)
+        self.store = AsyncSessionStore(handler, async_engine=async_engine)
         self.cycle = SessionCycle(self.config, handler.now)
         self._blocking = blocking_matcher(blocking, lambda scope: scope.get("path", ""))
 

@@ -225,7 +225,8 @@ def fastapi_app() -> Any:
             counter.count = 0
         return {"statements": counter.count}
 
-    middleware = SessionMiddleware(app, handler=_handler())
+    # FastAPI runs on the AsyncEngine path, Starlette on the default thread pool: both are served.
+    middleware = SessionMiddleware(app, handler=_handler(), async_engine="auto")
     _watch(counter, middleware)
     return middleware
 

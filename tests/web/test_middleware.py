@@ -204,7 +204,8 @@ def test_the_gc_lottery_sweeps_after_the_response(clock: FakeClock) -> None:
 def test_the_async_store_uses_an_async_engine_for_a_sqlite_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'a.db'}"
     upgrade(url)
-    app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=DatabaseHandler(url))
+    assert AsgiMiddleware(asgi_app(lambda s: 1), handler=DatabaseHandler(url)).store.mode == "threads"
+    app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=DatabaseHandler(url), async_engine="auto")
     assert app.store.mode == "async-engine"
 
     async def go() -> int:
@@ -215,8 +216,8 @@ def test_the_async_store_uses_an_async_engine_for_a_sqlite_file(tmp_path: Path) 
         return status
 
     assert asyncio.run(go()) == 200
-    memory_db = AsgiMiddleware(asgi_app(lambda s: 1), handler=DatabaseHandler("sqlite://"))
-    assert memory_db.store.mode == "threads"
+    memory_db = AsgiMiddleware(asgi_app(lambda s: 1), handler=DatabaseHandler("sqlite://"), async_engine="auto")
+    assert memory_db.store.mode == "threads"  # an in-memory database cannot be shared with another engine
 
 
 # -- WSGI specifics -------------------------------------------------------------------------------------
