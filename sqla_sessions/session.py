@@ -42,6 +42,7 @@ class Session(StoreApi):
         "_live",
         "_raw",
         "_record",
+        "_saved_at_response",
         "_user_id",
         "ip_address",
         "user_agent",
@@ -62,6 +63,7 @@ class Session(StoreApi):
         self._destroy_key: str | None = None  # invalidate(): the row to delete at save
         self._accessed = False
         self._flash_aged = False
+        self._saved_at_response = False  # set by the WSGI middleware, to warn about later changes
         self._after_save_hooks: list[tuple[Callable[[], None], str]] = []
         self.ip_address: str | None = None
         """Client address written with the next change (set by the middleware)."""

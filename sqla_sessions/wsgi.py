@@ -88,6 +88,8 @@ class SessionMiddleware:
 
     def _after_response(self, held: BlockingSession) -> None:
         held.release()  # no-op after the save; a rollback if the app failed or sent a 5xx
+        if held.session._saved_at_response and held.session.modified:
+            logger.warning("the session changed after the response started; those changes were not saved")
         if self.cycle.lottery():
             try:
                 self.handler.gc(max_batches=sweep_batches(self.config))
@@ -103,6 +105,7 @@ def finish_response(
     action: SaveAction | None = None
     error: Exception | None = None
     if cycle.begin_save(session, info, status, content_type):
+        session._saved_at_response = True
         try:
             action = held.save()
         except SAVE_ERRORS as exc:

@@ -161,6 +161,12 @@ def test_seed_scenario_login_dispatches_hydration_and_the_next_request_sees_it(s
     board = wait_for(lambda: stack.dashboard(cookie)["dashboard"], 30, "the hydration job")
     assert board == {"orders": 3, "marker": marker, "user": "ada"}
     assert stack.dashboard(cookie)["hydrations"] == [marker]
+    # What reached the broker names the session by its key; the cookie id never leaves the web app.
+    sent_messages = (stack.signals / "enqueued.jsonl").read_bytes()
+    assert marker.encode() in sent_messages and cookie.encode() not in sent_messages
+    with stack.engine.connect() as conn:
+        key = conn.exec_driver_sql("SELECT key FROM sessions WHERE user_id = 'ada'").scalar_one()
+    assert key.encode() in sent_messages
 
 
 def test_requests_during_the_job_and_the_job_lose_nothing(stack: Stack) -> None:

@@ -35,7 +35,18 @@ def make_broker() -> dramatiq.Broker:
     return broker
 
 
+class RecordEnqueued(dramatiq.Middleware):
+    """Writes every message the web app enqueues to a file, so tests can read what reached the broker."""
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message, delay: int | None) -> None:
+        folder = os.environ.get("TEST_SIGNAL_DIR")
+        if folder:
+            with open(Path(folder, "enqueued.jsonl"), "ab") as out:
+                out.write(message.encode() + b"\n")
+
+
 broker = make_broker()
+broker.add_middleware(RecordEnqueued())
 dramatiq.set_broker(broker)
 QUEUE = f"{NAMESPACE}-jobs"
 

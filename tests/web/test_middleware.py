@@ -329,3 +329,16 @@ def test_an_asgi_endpoint_can_flush_mid_request_and_reload(memory: MemoryHandler
     response = call(AsgiMiddleware(app, handler=memory), "POST")
     assert response.text == "['early', 'from_job', 'late']"
     assert memory.load(cookie_value(response)).all() == {"early": 1, "from_job": 2, "late": 3}
+
+
+def test_wsgi_warns_about_changes_made_after_the_response_started(
+    memory: MemoryHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    def late_writer(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        environ["sqla_sessions.session"]["too_late"] = True  # the cookie has gone out already
+        yield b"body"
+
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        run_wsgi(WsgiMiddleware(late_writer, handler=memory))
+    assert "after the response started" in caplog.text and len(memory) == 0

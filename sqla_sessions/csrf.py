@@ -1,0 +1,180 @@
+"""CSRF protection with Laravel's semantics, for ASGI and WSGI apps (and Flask via `init_csrf`).
+
+Put the middleware *inside* the session middleware (it needs the session):
+
+    app = SessionMiddleware(CSRFMiddleware(app), config)                      # ASGI
+    app = wsgi.SessionMiddleware(WSGICSRFMiddleware(app), config)             # WSGI
+
+- Safe methods (GET, HEAD, OPTIONS, TRACE) pass; so do paths matching `exempt` globs.
+- Anything else must carry the session's token (`session.token()`) in the `X-CSRF-TOKEN` header,
+  the `X-XSRF-TOKEN` header, or a `_token` field of a urlencoded or multipart form (bodies up to
+  `max_body_bytes` are read for that, then handed to the app unchanged).
+- The comparison is constant-time (`hmac.compare_digest`); a mismatch answers 419 ("Page Expired",
+  Laravel's status) without calling the app. A session without a token never matches.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import io
+from collections.abc import Iterable, Sequence
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from .asgi import ASGIApp, Message, Receive, Scope, Send
+from .session import Session
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from flask import Flask
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+FIELD = "_token"
+HEADERS = ("x-csrf-token", "x-xsrf-token")
+STATUS = 419
+MAX_BODY = 1_048_576
+_FORM = "application/x-www-form-urlencoded"
+_MULTIPART = "multipart/form-data"
+
+
+def tokens_match(session: Session, presented: str | None) -> bool:
+    """Constant-time check of a presented token against the session's (no token never matches)."""
+    expected = session.get("_token")
+    if not isinstance(expected, str) or not presented:
+        return False
+    return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "surrogateescape"))
+
+
+def token_from_body(content_type: str, body: bytes) -> str | None:
+    """The `_token` field of a urlencoded or multipart body, if any. Never raises."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    try:
+        if media == _FORM:
+            values = parse_qs(body.decode("latin-1"), keep_blank_values=True).get(FIELD)
+            return values[0] if values else None
+        if media == _MULTIPART:
+            message = BytesParser(policy=HTTP).parsebytes(
+                f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body
+            )
+            for part in message.iter_parts():
+                if part.get_param("name", header="content-disposition") == FIELD:
+                    payload = part.get_payload(decode=True)
+                    return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
+    except Exception:  # hostile bodies: treat as "no token"
+        return None
+    return None
+
+
+def _exempt(path: str, exempt: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, glob) for glob in exempt)
+
+
+def _body_text() -> bytes:
+    return b"419 Page Expired: the CSRF token is missing or does not match"
+
+
+class CSRFMiddleware:
+    """ASGI CSRF check; place it inside `sqla_sessions.asgi.SessionMiddleware`."""
+
+    def __init__(self, app: ASGIApp, *, exempt: Sequence[str] = (), max_body_bytes: int = MAX_BODY) -> None:
+        self.app = app
+        self.exempt = tuple(exempt)
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or _exempt(scope["path"], self.exempt):
+            await self.app(scope, receive, send)
+            return
+        session: Session = scope["session"]
+        headers = {name.lower(): value for name, value in scope.get("headers", ())}
+        presented = next((headers[h.encode()].decode("latin-1") for h in HEADERS if h.encode() in headers), None)
+        replay: list[Message] = []
+        if presented is None:
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            if content_type.split(";", 1)[0].strip().lower() in (_FORM, _MULTIPART):
+                body, replay = await self._read_body(receive)
+                if body is not None:
+                    presented = token_from_body(content_type, body)
+        if not tokens_match(session, presented):
+            await send({"type": "http.response.start", "status": STATUS, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": _body_text()})
+            return
+        if not replay:
+            await self.app(scope, receive, send)
+            return
+
+        async def replaying() -> Message:
+            return replay.pop(0) if replay else await receive()
+
+        await self.app(scope, replaying, send)
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes | None, list[Message]]:
+        """Read the body (to hand it on unchanged); None past the size limit."""
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return None, messages
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None, messages
+            if not message.get("more_body", False):
+                return b"".join(m.get("body", b"") for m in messages), messages
+
+
+class WSGICSRFMiddleware:
+    """WSGI CSRF check; place it inside `sqla_sessions.wsgi.SessionMiddleware`."""
+
+    def __init__(self, app: WSGIApplication, *, exempt: Sequence[str] = (), max_body_bytes: int = MAX_BODY) -> None:
+        self.app = app
+        self.exempt = tuple(exempt)
+        self.max_body_bytes = max_body_bytes
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method in SAFE_METHODS or _exempt(environ.get("PATH_INFO", ""), self.exempt):
+            return self.app(environ, start_response)
+        session: Session = environ["sqla_sessions.session"]
+        presented = environ.get("HTTP_X_CSRF_TOKEN") or environ.get("HTTP_X_XSRF_TOKEN")
+        if presented is None:
+            presented = self._token_from_form(environ)
+        if not tokens_match(session, presented):
+            start_response("419 Page Expired", [("Content-Type", "text/plain")])
+            return [_body_text()]
+        return self.app(environ, start_response)
+
+    def _token_from_form(self, environ: WSGIEnvironment) -> str | None:
+        content_type = environ.get("CONTENT_TYPE", "")
+        if content_type.split(";", 1)[0].strip().lower() not in (_FORM, _MULTIPART):
+            return None
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return None
+        if not 0 < length <= self.max_body_bytes:
+            return None
+        body = environ["wsgi.input"].read(length)
+        environ["wsgi.input"] = io.BytesIO(body)  # the app reads the same body
+        return token_from_body(content_type, body)
+
+
+def init_csrf(app: Flask, *, exempt: Sequence[str] = ()) -> None:
+    """Flask: check the token before every unsafe request (after `sqla_sessions.flask.init_app`)."""
+    from flask import request, session
+
+    @app.before_request
+    def _check_csrf() -> Any:
+        if request.method in SAFE_METHODS or _exempt(request.path, tuple(exempt)):
+            return None
+        presented = request.headers.get("X-CSRF-TOKEN") or request.headers.get("X-XSRF-TOKEN")
+        if presented is None:
+            presented = request.form.get(FIELD)
+        current: object = session  # werkzeug's proxy answers isinstance() for the real object
+        if isinstance(current, Session) and tokens_match(current, presented):
+            return None
+        return app.response_class(_body_text(), status=STATUS, content_type="text/plain")

@@ -1,0 +1,111 @@
+"""Fuzz the parsers that see hostile input, for a set time: no exception may escape them.
+
+    python tests/fuzz/fuzz_inputs.py --seconds 60
+
+Inputs are random mutations (bit flips, splices, truncations, repeats) of valid seeds: Cookie headers,
+stored payloads (plain and AES-GCM sealed), and form bodies carrying a CSRF token. The targets and
+what they may do:
+
+- cookie parsing (`session_cookie_values`, `pick_session_id`): return, never raise;
+- payload decoding (`PayloadCodec.loads` then `decode_value`): return or raise `CorruptPayload`/`ValueError`;
+- CSRF body parsing (`token_from_body`): return, never raise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sqla_sessions.codec import CorruptPayload, PayloadCodec
+from sqla_sessions.config import SessionConfig
+from sqla_sessions.cookies import pick_session_id, session_cookie_values
+from sqla_sessions.csrf import token_from_body
+from sqla_sessions.ids import generate_session_id
+from sqla_sessions.serializer import decode_value, encode_value
+
+KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY"
+SESSION_KEY = "0123456789abcdef0123456789abcdef"
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        choice = rng.random()
+        if choice < 0.3 and buf:
+            buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+        elif choice < 0.5:
+            buf.insert(rng.randint(0, len(buf)), rng.randrange(256))
+        elif choice < 0.65 and buf:
+            del buf[rng.randrange(len(buf)) :]
+        elif choice < 0.8 and buf:
+            start = rng.randrange(len(buf))
+            buf[start:start] = buf[start : start + rng.randint(1, 64)] * rng.randint(1, 20)
+        else:
+            buf += bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
+    return bytes(buf)
+
+
+def seeds() -> dict[str, list[bytes]]:
+    plain = PayloadCodec(SessionConfig())
+    sealed = PayloadCodec(SessionConfig(encryption_keys=(KEY,)))
+    raw = {"cart": encode_value([1, (2, 3), {"x": {4, 5}}]), "when": encode_value(time.time())}
+    token = generate_session_id()
+    return {
+        "cookie": [f"session={generate_session_id()}; theme=dark".encode(), b"session=a; session=b; x"],
+        "payload": [plain.dumps(raw, SESSION_KEY), sealed.dumps(raw, SESSION_KEY)],
+        "form": [
+            f"_token={token}&q=1".encode(),
+            b'--b\r\nContent-Disposition: form-data; name="_token"\r\n\r\nt\r\n--b--',
+        ],
+    }
+
+
+def run(seconds: float, seed: int = 0) -> dict[str, int]:
+    rng = random.Random(seed)
+    corpus = seeds()
+    codecs = [PayloadCodec(SessionConfig()), PayloadCodec(SessionConfig(encryption_keys=(KEY,)))]
+
+    def cookie(data: bytes) -> None:
+        text = data.decode("utf-8", "surrogateescape")
+        pick_session_id(session_cookie_values([text, text[::-1]], "session"))
+
+    def payload(data: bytes) -> None:
+        for codec in codecs:
+            try:
+                for value in codec.loads(data, SESSION_KEY).values():
+                    decode_value(value)
+            except (CorruptPayload, ValueError):
+                pass
+
+    def form(data: bytes) -> None:
+        token_from_body("application/x-www-form-urlencoded", data)
+        token_from_body("multipart/form-data; boundary=b", data)
+
+    targets: dict[str, Callable[[bytes], None]] = {"cookie": cookie, "payload": payload, "form": form}
+    counts = dict.fromkeys(targets, 0)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for name, target in targets.items():
+            data = mutate(rng, rng.choice(corpus[name]))
+            target(data)  # anything else escaping is a finding
+            counts[name] += 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    args = parser.parse_args()
+    counts = run(args.seconds, args.seed)
+    print(f"seed {args.seed}: no exception escaped in " + ", ".join(f"{n} {k} inputs" for k, n in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

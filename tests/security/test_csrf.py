@@ -1,0 +1,138 @@
+"""CSRF with Laravel's semantics: token in `_token` or `X-CSRF-TOKEN`, safe methods exempt, 419 on mismatch."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import httpx
+import pytest
+
+from sqla_sessions import MemoryHandler, Session
+from sqla_sessions.asgi import SessionMiddleware as AsgiSessions
+from sqla_sessions.csrf import CSRFMiddleware, WSGICSRFMiddleware, init_csrf, token_from_body, tokens_match
+from sqla_sessions.wsgi import SessionMiddleware as WsgiSessions
+
+
+async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Hands out the token on GET; on POST echoes the body it received (it must be intact)."""
+    session: Session = scope["session"]
+    body = b""
+    if scope["method"] == "GET":
+        body = session.token().encode()
+    else:
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def app() -> Any:
+    return AsgiSessions(CSRFMiddleware(echo, exempt=["/webhooks/*"]), handler=MemoryHandler())
+
+
+def exchange(app: Any, steps: list[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return [await client.request(method, path, **kwargs) for method, path, kwargs in steps]
+
+    return asyncio.run(go())
+
+
+def test_safe_methods_pass_and_a_missing_token_gets_419(app: Any) -> None:
+    get, post = exchange(app, [("GET", "/", {}), ("POST", "/", {"content": b"x=1"})])
+    assert get.status_code == 200 and post.status_code == 419
+
+
+def test_the_header_or_the_form_field_carries_the_token(app: Any) -> None:
+    (get,) = exchange(app, [("GET", "/", {})])
+    token = get.text
+    cookie = get.headers["set-cookie"].split(";")[0]
+    form = {"headers": {"Cookie": cookie}, "data": {"_token": token, "q": "kept"}}
+    header = {"headers": {"Cookie": cookie, "X-CSRF-TOKEN": token}, "content": b"raw"}
+    multipart = {"headers": {"Cookie": cookie}, "data": {"_token": token}, "files": {"f": ("a.txt", b"file")}}
+    wrong = {"headers": {"Cookie": cookie, "X-CSRF-TOKEN": token[:-1] + "x"}}
+    results = exchange(app, [("POST", "/", form), ("POST", "/", header), ("POST", "/", multipart), ("PUT", "/", wrong)])
+    assert [r.status_code for r in results] == [200, 200, 200, 419]
+    assert b"q=kept" in results[0].content  # the app still receives the whole body
+    assert results[1].content == b"raw"
+
+
+def test_exempt_paths_and_another_sessions_token(app: Any) -> None:
+    (first,) = exchange(app, [("GET", "/", {})])
+    (second,) = exchange(app, [("GET", "/", {})])
+    cookie = second.headers["set-cookie"].split(";")[0]
+    stolen = {"headers": {"Cookie": cookie, "X-CSRF-TOKEN": first.text}}
+    webhook, forged = exchange(app, [("POST", "/webhooks/stripe", {}), ("POST", "/", stolen)])
+    assert webhook.status_code == 200 and forged.status_code == 419
+
+
+def test_a_session_without_a_token_never_matches() -> None:
+    session = MemoryHandler().load(None)
+    assert not tokens_match(session, "") and not tokens_match(session, "anything")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data; boundary=x", b"--x\r\ngarbage"),
+        ("multipart/form-data", b"\xff\xfe"),
+        ("application/x-www-form-urlencoded", b"%%%&&&=="),
+        ("application/x-www-form-urlencoded", b"\xff" * 100),
+    ],
+)
+def test_hostile_bodies_never_raise(content_type: str, body: bytes) -> None:
+    assert token_from_body(content_type, body) in (None, "")
+
+
+def test_wsgi_csrf() -> None:
+    handler = MemoryHandler()
+
+    def inner(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = [environ["sqla_sessions.session"].token().encode(), environ["wsgi.input"].read()]
+        start_response("200 OK", [])
+        return body
+
+    app = WsgiSessions(WSGICSRFMiddleware(inner), handler=handler)
+
+    def call(method: str, cookie: str = "", body: bytes = b"", **extra: str) -> tuple[str, bytes, str]:
+        captured: list[Any] = []
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": "/", "wsgi.input": io.BytesIO(body),
+                   "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/x-www-form-urlencoded",
+                   "HTTP_COOKIE": cookie, **extra}  # fmt: skip
+        chunks = app(environ, lambda status, headers, exc_info=None: captured.extend([status, headers]))
+        out = b"".join(chunks)
+        getattr(chunks, "close", lambda: None)()
+        cookies = [v for k, v in captured[1] if k == "Set-Cookie"]
+        return captured[0], out, (cookies[0].split(";")[0] if cookies else cookie)
+
+    status, out, cookie = call("GET")
+    token = out.decode()
+    assert call("POST", cookie, b"a=1")[0].startswith("419")
+    status, out, _ = call("POST", cookie, f"_token={token}&a=1".encode())
+    assert status.startswith("200") and out.endswith(b"a=1")
+    assert call("DELETE", cookie, HTTP_X_CSRF_TOKEN=token)[0].startswith("200")
+
+
+def test_flask_csrf() -> None:
+    flask = pytest.importorskip("flask")
+    from sqla_sessions.flask import init_app
+
+    app = flask.Flask(__name__)
+    init_app(app, handler=MemoryHandler())
+    init_csrf(app)
+
+    @app.route("/", methods=["GET", "POST"])
+    def index() -> str:
+        return str(flask.session.token())
+
+    client = app.test_client()
+    token = client.get("/").text
+    assert client.post("/", data={"x": 1}).status_code == 419
+    assert client.post("/", data={"_token": token}).status_code == 200
+    assert client.post("/", headers={"X-CSRF-TOKEN": token}).status_code == 200

@@ -1,0 +1,214 @@
+"""Property-based tests: round trips, parsers that never raise, and concurrent histories."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sqla_sessions import DatabaseHandler, MemoryHandler, SessionConfig, SessionInterrupted, upgrade
+from sqla_sessions.codec import CorruptPayload, PayloadCodec
+from sqla_sessions.cookies import pick_session_id, session_cookie_values
+from sqla_sessions.handlers.base import BaseHandler
+from sqla_sessions.ids import is_valid_session_id
+from sqla_sessions.serializer import decode_value, dumps_payload, encode_value, loads_payload
+
+offsets = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+    st.binary(max_size=64),
+    st.datetimes(),
+    st.datetimes(timezones=st.just(UTC) | offsets),
+    st.dates(),
+    st.times(),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.uuids(),
+)
+hashables = st.one_of(st.integers(), st.text(max_size=8), st.uuids(), st.dates())
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        st.sets(hashables, max_size=4),
+        st.frozensets(hashables, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+def same_types(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_types(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_types(x, y) for x, y in zip(a, b, strict=True))
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_every_supported_value_round_trips_with_its_type(value: Any) -> None:
+    raw = loads_payload(dumps_payload({"k": encode_value(value)}))["k"]
+    back = decode_value(raw)
+    assert back == value or (isinstance(value, Decimal) and back.compare_total(value) == 0)
+    assert same_types(back, value)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text(), max_size=4), st.text(max_size=20))
+def test_the_cookie_parser_never_raises(headers: list[str], name: str) -> None:
+    found = session_cookie_values(headers, name or "session")
+    chosen = pick_session_id(found)
+    assert chosen is None or chosen in found
+    if any(is_valid_session_id(v) for v in found):
+        assert is_valid_session_id(chosen)
+
+
+KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=512), st.booleans())
+def test_the_payload_decoder_only_ever_reports_corruption(data: bytes, encrypted: bool) -> None:
+    codec = PayloadCodec(SessionConfig(encryption_keys=(KEY,) if encrypted else ()))
+    try:
+        result = codec.loads(data, "0" * 32)
+    except CorruptPayload:
+        return
+    assert isinstance(result, dict)
+
+
+# -- concurrent histories ---------------------------------------------------------------------------
+
+CLIENTS = 3
+KEYS = ["a", "b", "c"]
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["load", "set", "remove", "append", "save", "regenerate", "invalidate"]),
+        st.integers(0, CLIENTS - 1),
+        st.sampled_from(KEYS),
+        st.integers(0, 9),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) -> None:
+    """Run an interleaved history of clients on one session and check it against a serial model.
+
+    The model is the stored dict after applying each *committed* change set in commit order; a client's
+    change set is what it set or removed since it loaded. A save after the session was invalidated must
+    raise SessionInterrupted and change nothing.
+    """
+    seed = handler.load(None)
+    seed.put({k: [0] for k in KEYS})
+    seed.save()
+    key, session_id = seed.key, seed.id
+    model: dict[str, Any] | None = {k: [0] for k in KEYS}
+    clients: dict[int, Any] = {}
+    changes: dict[int, dict[str, Any]] = {}  # client -> key -> new value, or _GONE
+    snapshots: dict[int, dict[str, Any]] = {}  # client -> what it loaded
+    for op, client, k, v in history:
+        if op == "load" or client not in clients:
+            loaded = handler.load_by_key(key or "")
+            if loaded is None:
+                continue
+            clients[client], changes[client] = loaded, {}
+            snapshots[client] = copy.deepcopy(loaded.all())
+            continue
+        session = clients[client]
+        if op == "set":
+            session[k] = v
+            changes[client][k] = v
+        elif op == "remove":
+            session.pop(k, None)
+            changes[client][k] = _GONE
+        elif op == "append":
+            current = session.get(k)
+            if isinstance(current, list):
+                current.append(v)  # a nested mutation, no assignment
+                changes[client][k] = list(current)
+        elif op == "regenerate":
+            session.regenerate()
+            changes[client]["_token"] = session["_token"]
+        elif op == "invalidate":
+            session.invalidate()
+            session.save()  # deletes the row; the client continues as a new session of its own
+            model = None
+            del clients[client]
+        elif op == "save":
+            loaded_view = snapshots[client]
+            effective = {
+                name: value
+                for name, value in changes[client].items()
+                if not (value is _GONE and name not in loaded_view) and loaded_view.get(name, _GONE) != value
+            }
+            changes[client] = effective
+            try:
+                session.save(end_of_request=False)
+            except SessionInterrupted:
+                assert model is None  # only a destroyed session refuses a save
+            else:
+                # A save with nothing to write succeeds whatever happened meanwhile (it writes nothing).
+                assert model is not None or not changes[client]
+                if model is None:
+                    del clients[client]
+                    continue
+                for name, value in changes[client].items():
+                    if value is _GONE:
+                        model.pop(name, None)
+                    else:
+                        model[name] = value
+            del clients[client]
+    stored = handler.load_by_key(key or "")
+    if model is None:
+        assert stored is None
+    else:
+        assert stored is not None and stored.all() == model
+    del session_id
+
+
+_GONE = object()
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps)
+def test_histories_on_memory_equal_the_serial_application_of_committed_changes(
+    history: list[tuple[str, int, str, int]],
+) -> None:
+    replay(MemoryHandler(), history)
+
+
+@pytest.fixture(scope="module")
+def sqlite_handler(tmp_path_factory: pytest.TempPathFactory) -> DatabaseHandler:
+    url = f"sqlite:///{Path(tmp_path_factory.mktemp('props')) / 'p.db'}"
+    upgrade(url)
+    return DatabaseHandler(url)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps)
+def test_histories_on_sqlite_equal_the_serial_application_of_committed_changes(
+    sqlite_handler: DatabaseHandler, history: list[tuple[str, int, str, int]]
+) -> None:
+    replay(sqlite_handler, history)
+
+
+def test_uuid_strategy_sanity() -> None:
+    assert decode_value(encode_value(uuid.UUID(int=1))) == uuid.UUID(int=1)
+    assert decode_value(encode_value(datetime(2026, 1, 1, tzinfo=UTC))).tzinfo is not None
