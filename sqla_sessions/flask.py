@@ -16,6 +16,7 @@ unnecessary here: changes are found by comparing values. `session.permanent` is 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +26,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise ImportError("sqla_sessions.flask needs Flask: pip install 'sqla-sessions[flask]'") from None
 
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 from .config import SessionConfig
@@ -34,7 +36,7 @@ from .handlers.database import DatabaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .session import Session
 from .web import SessionCycle, http_reason, sweep_batches
-from .wsgi import finish_response, request_info
+from .wsgi import RETRY_AFTER, finish_response, request_info
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
 _HELD = "sqla_sessions.held"
 _PRESENTED = "sqla_sessions.presented_id"
 _INFO = "sqla_sessions.request_info"
-_LOCK_TIMEOUT = "sqla_sessions.lock_timeout"
+_UNANSWERED = "sqla_sessions.unanswered"  # a LockTimeout or DBAPIError from opening the session
+logger = logging.getLogger("sqla_sessions")
 
 
 class SqlaSessionInterface(SessionInterface):
@@ -62,9 +65,12 @@ class SqlaSessionInterface(SessionInterface):
                 held = BlockingSession.open(self.handler, presented)
             else:
                 held = BlockingSession(self.handler, self.handler.load(presented))
-        except LockTimeout as exc:
-            # Flask turns exceptions raised here into 500s: answer from a before_request hook instead.
-            environ[_LOCK_TIMEOUT] = exc
+        except (LockTimeout, DBAPIError) as exc:
+            # Flask turns exceptions raised here into 500s: answer from a before_request hook instead
+            # (423 for a lock wait that ran out, 503 for an unreachable database).
+            if isinstance(exc, DBAPIError):
+                logger.exception("session store unreachable; answering 503")
+            environ[_UNANSWERED] = exc
             held = BlockingSession(self.handler, Session(self.handler))
         self.cycle.attach_client(held.session, info)
         environ[_HELD] = held
@@ -75,7 +81,7 @@ class SqlaSessionInterface(SessionInterface):
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         environ: WSGIEnvironment = request.environ
         held: BlockingSession | None = environ.get(_HELD)
-        if held is None or environ.get(_LOCK_TIMEOUT) is not None:
+        if held is None or environ.get(_UNANSWERED) is not None:
             return
         info = environ.get(_INFO) or request_info(environ)
         outcome = finish_response(
@@ -122,13 +128,16 @@ def init_app(
     app.extensions["sqla_sessions"] = handler
 
     @app.before_request
-    def _answer_lock_timeout() -> Response | None:
-        exc: LockTimeout | None = request.environ.get(_LOCK_TIMEOUT)
+    def _answer_session_failure() -> Response | None:
+        exc: LockTimeout | DBAPIError | None = request.environ.get(_UNANSWERED)
         if exc is None:
             return None
-        status = handler.config.lock_timeout_status
+        if isinstance(exc, LockTimeout):
+            status, retry_after = handler.config.lock_timeout_status, math.ceil(exc.waited)
+        else:
+            status, retry_after = 503, RETRY_AFTER
         response = app.response_class(http_reason(status), status=status, content_type="text/plain; charset=utf-8")
-        response.headers["Retry-After"] = str(math.ceil(exc.waited))
+        response.headers["Retry-After"] = str(retry_after)
         return response
 
     @app.teardown_request
