@@ -90,3 +90,25 @@ def test_a_contended_save_locks_merges_and_commits(db_backend: Backend, clock: F
     # failed compare-and-set, BEGIN, SELECT … FOR UPDATE, UPDATE, COMMIT
     assert counter.count == 5
     assert "FOR UPDATE" in counter.statements[2] or db_backend.name == "sqlite"
+
+
+def test_the_same_counts_without_the_fast_path(db_backend: Backend, clock: FakeClock) -> None:
+    handler = DatabaseHandler(db_backend.engine, SessionConfig(), clock=clock, fast_path=False)
+    session_id = _stored_id(handler)
+    with StatementCounter(db_backend.engine) as counter:
+        session = handler.load(session_id)
+        session["counter"] = 1
+        assert session.save() is SaveAction.UPDATED
+    assert counter.count == 2
+
+
+def test_a_driver_error_on_the_fast_path_is_retried_through_sqlalchemy(db_backend: Backend, clock: FakeClock) -> None:
+    handler = _handler(db_backend, clock)
+    session_id = _stored_id(handler)
+    handler._fast_by_hash.sql = "SELEC this is not sql"  # the driver raises; SQLAlchemy's path answers
+    assert handler.load(session_id)["counter"] == 0
+    handler._fast_update.sql = "UPDATE nothing at all"
+    session = handler.load(session_id)
+    session["counter"] = 5
+    assert session.save() is SaveAction.UPDATED
+    assert handler.load(session_id)["counter"] == 5

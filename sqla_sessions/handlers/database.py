@@ -24,6 +24,7 @@ from ..records import Record, StoreStats
 from ..schema import sessions_table
 from .base import BaseHandler, Merged
 from .engines import create_session_engine, is_autocommit_engine
+from .fastpath import FastStatement, fetch_one, row_count
 
 #: How often a locked merge is tried when the database picks it as a deadlock victim.
 _MERGE_ATTEMPTS = 5
@@ -54,7 +55,9 @@ class DatabaseHandler(BaseHandler[Connection]):
         config: SessionConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        fast_path: bool = True,
     ) -> None:
+        """*fast_path*: run the per-request statements on the DBAPI cursor (see `handlers.fastpath`)."""
         config = config or SessionConfig()
         super().__init__(config, clock=clock)
         if isinstance(engine_or_url, Engine):
@@ -75,6 +78,14 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._dialect = "mysql" if dialect == "mariadb" else dialect
         self.lock_strategy = "lease" if self._dialect == "sqlite" else "row"
         self._build_statements()
+        self._fast_path = fast_path
+        dialect_ = self.engine.dialect
+        self._fast_by_hash = FastStatement(self._select_by_hash, dialect_)
+        self._fast_update = FastStatement(self._update_if_version, dialect_)
+        self._fast_insert = FastStatement(
+            sa.insert(self.table).values({name: sa.bindparam(name) for name in _COLUMNS}), dialect_
+        )
+        self._fast_touch = FastStatement(self._touch_row, dialect_)
 
     def close(self) -> None:
         """Dispose of the engine if this handler created it."""
@@ -158,19 +169,29 @@ class DatabaseHandler(BaseHandler[Connection]):
         self, conn: Connection, *, id_hash: str | None = None, key: str | None = None, now: int
     ) -> Record | None:
         if id_hash is not None:
-            row = conn.execute(self._select_by_hash, {"b_id_hash": id_hash, "now": now}).first()
+            params = {"b_id_hash": id_hash, "now": now}
+            if self._fast_path:
+                row = fetch_one(conn, self._fast_by_hash, params)
+            else:
+                row = conn.execute(self._select_by_hash, params).first()
         else:
             row = conn.execute(self._select_by_key, {"b_key": key, "now": now}).first()
         return None if row is None else _record(row)
 
     def _insert(self, conn: Connection, record: Record) -> None:
-        conn.execute(self._insert_row, {name: getattr(record, name) for name in _COLUMNS})
+        values = {name: getattr(record, name) for name in _COLUMNS}
+        if self._fast_path:
+            row_count(conn, self._fast_insert, values)
+        else:
+            conn.execute(self._insert_row, values)
 
     def _update(self, conn: Connection, record: Record, *, expected_version: int, now: int) -> bool:
         params = _write_params(record)
         params["b_version"] = expected_version
         params["now"] = now
         try:
+            if self._fast_path:
+                return row_count(conn, self._fast_update, params) == 1
             return conn.execute(self._update_if_version, params).rowcount == 1
         except sa.exc.DBAPIError as exc:
             if is_transient_conflict(exc):
@@ -201,6 +222,8 @@ class DatabaseHandler(BaseHandler[Connection]):
 
     def _touch(self, conn: Connection, key: str, *, last_activity: int, expires_at: int, now: int) -> bool:
         params = {"b_key": key, "now": now, "v_last_activity": last_activity, "v_expires_at": expires_at}
+        if self._fast_path:
+            return row_count(conn, self._fast_touch, params) == 1
         return conn.execute(self._touch_row, params).rowcount == 1
 
     def _delete(self, conn: Connection, key: str) -> bool:
