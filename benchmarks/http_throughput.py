@@ -99,3 +99,63 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def gc_under_load(pg: str, rows: int, seconds: float, clients: int = 64) -> dict[str, float]:
+    """Delete *rows* expired sessions with `handler.gc()` while the read-only load runs.
+
+    Returns rows/s of the sweep and the load's p99 during the sweep vs without it (same run).
+    """
+    import threading
+
+    from sqla_sessions import DatabaseHandler, SessionConfig, upgrade
+    from sqla_sessions.handlers.engines import create_session_engine
+
+    table = f"bench_{uuid.uuid4().hex[:8]}"
+    engine = create_session_engine(pg)
+    upgrade(engine, table=table)
+    env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": pg, "SQLA_SESSIONS_TABLE": table, "PYTHONPATH": str(ROOT)}
+    process, port = start("sqla_app", env)
+    try:
+        _, cookies = asyncio.run(run("127.0.0.1", port, "POST", "/increment", [""] * clients, 0.3, warmup=0))
+        with engine.begin() as conn:  # a backlog of expired sessions, as after a weekend without GC
+            conn.exec_driver_sql(
+                f"INSERT INTO {table} (key, id_hash, payload, version, created_at, last_activity, expires_at) "
+                f"SELECT md5(i::text), md5('h' || i) || md5('x' || i), '\\x7b7d', 1, 0, 0, 1 "
+                f"FROM generate_series(1, {rows}) AS i"
+            )
+            conn.exec_driver_sql(f"ANALYZE {table}")
+        quiet, cookies = asyncio.run(run("127.0.0.1", port, "GET", "/read", cookies, seconds))
+        handler = DatabaseHandler(create_session_engine(pg, autocommit=True), SessionConfig(table=table))
+        swept: dict[str, float] = {}
+
+        def sweep() -> None:
+            started = time.perf_counter()
+            swept["rows"] = handler.gc(batch_size=1000)
+            swept["seconds"] = time.perf_counter() - started
+
+        sweeper = threading.Thread(target=sweep)
+        sweeper.start()
+        during: list[Result] = []
+        while sweeper.is_alive():
+            result, cookies = asyncio.run(run("127.0.0.1", port, "GET", "/read", cookies, 2.0, warmup=0))
+            during.append(result)
+        sweeper.join()
+        latencies = [x for r in during for x in r.latencies]
+        loaded = Result(sum(r.requests for r in during), sum(r.seconds for r in during), latencies, 0)
+        return {
+            "rows": swept["rows"],
+            "rows_per_second": swept["rows"] / swept["seconds"],
+            "p99_quiet_ms": quiet.p99,
+            "p99_during_gc_ms": loaded.p99,
+            "p99_ratio": loaded.p99 / quiet.p99,
+            "rps_quiet": quiet.rps,
+            "rps_during_gc": loaded.rps,
+        }
+    finally:
+        process.terminate()
+        process.wait(10)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+            conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
+        engine.dispose()

@@ -51,18 +51,14 @@ def summary(latencies: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, ordered[int(len(ordered) * 0.99) - 1] * 1000
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--rounds", type=int, default=200)
-    args = parser.parse_args()
-
+def run(pg: str, rounds: int) -> dict[str, tuple[float, float]]:
+    """Return {store: (median ms, p99 ms)} for PostgreSQL's row lock and the SQLite lease."""
     table = f"bench_{uuid.uuid4().hex[:8]}"
     config = SessionConfig(table=table)
-    results = {}
-    pg_engine = create_session_engine(args.pg, autocommit=True)
-    upgrade(create_session_engine(args.pg), table=table)
-    results["postgresql (row lock)"] = summary(measure(DatabaseHandler(pg_engine, config), args.rounds))
+    results: dict[str, tuple[float, float]] = {}
+    pg_engine = create_session_engine(pg, autocommit=True)
+    upgrade(create_session_engine(pg), table=table)
+    results["postgresql (row lock)"] = summary(measure(DatabaseHandler(pg_engine, config), rounds))
     with pg_engine.begin() as conn:
         conn.exec_driver_sql(f"DROP TABLE {table}")
         conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
@@ -72,8 +68,17 @@ def main() -> None:
         url = f"sqlite:///{Path(folder) / 'bench.db'}"
         upgrade(url, table=table)
         sqlite = DatabaseHandler(url, config)
-        results["sqlite (lease, polled)"] = summary(measure(sqlite, args.rounds))
+        results["sqlite (lease, polled)"] = summary(measure(sqlite, rounds))
         sqlite.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+    results = run(args.pg, args.rounds)
 
     print(f"{'lock hand-off':<24} {'median ms':>10} {'p99 ms':>8}")
     for name, (median, p99) in results.items():

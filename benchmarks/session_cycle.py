@@ -33,14 +33,10 @@ def rate(fn: Callable[[], object], seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args()
-
+def run(url: str, seconds: float) -> list[tuple[str, float, float]]:
+    """Return (cycle, ours per second, raw psycopg per second) for the read-only and write cycles."""
     table = f"bench_{uuid.uuid4().hex[:8]}"
-    engine = create_session_engine(args.url, autocommit=True, pool_size=2)
+    engine = create_session_engine(url, autocommit=True, pool_size=2)
     upgrade(engine, table=table)
     handler = DatabaseHandler(engine, SessionConfig(table=table))
     seed = handler.load(None)
@@ -56,7 +52,7 @@ def main() -> None:
         session["counter"] += 1
         session.save()
 
-    dsn = sa.make_url(args.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     raw = psycopg.connect(dsn, autocommit=True)
     id_hash = hash_session_id(session_id)
     select = (
@@ -81,17 +77,25 @@ def main() -> None:
 
     results = []
     for name, ours, baseline in (("read-only", ours_read, raw_read), ("write", ours_write, raw_write)):
-        theirs_rate = rate(baseline, args.seconds)
-        ours_rate = rate(ours, args.seconds)
+        theirs_rate = rate(baseline, seconds)
+        ours_rate = rate(ours, seconds)
         results.append((name, ours_rate, theirs_rate))
-    print(f"{'cycle':<10} {'sqla_sessions/s':>16} {'raw psycopg/s':>14} {'ratio':>6}")
-    for name, ours_rate, theirs_rate in results:
-        print(f"{name:<10} {ours_rate:>16.0f} {theirs_rate:>14.0f} {ours_rate / theirs_rate:>6.2f}")
     raw.close()
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP TABLE {table}")
         conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
     engine.dispose()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    print(f"{'cycle':<10} {'sqla_sessions/s':>16} {'raw psycopg/s':>14} {'ratio':>6}")
+    for name, ours_rate, theirs_rate in run(args.url, args.seconds):
+        print(f"{name:<10} {ours_rate:>16.0f} {theirs_rate:>14.0f} {ours_rate / theirs_rate:>6.2f}")
 
 
 if __name__ == "__main__":
