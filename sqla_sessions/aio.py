@@ -278,10 +278,9 @@ class AsyncBlockingSession:
 
 
 def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:
-    from sqlalchemy import event
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from .handlers.engines import SQLITE_BUSY_TIMEOUT
+    from .handlers.engines import SQLITE_BUSY_TIMEOUT, use_wal
 
     pool: Any = handler.engine.pool
     sizing: dict[str, Any] = {}
@@ -293,12 +292,5 @@ def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:
     engine = create_async_engine(
         url, isolation_level="AUTOCOMMIT", connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, **sizing
     )
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _wal(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
+    use_wal(engine.sync_engine)
     return engine

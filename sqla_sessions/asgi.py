@@ -23,11 +23,10 @@ from .aio import AsyncBlockingSession, AsyncSessionStore
 from .config import SessionConfig
 from .errors import LockTimeout
 from .handlers.base import BaseHandler
-from .handlers.database import DatabaseHandler
 from .locking import Blocking, blocking_matcher
 from .records import SaveAction
 from .session import Session
-from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, sweep_batches
+from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, resolve_handler, sweep_batches
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -66,11 +65,8 @@ class SessionMiddleware:
         instead of the default thread pool; see `sqla_sessions.aio`.
         """
         self.app = app
-        if handler is None:
-            config = config or SessionConfig()
-            handler = DatabaseHandler(config.database_url, config)
-        self.config = config or handler.config
-        self.handler = handler
+        config, handler = resolve_handler(config, handler)
+        self.config, self.handler = config, handler
         self.store = AsyncSessionStore(handler, async_engine=async_engine)
         self.cycle = SessionCycle(self.config, handler.now)
         self._blocking = blocking_matcher(blocking, lambda scope: scope.get("path", ""))

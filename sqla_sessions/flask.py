@@ -32,10 +32,9 @@ from werkzeug.exceptions import HTTPException
 from .config import SessionConfig
 from .errors import LockTimeout
 from .handlers.base import BaseHandler
-from .handlers.database import DatabaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .session import Session
-from .web import SessionCycle, http_reason, sweep_batches
+from .web import SessionCycle, http_reason, resolve_handler, sweep_batches
 from .wsgi import RETRY_AFTER, finish_response, request_info
 
 if TYPE_CHECKING:
@@ -121,9 +120,7 @@ def init_app(
     *blocking*: path globs or a callable given the WSGI environ; views can also be marked with
     `sqla_sessions.locking.blocking`.
     """
-    if handler is None:
-        config = config or SessionConfig()
-        handler = DatabaseHandler(config.database_url, config)
+    _, handler = resolve_handler(config, handler)
     app.session_interface = SqlaSessionInterface(handler, blocking)
     app.extensions["sqla_sessions"] = handler
 

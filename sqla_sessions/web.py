@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
 from .config import SessionConfig
 from .cookies import CookieWriter, pick_session_id, session_cookie_values
 from .errors import PayloadTooLarge, SessionInterrupted
+from .handlers.base import BaseHandler
 from .records import SaveAction
 from .session import Session
 
@@ -150,6 +152,18 @@ class SessionCycle:
         """True when this request should sweep expired sessions (after its response is sent)."""
         chances, out_of = self.config.lottery
         return chances > 0 and random.randrange(out_of) < chances
+
+
+def resolve_handler(
+    config: SessionConfig | None, handler: BaseHandler[Any] | None
+) -> tuple[SessionConfig, BaseHandler[Any]]:
+    """The integrations' arguments: a given handler (and its config), else a `DatabaseHandler` for *config*."""
+    if handler is None:
+        config = config or SessionConfig()
+        from .handlers.database import DatabaseHandler
+
+        handler = DatabaseHandler(config.database_url, config)
+    return config or handler.config, handler
 
 
 def http_reason(status: int) -> str:

@@ -17,10 +17,9 @@ from sqlalchemy.exc import DBAPIError
 from .config import SessionConfig
 from .errors import LockTimeout
 from .handlers.base import BaseHandler
-from .handlers.database import DatabaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher
 from .records import SaveAction
-from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, sweep_batches
+from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, resolve_handler, sweep_batches
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -44,11 +43,8 @@ class SessionMiddleware:
     ) -> None:
         """*blocking*: path globs (`["/checkout/*"]`) or a callable given the environ; see `sqla_sessions.locking`."""
         self.app = app
-        if handler is None:
-            config = config or SessionConfig()
-            handler = DatabaseHandler(config.database_url, config)
-        self.config = config or handler.config
-        self.handler = handler
+        config, handler = resolve_handler(config, handler)
+        self.config, self.handler = config, handler
         self.cycle = SessionCycle(self.config, handler.now)
         self._blocking = blocking_matcher(blocking, lambda environ: environ.get("PATH_INFO", ""))
 

@@ -46,16 +46,19 @@ def create_session_engine(url: str | URL, *, autocommit: bool = False, **kwargs:
         kwargs.setdefault("poolclass", StaticPool)
     engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
     if not in_memory:
-
-        @sa.event.listens_for(engine, "connect")
-        def _wal(dbapi_connection: Any, _record: Any) -> None:
-            # WAL lets readers run beside the one writer instead of waiting for it.
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
+        use_wal(engine)
     return engine
+
+
+def use_wal(engine: Engine) -> None:
+    """Put every new SQLite connection of *engine* in WAL mode: readers run beside the one writer."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _wal(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
 
 
 def is_autocommit_engine(engine: Engine) -> bool:
