@@ -33,8 +33,13 @@ def free_port() -> int:
 
 def start(factory: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    command = ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", f"http_apps:{factory}", "--factory",
-               "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    if factory.startswith("flask_"):  # WSGI apps: gunicorn, one worker, threads
+        command = ["taskset", "-c", "0", sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class",
+                   "gthread", "--threads", "16", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+                   f"http_apps:{factory}()"]  # fmt: skip
+    else:
+        command = ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", f"http_apps:{factory}", "--factory",
+                   "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT / "benchmarks", env=env)
     for _ in range(100):
         try:
@@ -42,7 +47,8 @@ def start(factory: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], i
             return process, port
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError("server did not start")
+    process.terminate()
+    raise RuntimeError(f"server {factory} did not start")
 
 
 def measure(factory: str, env: dict[str, str], clients: int, seconds: float) -> dict[str, Result]:

@@ -121,9 +121,14 @@ def main() -> None:
         http = {
             "cookie": http_throughput.measure("cookie_app", env, 64, args.seconds),
             "sqla": http_throughput.measure("sqla_app", env, 64, args.seconds),
+            "starsessions": http_throughput.measure("starsessions_app", env, 64, args.seconds),
+            "flask_cookie": http_throughput.measure("flask_cookie_app", env, 64, args.seconds),
+            "flask_sqla": http_throughput.measure("flask_sqla_app", env, 64, args.seconds),
+            "flask_session": http_throughput.measure("flask_session_app", env, 64, args.seconds),
         }
     finally:
         _drop(args.pg, table)
+        _drop(args.pg, "flask_sessions")
     gc = http_throughput.gc_under_load(args.pg, args.gc_rows, args.seconds)
     crowd = contention.run(args.pg, args.seconds, 50)
     handoff = lock_handoff.run(args.pg, 200)
@@ -173,6 +178,33 @@ def main() -> None:
             f"{ratio:.2f} | {targets[route]:.2f} |"
         )
         ratios[f"HTTP {route} vs cookie sessions"] = (ratio, targets[route])
+    lines += [
+        "",
+        "### Against the stores a user could pick instead (same routes, same load, same run)",
+        "",
+        "| server | store | read-only req/s | ratio | increment req/s | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    peers = [
+        ("uvicorn (ASGI)", "Starlette cookie sessions (baseline)", "cookie", "cookie"),
+        ("uvicorn (ASGI)", "**sqla_sessions**, PostgreSQL", "sqla", "cookie"),
+        ("uvicorn (ASGI)", "starsessions, Redis", "starsessions", "cookie"),
+        ("gunicorn gthread (WSGI)", "Flask cookie sessions (baseline)", "flask_cookie", "flask_cookie"),
+        ("gunicorn gthread (WSGI)", "**sqla_sessions** (Flask), PostgreSQL", "flask_sqla", "flask_cookie"),
+        ("gunicorn gthread (WSGI)", "Flask-Session, SQLAlchemy, PostgreSQL", "flask_session", "flask_cookie"),
+    ]
+    for server, label, key, base_key in peers:
+        read, inc = http[key]["read-only"], http[key]["increment"]
+        base_read, base_inc = http[base_key]["read-only"], http[base_key]["increment"]
+        lines.append(
+            f"| {server} | {label} | {read.rps:.0f} | {read.rps / base_read.rps:.2f} | {inc.rps:.0f} | "
+            f"{inc.rps / base_inc.rps:.2f} |"
+        )
+    lines += [
+        "",
+        "Django's db sessions are not in this table yet: under this load generator its ASGI app answered",
+        "non-2xx responses that a single client never saw, and the figures would not be fair.",
+    ]
     for name, ours, raw in cycle:
         ratios[f"session cycle {name} vs raw psycopg"] = (ours / raw, 0.70)
     lines += [
