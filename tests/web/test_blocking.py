@@ -226,3 +226,17 @@ def test_a_killed_holder_never_leaves_a_stale_lock(server: Server, tmp_root: Pat
         assert response.status_code == 200
     else:
         assert response.status_code == 200 and elapsed < 1.0  # the database released it at once
+
+
+def test_a_client_that_goes_away_does_not_keep_the_lock(server: Server) -> None:
+    cookie = server.new_session()
+    with httpx.Client(base_url=server.base_url, timeout=0.3) as impatient:
+        with pytest.raises(httpx.TimeoutException):
+            impatient.post("/blocking/work?ms=1000", headers=sent(cookie))  # then it hangs up
+    # The abandoned request ends when its app returns; the lock goes with it, not later.
+    started = time.monotonic()
+    with server.client() as client:
+        response = client.post("/blocking/work?ms=10", headers=sent(cookie))
+    assert response.status_code == 200
+    assert time.monotonic() - started < BLOCK_WAIT
+    assert response.json()["n"] == 2  # the abandoned request finished and saved first
