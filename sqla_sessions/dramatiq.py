@@ -135,8 +135,12 @@ class SessionActor(Generic[P, R]):
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> dramatiq.Message[Any]:
-        key = _key_of(session_or_key)
-        job_id = uuid.uuid4().hex
+        return self._message(_key_of(session_or_key), uuid.uuid4().hex, args, kwargs, options)
+
+    def _message(
+        self, key: str, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None, options: dict[str, Any]
+    ) -> dramatiq.Message[Any]:
+        """The wire form of a job: the session's key and a job id first (never the cookie id)."""
         return self.actor.message_with_options(args=(key, job_id, *args), kwargs=kwargs or {}, **options)
 
     def send(self, session_or_key: Session | str, *args: Any, **kwargs: Any) -> dramatiq.Message[Any]:
@@ -161,9 +165,7 @@ class SessionActor(Generic[P, R]):
         holder: list[dramatiq.Message[Any]] = []
 
         def enqueue() -> None:
-            message = self.actor.message_with_options(
-                args=(_key_of(session), job_id, *args), kwargs=kwargs or {}, **options
-            )
+            message = self._message(_key_of(session), job_id, args, kwargs, options)
             holder.append(self.broker.enqueue(message, delay=delay))
 
         session._after_save(enqueue, f"{self.actor_name} job {job_id}")

@@ -132,8 +132,7 @@ class Session(StoreApi):
     @property
     def modified(self) -> bool:
         """True when saving would write something (data, user, id or deletion)."""
-        updates, removals = self._collect_changes()
-        return bool(updates or removals or self._user_id != self._base_user_id or self._id_changed)
+        return self._has_changes(*self._collect_changes())
 
     @modified.setter
     def modified(self, value: bool) -> None:
@@ -313,6 +312,10 @@ class Session(StoreApi):
             if key not in raw or not _same(encoded, raw[key]):
                 updates[key] = encoded
         return updates, frozenset(self._gone)
+
+    def _has_changes(self, updates: Mapping[str, Any], removals: frozenset[str]) -> bool:
+        """Whether a save must write: changed keys, a new user or a new id (invalidate() sets one too)."""
+        return bool(updates or removals or self._id_changed or self._user_id != self._base_user_id)
 
     def _rebase(self, record: Record, raw: dict[str, Any], written: Mapping[str, Any]) -> None:
         """Adopt what was stored: *raw* becomes the new snapshot; keys not written are re-read lazily.

@@ -94,7 +94,9 @@ def test_a_contended_save_locks_merges_and_commits(db_backend: Backend, clock: F
 
 def test_the_same_counts_without_the_fast_path(db_backend: Backend, clock: FakeClock) -> None:
     handler = DatabaseHandler(db_backend.engine, SessionConfig(), clock=clock, fast_path=False)
-    session_id = _stored_id(handler)
+    with StatementCounter(db_backend.engine) as counter:
+        session_id = _stored_id(handler)  # the first write: one INSERT through SQLAlchemy's path
+    assert counter.count == 1 and counter.statements[0].lstrip().upper().startswith("INSERT")
     with StatementCounter(db_backend.engine) as counter:
         session = handler.load(session_id)
         session["counter"] = 1

@@ -253,14 +253,7 @@ class BaseHandler(ABC, Generic[C]):
             session._end_request()
         # Encode before touching the database: an unsupported value fails here, naming its key.
         updates, removals = session._collect_changes()
-        unchanged = not (
-            updates
-            or removals
-            or session._id_changed
-            or session._destroy_key
-            or session._user_id != session._base_user_id
-        )
-        if unchanged:
+        if not session._has_changes(updates, removals):
             record = session._record
             if not record_activity or record is None or self.now() - record.last_activity < self.config.touch_interval:
                 return None
@@ -309,10 +302,10 @@ class BaseHandler(ABC, Generic[C]):
                 return action
             return self._insert_new(conn, session, updates, now)
 
+        if not session._has_changes(updates, removals):
+            return self._touch_if_due(conn, session, record, now)
         id_changed = session._id_changed
         user_changed = session._user_id != session._base_user_id
-        if not (updates or removals or id_changed or user_changed):
-            return self._touch_if_due(conn, session, record, now)
 
         ip, agent = _client(session)
         new_raw = _apply(session._raw, updates, removals)

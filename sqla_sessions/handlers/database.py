@@ -82,9 +82,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         dialect_ = self.engine.dialect
         self._fast_by_hash = FastStatement(self._select_by_hash, dialect_)
         self._fast_update = FastStatement(self._update_if_version, dialect_)
-        self._fast_insert = FastStatement(
-            sa.insert(self.table).values({name: sa.bindparam(name) for name in _COLUMNS}), dialect_
-        )
+        self._fast_insert = FastStatement(self._insert_row, dialect_)
         self._fast_touch = FastStatement(self._touch_row, dialect_)
 
     def close(self) -> None:
@@ -100,7 +98,8 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._select_by_hash = sa.select(*cols).where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now)
         self._select_by_key = sa.select(*cols).where(t.c.key == key, t.c.expires_at > now)
         self._select_for_update = sa.select(*cols).where(t.c.key == key).with_for_update()
-        self._insert_row = sa.insert(t)
+        # Explicit columns: the lease columns stay NULL, and the compiled SQL names exactly these binds.
+        self._insert_row = sa.insert(t).values({name: sa.bindparam(name) for name in _COLUMNS})
         writable = {name: sa.bindparam(f"v_{name}", type_=t.c[name].type) for name in _COLUMNS if name != "key"}
         self._update_row = sa.update(t).where(t.c.key == key).values(**writable)
         self._update_if_version = (
