@@ -108,8 +108,12 @@ def test_a_driver_error_on_the_fast_path_is_retried_through_sqlalchemy(db_backen
     handler = _handler(db_backend, clock)
     session_id = _stored_id(handler)
     handler._fast_by_hash.sql = "SELEC this is not sql"  # the driver raises; SQLAlchemy's path answers
+    if handler._fast_by_hash.libpq is not None:  # PostgreSQL: the libpq statement too
+        handler._fast_by_hash.libpq.sql, handler._fast_by_hash.libpq.name = b"SELEC oops", b"broken_select"
     assert handler.load(session_id)["counter"] == 0
     handler._fast_update.sql = "UPDATE nothing at all"
+    if handler._fast_update.libpq is not None:
+        handler._fast_update.libpq.sql, handler._fast_update.libpq.name = b"UPDATE oops", b"broken_update"
     session = handler.load(session_id)
     session["counter"] = 5
     assert session.save() is SaveAction.UPDATED

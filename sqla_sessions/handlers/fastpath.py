@@ -1,13 +1,17 @@
-"""The hot statements, compiled once by SQLAlchemy and executed on the DBAPI cursor.
+"""The hot statements, compiled once by SQLAlchemy and run below `Connection.execute`.
 
 SQLAlchemy Core costs about 80 µs per `Connection.execute` here (execution context, result object,
 event plumbing) on top of a ~75 µs PostgreSQL round trip: more than the query itself. The handful of
 statements every request runs (load by id hash, compare-and-set update, insert, touch) therefore
-run on the DBAPI cursor with the SQL and bind processing SQLAlchemy compiled for this dialect.
+run on the DBAPI connection directly:
+
+- PostgreSQL with psycopg 3: prepared once per connection and run through libpq (`handlers.libpq`);
+- other drivers: on a DBAPI cursor, with the SQL and bind processing SQLAlchemy compiled for the dialect.
 
 What stays SQLAlchemy's:
-- the engine's `before_cursor_execute` / `after_cursor_execute` events fire around each statement,
-  so statement counting, tracing and logging hooks keep working (with `context=None`);
+- an engine that anything listens to (`before_cursor_execute` and friends: statement counters,
+  tracing, OpenTelemetry) or that echoes SQL runs every statement through `Connection.execute`, so
+  each hook sees the real cursor and execution context; the statements are the same ones;
 - on any driver error the statement is run again through `Connection.execute`, which maps the
   error to `sqlalchemy.exc` and invalidates a dead connection, exactly as without the fast path.
   Re-running is safe for these statements: a failed SELECT has no effect, and the UPDATEs are
@@ -22,11 +26,13 @@ from typing import Any
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.expression import Executable
 
+from .libpq import PreparedStatement, affected_rows, first_row
+
 
 class FastStatement:
-    """One statement compiled for one dialect, ready for `cursor.execute`."""
+    """One statement compiled for one dialect, ready for `cursor.execute` (and libpq where it applies)."""
 
-    __slots__ = ("names", "processors", "sql", "statement")
+    __slots__ = ("libpq", "names", "processors", "sql", "statement")
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
@@ -35,6 +41,7 @@ class FastStatement:
         self.names: tuple[str, ...] | None = tuple(compiled.positiontup) if compiled.positional else None
         # Bind processors (e.g. psycopg's binary wrapper for the payload); private but stable in 2.x.
         self.processors: dict[str, Callable[[Any], Any]] = dict(compiled._bind_processors)
+        self.libpq: PreparedStatement | None = PreparedStatement.for_dialect(statement, dialect)
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
         if self.processors:
@@ -46,32 +53,45 @@ class FastStatement:
 
 def fetch_one(conn: Connection, fast: FastStatement, values: Mapping[str, Any]) -> Any:
     """Run a SELECT and return its first row (a tuple) or None."""
-    try:
-        return _execute(conn, fast, values, lambda cursor: cursor.fetchone())
-    except Exception:
+    row = _run_below(conn, fast, values, first_row, lambda cursor: cursor.fetchone())
+    if row is _NOT_RUN:
         return conn.execute(fast.statement, dict(values)).first()
+    return row
 
 
 def row_count(conn: Connection, fast: FastStatement, values: Mapping[str, Any]) -> int:
     """Run an INSERT/UPDATE/DELETE and return the number of rows it matched."""
-    try:
-        return int(_execute(conn, fast, values, lambda cursor: cursor.rowcount))
-    except Exception:
+    count = _run_below(conn, fast, values, affected_rows, lambda cursor: cursor.rowcount)
+    if count is _NOT_RUN:
         return int(conn.execute(fast.statement, dict(values)).rowcount)
+    return int(count)
 
 
-def _execute(conn: Connection, fast: FastStatement, values: Mapping[str, Any], read: Callable[[Any], Any]) -> Any:
-    engine = conn.engine
-    events = getattr(engine, "_has_events", True) or getattr(conn, "_has_events", True)
-    parameters = fast.parameters(values)
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+#: `_run_below` did not run the statement (or it failed): the caller runs it through SQLAlchemy.
+_NOT_RUN: Any = object()
+
+
+def _run_below(
+    conn: Connection,
+    fast: FastStatement,
+    values: Mapping[str, Any],
+    from_result: Callable[[Any], Any],
+    from_cursor: Callable[[Any], Any],
+) -> Any:
+    """Run *fast* through libpq or on a DBAPI cursor; `_NOT_RUN` when SQLAlchemy must do it."""
+    if conn._has_events or conn.engine._has_events or conn._echo:
+        return _NOT_RUN  # something watches the statements: it must see them through SQLAlchemy
     try:
-        if events:
-            conn.dispatch.before_cursor_execute(conn, cursor, fast.sql, parameters, None, False)
-        cursor.execute(fast.sql, parameters)
-        result = read(cursor)
-        if events:
-            conn.dispatch.after_cursor_execute(conn, cursor, fast.sql, parameters, None, False)
-        return result
-    finally:
-        cursor.close()
+        fairy = conn.connection
+        if fast.libpq is not None:
+            result = fast.libpq.execute(fairy.dbapi_connection, fairy.info, values)
+            if result is not None:
+                return from_result(result)
+        cursor = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(fast.sql, fast.parameters(values))
+            return from_cursor(cursor)
+        finally:
+            cursor.close()
+    except Exception:
+        return _NOT_RUN  # SQLAlchemy's path raises the error properly (and invalidates a dead connection)

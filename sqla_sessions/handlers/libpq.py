@@ -1,0 +1,195 @@
+"""The hot statements on PostgreSQL, prepared once per connection and run through psycopg's libpq binding.
+
+psycopg's `cursor.execute` spends ~65 µs of CPU per statement here (cursor and adapter objects, query
+conversion, a Python-level wait loop); `PGconn.exec_prepared` on the same connection spends ~20 µs
+and waits for the server in C with the GIL released (benchmarks/session_cycle.py measures both). So
+the four statements every request runs go this way when the connection allows it:
+
+- the connection is psycopg 3's sync `Connection`, idle in autocommit (a failed statement then has
+  no effect but the error), and its client encoding is UTF-8;
+- parameters and results travel in binary, by the types each statement was prepared with (so no
+  text escaping, and a NUL in a string is the server's error rather than a silent truncation);
+- a connection or value this module does not take makes `execute` return None, and
+  `handlers.fastpath` runs the statement on psycopg's cursor instead; an error from the server
+  raises `StatementFailed`, and the statement is run once more through SQLAlchemy, which raises,
+  maps and invalidates exactly as without this module (the cursor would only fail the same way).
+  A prepared statement gone stale is prepared again on its next use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.expression import Executable
+
+try:
+    from psycopg import Connection as PsycopgConnection
+    from psycopg import pq
+except ImportError:  # pragma: no cover - psycopg finds no libpq (neither the system's nor psycopg[binary]'s)
+    PsycopgConnection = None  # type: ignore[assignment,misc]
+    pq = None  # type: ignore[assignment]
+
+#: `Connection.info` key: the names of the statements prepared on this DBAPI connection.
+_PREPARED = "sqla_sessions_prepared"
+
+#: SQLSTATEs of a prepared statement gone stale: deallocated (DISCARD ALL, a pooler), or its table
+#: changed under it ("cached plan must not change result type", undefined table/column).
+_STALE = (b"26000", b"0A000", b"42P01", b"42703")
+
+
+class StatementFailed(Exception):
+    """The server refused a statement sent through libpq (SQLAlchemy's path runs it again, and raises)."""
+
+
+_INT8, _BYTEA, _TEXT, _VARCHAR, _INT4, _INT2, _NAME, _BPCHAR = 20, 17, 25, 1043, 23, 21, 19, 1042
+
+
+def _decode_int(value: bytes) -> int:
+    return int.from_bytes(value, "big", signed=True)
+
+
+def _decode_text(value: bytes) -> str:
+    return value.decode("utf-8")
+
+
+#: Result columns in binary format, by type OID.
+_DECODERS: dict[int, Callable[[bytes], Any]] = {
+    _INT8: _decode_int,
+    _INT4: _decode_int,
+    _INT2: _decode_int,
+    _TEXT: _decode_text,
+    _VARCHAR: _decode_text,
+    _BPCHAR: _decode_text,
+    _NAME: _decode_text,
+    _BYTEA: bytes,
+}
+
+
+def _encode_int8(value: Any) -> bytes | None:
+    if type(value) is not int:
+        return None
+    return value.to_bytes(8, "big", signed=True)
+
+
+def _encode_text(value: Any) -> bytes | None:
+    return value.encode("utf-8") if type(value) is str else None
+
+
+def _encode_bytea(value: Any) -> bytes | None:
+    return value if type(value) is bytes else None
+
+
+def _parameter_type(bind_type: sa.types.TypeEngine[Any]) -> tuple[int, Callable[[Any], bytes | None]] | None:
+    if isinstance(bind_type, sa.BigInteger):
+        return _INT8, _encode_int8
+    if isinstance(bind_type, sa.String):
+        return _VARCHAR, _encode_text
+    if isinstance(bind_type, sa.LargeBinary):
+        return _BYTEA, _encode_bytea
+    return None
+
+
+class PreparedStatement:
+    """One statement, prepared by name on each psycopg connection that runs it."""
+
+    __slots__ = ("encoders", "formats", "name", "names", "sql", "types")
+
+    def __init__(self, statement: Executable) -> None:
+        from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+        numbered = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]  # $1, $2 …
+        compiled = statement.compile(dialect=numbered)  # type: ignore[attr-defined]
+        self.sql: bytes = str(compiled).encode()
+        self.names: tuple[str, ...] = tuple(compiled.positiontup)
+        types: list[int] = []
+        encoders: list[Callable[[Any], bytes | None]] = []
+        for name in self.names:
+            known = _parameter_type(compiled.binds[name].type)
+            if known is None:
+                raise TypeError(f"no binary encoding for parameter {name!r}")
+            types.append(known[0])
+            encoders.append(known[1])
+        self.types = tuple(types)
+        self.encoders = tuple(encoders)
+        self.formats = [1] * len(types)  # every parameter in binary
+        # Same SQL, same name: handlers on one table share the prepared statement of a connection.
+        self.name: bytes = b"sqla_sessions_" + hashlib.sha256(self.sql).hexdigest()[:24].encode()
+
+    @staticmethod
+    def for_dialect(statement: Executable, dialect: sa.engine.Dialect) -> PreparedStatement | None:
+        """A `PreparedStatement` for psycopg 3's sync PostgreSQL dialect, else None."""
+        if pq is None or dialect.name != "postgresql" or dialect.driver != "psycopg" or dialect.is_async:
+            return None
+        try:
+            return PreparedStatement(statement)
+        except TypeError:
+            return None
+
+    def execute(self, dbapi_connection: Any, info: MutableMapping[str, Any], values: Mapping[str, Any]) -> Any:
+        """Run on *dbapi_connection*; return the `PGresult`, None when this connection or these values
+        are not for libpq, or raise `StatementFailed` when the server refused the statement.
+
+        *info* is the SQLAlchemy connection record's `info` (it lives as long as the DBAPI connection).
+        """
+        if not _usable(dbapi_connection):
+            return None
+        pgconn = dbapi_connection.pgconn
+        if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            return None  # inside a transaction a failed statement would abort it: psycopg's cursor
+        if pgconn.parameter_status(b"client_encoding") != b"UTF8":
+            return None  # text goes out as UTF-8 bytes (`SET client_encoding` may change it at any time)
+        params: list[bytes | None] = []
+        for name, encode in zip(self.names, self.encoders, strict=True):
+            value = values[name]
+            if value is None:
+                params.append(None)
+                continue
+            encoded = encode(value)
+            if encoded is None:
+                return None
+            params.append(encoded)
+        prepared: set[bytes] = info.setdefault(_PREPARED, set())
+        if self.name not in prepared:
+            result = pgconn.prepare(self.name, self.sql, self.types)
+            if result.status != pq.ExecStatus.COMMAND_OK:
+                raise StatementFailed(result.error_message)
+            prepared.add(self.name)
+        result = pgconn.exec_prepared(self.name, params, self.formats, 1)
+        if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            return result
+        if result.error_field(pq.DiagnosticField.SQLSTATE) in _STALE:
+            prepared.discard(self.name)  # prepare afresh next time
+            pgconn.exec_(b"DEALLOCATE " + self.name)  # an error if it is gone already: harmless, idle
+        raise StatementFailed(result.error_message)
+
+
+def _usable(dbapi_connection: Any) -> bool:
+    """Checked at every call: autocommit and the threshold may change between checkouts."""
+    return (
+        isinstance(dbapi_connection, PsycopgConnection)
+        and dbapi_connection.autocommit
+        # None: the user runs behind a pooler (PgBouncer in transaction mode) that cannot keep them
+        and dbapi_connection.prepare_threshold is not None
+    )
+
+
+def first_row(result: Any) -> tuple[Any, ...] | None:
+    """The first row of a binary-format `PGresult`, decoded; None for no row.
+
+    Raises `LookupError` for a column type this module does not decode.
+    """
+    if result.ntuples == 0:
+        return None
+    row = []
+    for column in range(result.nfields):
+        value = result.get_value(0, column)
+        row.append(None if value is None else _DECODERS[result.ftype(column)](value))
+    return tuple(row)
+
+
+def affected_rows(result: Any) -> int:
+    """The rows an INSERT/UPDATE/DELETE matched."""
+    return int(result.command_tuples or 0)
