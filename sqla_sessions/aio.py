@@ -3,11 +3,12 @@
 There is one implementation of the logic (`BaseHandler._load_on`, `_save_on`, …); this module only
 decides where it runs:
 
-- `DatabaseHandler` (default): on the handler's own sync engine, in a worker thread of a dedicated
-  pool. The loop never waits for the database; a request holds a thread only while its statements
-  run. Measured here (benchmarks/http_throughput.py, PostgreSQL, 64 clients, one core) this serves
-  1.4x the requests of the AsyncEngine path: psycopg's async machinery plus SQLAlchemy's greenlet
-  bridge cost more per statement than one thread hop.
+- `DatabaseHandler` (default): on the handler's own sync engine, in `WorkerThreads`. The loop never
+  waits for the database; a request holds a thread only while its statements run, and on
+  PostgreSQL the wait happens inside libpq with the GIL released (`handlers.libpq`). Measured here
+  (benchmarks/http_throughput.py, PostgreSQL, 64 clients, one core) this serves more requests than
+  the AsyncEngine path: psycopg's async machinery plus SQLAlchemy's greenlet bridge cost more per
+  statement than one thread hop.
 - `DatabaseHandler` with `async_engine=` (an `AsyncEngine`, or "auto" to derive one: psycopg 3 for
   PostgreSQL, aiosqlite for a SQLite file, aiomysql for MariaDB/MySQL when installed): on an
   `AsyncEngine` connection through `AsyncConnection.run_sync`, so every statement awaits its socket
@@ -23,7 +24,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -37,6 +37,7 @@ from .ids import is_valid_session_id
 from .locking import FIRST_POLL, next_poll
 from .records import SaveAction
 from .session import Session
+from .threads import WorkerThreads
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -74,7 +75,7 @@ class AsyncSessionStore:
         self.config = handler.config
         self._engine: AsyncEngine | None = None
         self._owns_engine = False
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: WorkerThreads | None = None
         if not isinstance(handler, DatabaseHandler):
             return
         if async_engine == "auto":
@@ -85,12 +86,12 @@ class AsyncSessionStore:
         elif async_engine is not None:
             self._engine = async_engine
         if self._engine is None:
-            self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="sqla_sessions")
+            self._threads = WorkerThreads(THREADS)
 
     @property
     def mode(self) -> str:
         """'async-engine', 'threads' or 'inline': where the handler's logic runs."""
-        return "async-engine" if self._engine is not None else "threads" if self._executor else "inline"
+        return "async-engine" if self._engine is not None else "threads" if self._threads else "inline"
 
     async def load(self, session_id: str | None) -> Session:
         fresh = self.handler._fresh_unless_valid(session_id)
@@ -126,17 +127,16 @@ class AsyncSessionStore:
     async def aclose(self) -> None:
         if self._engine is not None and self._owns_engine:
             await self._engine.dispose()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        if self._threads is not None:
+            self._threads.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(connection, *args)` on a connection of the right kind."""
         if self._engine is not None:
             async with self._engine.connect() as conn:
                 return await conn.run_sync(fn, *args)
-        if self._executor is not None:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._run_in_thread, fn, args)
+        if self._threads is not None:
+            return await self._threads.run(self._run_in_thread, fn, args)
         return self._run_in_thread(fn, args)
 
     def _run_in_thread(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -145,10 +145,11 @@ class AsyncSessionStore:
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run a whole sync handler operation (several connections, e.g. GC) off the loop."""
-        if self._engine is None and self._executor is None:
-            return fn()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn)
+        if self._threads is not None:
+            return await self._threads.run(fn)
+        if self._engine is not None:  # the handler's sync engine: off the loop, in the loop's default executor
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        return fn()  # memory: no I/O
 
 
 class _HeldConnection:
@@ -185,10 +186,10 @@ class _HeldConnection:
                 await self._in_thread(lambda: cm.__exit__(None, None, None))
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
-        executor = self._store._executor
-        if executor is None:
+        threads = self._store._threads
+        if threads is None:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+        return await threads.run(fn)
 
 
 class AsyncBlockingSession:
