@@ -40,6 +40,10 @@ def sqla_app() -> Any:
         url, autocommit=True, pool_size=int(os.environ.get("BENCH_POOL", "70")), max_overflow=10
     )
     async_engine = "auto" if os.environ.get("BENCH_MODE") == "async-engine" else None
+    if os.environ.get("BENCH_MODE") == "memory":
+        from sqla_sessions import MemoryHandler
+
+        return SessionMiddleware(Starlette(routes=ROUTES), config, handler=MemoryHandler(config))
     return SessionMiddleware(
         Starlette(routes=ROUTES), config, handler=DatabaseHandler(engine, config), async_engine=async_engine
     )
@@ -117,3 +121,56 @@ def flask_cookie_app() -> Any:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = "benchmark-secret"
     return _flask_routes(app)
+
+
+def django_app() -> Any:
+    """Django's database sessions (`django.contrib.sessions.backends.db`) on PostgreSQL (WSGI).
+
+    Persistent connections (CONN_MAX_AGE=None), as a production Django site would run; no CSRF
+    middleware, so the POST route is comparable with the others.
+    """
+    import django
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.core.wsgi import get_wsgi_application
+    from django.http import HttpRequest, HttpResponse
+    from django.urls import path
+    from sqlalchemy.engine import make_url
+
+    url = make_url(os.environ["SQLA_SESSIONS_DATABASE_URL"])
+
+    def text(body: str) -> HttpResponse:
+        response = HttpResponse(body, content_type="text/plain")
+        response["Content-Length"] = str(len(body))  # else gunicorn chunks it, as the others' are not
+        return response
+
+    def read_view(request: HttpRequest) -> HttpResponse:
+        return text(str(request.session.get("counter", 0)))
+
+    def increment_view(request: HttpRequest) -> HttpResponse:
+        request.session["counter"] = request.session.get("counter", 0) + 1
+        return text(str(request.session["counter"]))
+
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="benchmark-secret-" + "x" * 40,
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        INSTALLED_APPS=["django.contrib.sessions"],
+        MIDDLEWARE=["django.contrib.sessions.middleware.SessionMiddleware"],
+        SESSION_ENGINE="django.contrib.sessions.backends.db",
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.postgresql",
+                "NAME": os.environ["BENCH_DJANGO_DB"],
+                "USER": url.username or "postgres",
+                "HOST": url.host or "127.0.0.1",
+                "PORT": str(url.port or 5432),
+                "CONN_MAX_AGE": None,
+            }
+        },
+    )
+    globals()["urlpatterns"] = [path("read", read_view), path("increment", increment_view)]
+    django.setup()
+    call_command("migrate", "sessions", verbosity=0)
+    return get_wsgi_application()

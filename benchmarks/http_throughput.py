@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def start(factory: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    if factory.startswith("flask_"):  # WSGI apps: gunicorn, one worker, threads
+    if factory.startswith(("flask_", "django_")):  # WSGI apps: gunicorn, one worker, threads
         command = ["taskset", "-c", "0", sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class",
                    "gthread", "--threads", "16", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
                    f"http_apps:{factory}()"]  # fmt: skip

@@ -3,7 +3,9 @@
     python benchmarks/session_cycle.py [--url postgresql+psycopg://postgres@127.0.0.1/postgres] [--seconds 3]
 
 Prints operations per second for a read-only request (load) and a writing request (load + one
-compare-and-set UPDATE), and our throughput as a ratio of raw psycopg's.
+compare-and-set UPDATE), and our throughput as a ratio of two baselines on one connection each:
+raw psycopg (`connection.execute`, what an application would write by hand) and raw libpq
+(prepared statements through `psycopg.pq`, binary values: about the floor for Python).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def rate(fn: Callable[[], object], seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run(url: str, seconds: float) -> list[tuple[str, float, float]]:
-    """Return (cycle, ours per second, raw psycopg per second) for the read-only and write cycles."""
+def run(url: str, seconds: float) -> list[tuple[str, float, float, float]]:
+    """Return (cycle, ours, raw psycopg, raw libpq) per second for the read-only and write cycles."""
     table = f"bench_{uuid.uuid4().hex[:8]}"
     engine = create_session_engine(url, autocommit=True, pool_size=2)
     upgrade(engine, table=table)
@@ -75,12 +77,55 @@ def run(url: str, seconds: float) -> list[tuple[str, float, float]]:
             update, (row[1], row[2], row[8], row[9], row[3], row[4] + 1, row[5], now, now + 7200, row[0], row[4], now)
         )
 
+    floor = psycopg.connect(dsn, autocommit=True).pgconn
+    columns = "key, id_hash, user_id, payload, version, created_at, last_activity, expires_at, ip_address, user_agent"
+    int8, varchar, bytea = 20, 1043, 17
+    floor.prepare(
+        b"bench_select",
+        f"SELECT {columns} FROM {table} WHERE id_hash = $1 AND expires_at > $2".encode(),
+        [varchar, int8],
+    )
+    floor.prepare(
+        b"bench_update",
+        (
+            f"UPDATE {table} SET id_hash=$1, user_id=$2, ip_address=$3, user_agent=$4, payload=$5, version=$6, "
+            "created_at=$7, last_activity=$8, expires_at=$9 WHERE key = $10 AND version = $11 AND expires_at > $12"
+        ).encode(),
+        [varchar, varchar, varchar, varchar, bytea, int8, int8, int8, int8, varchar, int8, int8],
+    )
+    binary_id_hash = id_hash.encode()
+
+    def int8_value(n: int) -> bytes:
+        return n.to_bytes(8, "big", signed=True)
+
+    def libpq_select(now: int) -> tuple[bytes | None, ...]:
+        result = floor.exec_prepared(b"bench_select", [binary_id_hash, int8_value(now)], [1, 1], 1)
+        assert result.ntuples == 1
+        return tuple(result.get_value(0, i) for i in range(10))
+
+    def libpq_read() -> None:
+        libpq_select(int(time.time()))
+
+    def libpq_write() -> None:
+        now = int(time.time())
+        row = libpq_select(now)
+        version = int.from_bytes(row[4] or b"", "big", signed=True)
+        values = [row[1], row[2], row[8], row[9], row[3], int8_value(version + 1), row[5], int8_value(now),
+                  int8_value(now + 7200), row[0], int8_value(version), int8_value(now)]  # fmt: skip
+        result = floor.exec_prepared(b"bench_update", values, [1] * 12, 1)
+        assert result.command_tuples == 1
+
     results = []
-    for name, ours, baseline in (("read-only", ours_read, raw_read), ("write", ours_write, raw_write)):
+    for name, ours, baseline, floor_fn in (
+        ("read-only", ours_read, raw_read, libpq_read),
+        ("write", ours_write, raw_write, libpq_write),
+    ):
         theirs_rate = rate(baseline, seconds)
         ours_rate = rate(ours, seconds)
-        results.append((name, ours_rate, theirs_rate))
+        floor_rate = rate(floor_fn, seconds)
+        results.append((name, ours_rate, theirs_rate, floor_rate))
     raw.close()
+    floor.finish()
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP TABLE {table}")
         conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
@@ -93,9 +138,9 @@ def main() -> None:
     parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
-    print(f"{'cycle':<10} {'sqla_sessions/s':>16} {'raw psycopg/s':>14} {'ratio':>6}")
-    for name, ours_rate, theirs_rate in run(args.url, args.seconds):
-        print(f"{name:<10} {ours_rate:>16.0f} {theirs_rate:>14.0f} {ours_rate / theirs_rate:>6.2f}")
+    print(f"{'cycle':<10} {'sqla_sessions/s':>16} {'raw psycopg/s':>14} {'ratio':>6} {'raw libpq/s':>12} {'ratio':>6}")
+    for name, ours, raw, floor in run(args.url, args.seconds):
+        print(f"{name:<10} {ours:>16.0f} {raw:>14.0f} {ours / raw:>6.2f} {floor:>12.0f} {ours / floor:>6.2f}")
 
 
 if __name__ == "__main__":
