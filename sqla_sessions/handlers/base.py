@@ -304,6 +304,10 @@ class BaseHandler(ABC, Generic[C]):
 
         if not session._has_changes(updates, removals):
             return self._touch_if_due(conn, session, record, now)
+        # Activity is recorded at most once per touch_interval, on writes as on reads: an UPDATE that
+        # leaves last_activity and expires_at alone changes no indexed column, so PostgreSQL can
+        # update the row in place (a HOT update: no new index entries, less WAL, less vacuum).
+        record_activity = record_activity and now - record.last_activity >= self.config.touch_interval
         id_changed = session._id_changed
         user_changed = session._user_id != session._base_user_id
 
@@ -353,6 +357,7 @@ class BaseHandler(ABC, Generic[C]):
         if session._forked_id_hash is not None:
             self._insert_fork(conn, session, record, now)
         session._rebase(written, new_raw, updates)
+        session._expiry_moved = record_activity
         return action
 
     def _insert_new(self, conn: C, session: Session, updates: dict[str, Any], now: int) -> SaveAction:

@@ -12,6 +12,8 @@ What stays SQLAlchemy's:
 - an engine that anything listens to (`before_cursor_execute` and friends: statement counters,
   tracing, OpenTelemetry) or that echoes SQL runs every statement through `Connection.execute`, so
   each hook sees the real cursor and execution context; the statements are the same ones;
+- an engine or connection with a `schema_translate_map` (a schema per tenant, say) runs them
+  through `Connection.execute` too, which renders the translated schema;
 - on any driver error the statement is run again through `Connection.execute`, which maps the
   error to `sqlalchemy.exc` and invalidates a dead connection, exactly as without the fast path.
   Re-running is safe for these statements: a failed SELECT has no effect, and the UPDATEs are
@@ -81,6 +83,8 @@ def _run_below(
     """Run *fast* through libpq or on a DBAPI cursor; `_NOT_RUN` when SQLAlchemy must do it."""
     if conn._has_events or conn.engine._has_events or conn._echo:
         return _NOT_RUN  # something watches the statements: it must see them through SQLAlchemy
+    if "schema_translate_map" in conn._execution_options:
+        return _NOT_RUN  # the table's schema is decided per connection: SQLAlchemy compiles it in
     try:
         fairy = conn.connection
         if fast.libpq is not None:

@@ -217,6 +217,24 @@ def test_unchanged_session_is_touched_at_most_every_touch_interval(
     assert handler.load(session_id).save() is SaveAction.NOTHING
 
 
+def test_writes_record_activity_at_most_every_touch_interval(make_handler: HandlerFactory, clock: FakeClock) -> None:
+    """Like touches: a write inside the interval leaves last_activity/expires_at (indexed) as they are."""
+    handler = make_handler(touch_interval=60, lifetime=10)
+    session_id = new_stored(handler, n=0)
+    created = int(clock.now)
+    clock.advance(30)
+    session = handler.load(session_id)
+    session["n"] = 1
+    assert session.save() is SaveAction.UPDATED
+    again = handler.load(session_id)
+    assert (again["n"], again.last_activity, again.expires_at) == (1, created, created + 10 * 60)
+    clock.advance(31)
+    again["n"] = 2
+    assert again.save() is SaveAction.UPDATED
+    latest = handler.load(session_id)
+    assert (latest["n"], latest.last_activity, latest.expires_at) == (2, int(clock.now), int(clock.now) + 10 * 60)
+
+
 def test_touch_of_a_destroyed_session_raises(handler: Handler, clock: FakeClock) -> None:
     session_id = new_stored(handler)
     session = handler.load(session_id)

@@ -237,3 +237,26 @@ def test_the_same_on_psycopgs_pure_python_libpq_binding(pg: Backend, tmp_path: P
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["python", "3", "Zoë", "3"]  # INSERT, SELECT and UPDATE prepared
+
+
+def test_a_schema_translate_map_is_honoured(pg: Backend) -> None:
+    """The prepared statements name the table without a schema; a translated engine must not bypass its map."""
+    with pg.engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA IF EXISTS tenant_a CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA tenant_a")
+        conn.exec_driver_sql("CREATE TABLE tenant_a.sessions (LIKE public.sessions INCLUDING ALL)")
+    engine = create_session_engine(pg.url, autocommit=True).execution_options(schema_translate_map={None: "tenant_a"})
+    try:
+        handler = DatabaseHandler(engine)
+        session_id = _stored(handler)
+        session = handler.load(session_id)
+        assert session["counter"] == 0
+        session["counter"] = 1
+        assert session.save() is SaveAction.UPDATED
+        with pg.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM public.sessions").scalar() == 0
+            assert conn.exec_driver_sql("SELECT count(*) FROM tenant_a.sessions").scalar() == 1
+    finally:
+        engine.dispose()
+        with pg.engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA tenant_a CASCADE")

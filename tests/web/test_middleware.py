@@ -89,6 +89,17 @@ def test_a_due_touch_refreshes_the_cookie_and_a_recent_one_does_not(memory: Memo
     assert cookie_value(refreshed) == cookie and "Max-Age=7200" in cookie_header(refreshed)
 
 
+def test_a_write_that_moves_the_expiry_refreshes_the_cookie(memory: MemoryHandler, clock: FakeClock) -> None:
+    """An active user who only ever writes keeps a cookie as long-lived as the session it names."""
+    writer = AsgiMiddleware(asgi_app(lambda s: s.increment("n")), handler=memory)
+    cookie = cookie_value(call(writer, "POST"))
+    clock.advance(30)
+    assert call(writer, "POST", cookie=cookie).headers.get_list("set-cookie") == []  # expiry unchanged
+    clock.advance(100 * 60)  # 30 s + 100 min: the first cookie has 20 minutes left
+    refreshed = call(writer, "POST", cookie=cookie)
+    assert cookie_value(refreshed) == cookie and "Max-Age=7200" in cookie_header(refreshed)
+
+
 def test_absolute_lifetime_caps_the_cookie_max_age(clock: FakeClock) -> None:
     handler = MemoryHandler(SessionConfig(lifetime=60, absolute_lifetime=90), clock=clock)
     writer = AsgiMiddleware(asgi_app(lambda s: s.increment("n")), handler=handler)
