@@ -62,7 +62,7 @@ class Session(StoreApi):
         self._id_changed = False
         self._forked_id_hash: str | None = None  # regenerate(destroy=False): the old id keeps a copy
         self._destroy_key: str | None = None  # invalidate(): the row to delete at save
-        self._expiry_moved = False  # the last save pushed expires_at forward (the cookie follows)
+        self._expiry_moved = False  # a save or touch of this request pushed expires_at forward (the cookie follows)
         self._accessed = False
         self._flash_aged = False
         self._saved_at_response = False  # set by the WSGI middleware, to warn about later changes
@@ -333,7 +333,6 @@ class Session(StoreApi):
         self._id_changed = False
         self._forked_id_hash = None
         self._destroy_key = None
-        self._expiry_moved = False
 
     def _after_save(self, hook: Callable[[], None], label: str) -> None:
         """Run *hook* once this session has been saved successfully (jobs enqueued after the save)."""

@@ -134,10 +134,8 @@ class SessionCycle:
         elif not session.is_new and session.id != presented_id:
             # A row the browser does not hold the id of: created, or its id regenerated, in this request.
             cookie = self._set(session, info)
-        elif not self.config.expire_on_close and (
-            action is SaveAction.TOUCHED or (action in _WRITES and session._expiry_moved)
-        ):
-            cookie = self._set(session, info)  # sliding expiry: at most once per touch_interval
+        elif session._expiry_moved and not self.config.expire_on_close:
+            cookie = self._set(session, info)  # sliding expiry (a touch or a write): at most once per touch_interval
         elif presented_id is not None and session.is_new:
             # The cookie names no live session (invalidated, destroyed, expired or forged): drop it.
             cookie = self._cookies.delete(https=info.https)
@@ -154,10 +152,6 @@ class SessionCycle:
         """True when this request should sweep expired sessions (after its response is sent)."""
         chances, out_of = self.config.lottery
         return chances > 0 and random.randrange(out_of) < chances
-
-
-#: Saves that wrote the session's data (and may have moved its expiry with it).
-_WRITES = (SaveAction.UPDATED, SaveAction.MERGED)
 
 
 def resolve_handler(

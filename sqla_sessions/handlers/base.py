@@ -357,7 +357,7 @@ class BaseHandler(ABC, Generic[C]):
         if session._forked_id_hash is not None:
             self._insert_fork(conn, session, record, now)
         session._rebase(written, new_raw, updates)
-        session._expiry_moved = record_activity
+        session._expiry_moved = session._expiry_moved or record_activity
         return action
 
     def _insert_new(self, conn: C, session: Session, updates: dict[str, Any], now: int) -> SaveAction:
@@ -405,6 +405,7 @@ class BaseHandler(ABC, Generic[C]):
             raise SessionInterrupted("the session was destroyed or expired since it was loaded")
         record.last_activity = now
         record.expires_at = expires_at
+        session._expiry_moved = True
         return SaveAction.TOUCHED
 
 

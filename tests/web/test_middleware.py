@@ -98,6 +98,11 @@ def test_a_write_that_moves_the_expiry_refreshes_the_cookie(memory: MemoryHandle
     clock.advance(100 * 60)  # 30 s + 100 min: the first cookie has 20 minutes left
     refreshed = call(writer, "POST", cookie=cookie)
     assert cookie_value(refreshed) == cookie and "Max-Age=7200" in cookie_header(refreshed)
+    # The same when the app saved explicitly and the end-of-request save has nothing left to write.
+    saves_early = AsgiMiddleware(asgi_app(lambda s: (s.increment("n"), s.save())), handler=memory)
+    clock.advance(100 * 60)
+    refreshed = call(saves_early, "POST", cookie=cookie)
+    assert cookie_value(refreshed) == cookie and "Max-Age=7200" in cookie_header(refreshed)
 
 
 def test_absolute_lifetime_caps_the_cookie_max_age(clock: FakeClock) -> None:
