@@ -255,7 +255,7 @@ class BaseHandler(ABC, Generic[C]):
         updates, removals = session._collect_changes()
         if not session._has_changes(updates, removals):
             record = session._record
-            if not record_activity or record is None or self.now() - record.last_activity < self.config.touch_interval:
+            if not record_activity or record is None or not self._activity_due(record, self.now()):
                 return None
         return updates, removals, record_activity
 
@@ -307,7 +307,7 @@ class BaseHandler(ABC, Generic[C]):
         # Activity is recorded at most once per touch_interval, on writes as on reads: an UPDATE that
         # leaves last_activity and expires_at alone changes no indexed column, so PostgreSQL can
         # update the row in place (a HOT update: no new index entries, less WAL, less vacuum).
-        record_activity = record_activity and now - record.last_activity >= self.config.touch_interval
+        record_activity = record_activity and self._activity_due(record, now)
         id_changed = session._id_changed
         user_changed = session._user_id != session._base_user_id
 
@@ -397,8 +397,12 @@ class BaseHandler(ABC, Generic[C]):
         )
         self._insert(conn, fork)
 
+    def _activity_due(self, record: Record, now: int) -> bool:
+        """Whether *record*'s activity may be recorded again (at most once per touch_interval)."""
+        return now - record.last_activity >= self.config.touch_interval
+
     def _touch_if_due(self, conn: C, session: Session, record: Record, now: int) -> SaveAction:
-        if now - record.last_activity < self.config.touch_interval:
+        if not self._activity_due(record, now):
             return SaveAction.NOTHING
         expires_at = self._expiry(record.created_at, now)
         if not self._touch(conn, record.key, last_activity=now, expires_at=expires_at, now=now):
