@@ -81,7 +81,7 @@ def statements_per_request(pg: str) -> dict[str, int]:
         held = BlockingSession.open(handler, seed.id)
         if write:
             held.session.increment("n")
-        held.save()
+        held.finish()
 
     results = {
         "new visitor, writes nothing": count(new_visitor),

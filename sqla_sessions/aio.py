@@ -1,7 +1,7 @@
 """Run a handler's session logic from async code without blocking the event loop.
 
-There is one implementation of the logic (`BaseHandler._load_on`, `_save_on`, …); this module only
-decides where it runs:
+There is one implementation of the logic (`BaseHandler.load_on`, `write_on`, …, and
+`locking.LockedRequest` for blocking requests); this module only decides where it runs:
 
 - `DatabaseHandler` (default): on the handler's own sync engine, in `WorkerThreads`. The loop never
   waits for the database; a request holds a thread only while its statements run, and on
@@ -21,21 +21,18 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import secrets
-import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
 
-from .errors import LockTimeout
+from .config import SessionConfig
+from .errors import SessionInterrupted
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
 from .ids import is_valid_session_id
-from .locking import FIRST_POLL, next_poll
-from .records import SaveAction
+from .locking import LockedRequest, lost_lock, poll_delays
+from .records import SaveAction, SessionInfo
 from .session import Session
 from .threads import WorkerThreads
 
@@ -68,7 +65,7 @@ def _greenlet_available() -> bool:
 
 
 class AsyncSessionStore:
-    """Async `load`/`save`/`gc` over any handler."""
+    """Async `load`/`save`/`gc` (and device management) over any handler."""
 
     def __init__(self, handler: BaseHandler[Any], *, async_engine: AsyncEngine | Literal["auto"] | None = None) -> None:
         self.handler = handler
@@ -94,41 +91,65 @@ class AsyncSessionStore:
         return "async-engine" if self._engine is not None else "threads" if self._threads else "inline"
 
     async def load(self, session_id: str | None) -> Session:
-        fresh = self.handler._fresh_unless_valid(session_id)
-        if fresh is not None:
-            return fresh
-        return await self._run(self.handler._load_on, session_id)
+        session = self.handler.fresh_unless_valid(session_id)
+        if session is None:
+            session = await self._run(self.handler.load_on, session_id)
+        session.bind(self.handler, self)
+        return session
 
     async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
+        handler = self.handler
         try:
-            plan = self.handler._plan_save(session, end_of_request)
-            action = SaveAction.NOTHING if plan is None else await self._run(self.handler._save_on, session, *plan)
+            unit = handler.plan_save(session, end_of_request=end_of_request)
+            if unit is None:
+                action = SaveAction.NOTHING
+            else:
+                saved = await self._run(handler.write_on, unit)
+                session.adopt(saved, unit)
+                action = saved.action
         except BaseException as exc:
-            session._run_after_save(exc)
+            session.run_saved_callbacks(exc)
             raise
-        if session._after_save_hooks:  # enqueueing jobs talks to a broker: not on the event loop
-            await self._call(lambda: session._run_after_save(None))
+        if session.has_saved_callbacks:  # enqueueing jobs talks to a broker: not on the event loop
+            await self.call(lambda: session.run_saved_callbacks(None))
         return action
 
     async def load_by_key(self, key: str) -> Session | None:
-        return await self._call(lambda: self.handler.load_by_key(key))
+        return await self.call(lambda: self.handler.load_by_key(key))
 
     async def reload(self, session: Session) -> None:
-        """`session.reload()` for async code."""
-        await self._call(session.reload)
+        """`await session.areload()`, for code written against earlier versions."""
+        await session.areload()
 
     async def gc(self, *, max_batches: int | None = None) -> int:
-        return await self._call(lambda: self.handler.gc(max_batches=max_batches))
+        return await self.call(lambda: self.handler.gc(max_batches=max_batches))
+
+    async def list_sessions(self, user_id: object) -> list[SessionInfo]:
+        """A user's live sessions (devices), most recently active first."""
+        return await self.call(lambda: self.handler.list_sessions(user_id))
+
+    async def revoke(self, key: str) -> bool:
+        """Log one session out."""
+        return await self.call(lambda: self.handler.revoke(key))
+
+    async def revoke_user(self, user_id: object, *, except_key: str | None = None) -> int:
+        """Log a user out everywhere, optionally keeping one session."""
+        return await self.call(lambda: self.handler.revoke_user(user_id, except_key=except_key))
 
     async def open_blocking(self, session_id: str | None) -> AsyncBlockingSession:
         """Lock the session for a blocking request (see `sqla_sessions.locking`); `LockTimeout` past the wait."""
         return await AsyncBlockingSession.open(self, session_id)
 
     async def aclose(self) -> None:
+        """Dispose of what this store created (its AsyncEngine, its threads)."""
         if self._engine is not None and self._owns_engine:
             await self._engine.dispose()
         if self._threads is not None:
             self._threads.close()
+
+    def held_connection(self) -> HeldConnection:
+        """A connection of whichever kind this store uses, to keep for a whole (blocking) request."""
+        return HeldConnection(self._engine, self._threads, self.handler)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(connection, *args)` on a connection of the right kind."""
@@ -140,11 +161,11 @@ class AsyncSessionStore:
         return self._run_in_thread(fn, args)
 
     def _run_in_thread(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        with self.handler._connect() as conn:
+        with self.handler.connect() as conn:
             return fn(conn, *args)
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        """Run a whole sync handler operation (several connections, e.g. GC) off the loop."""
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run a whole sync handler operation (its own connections, e.g. GC) off the loop."""
         if self._threads is not None:
             return await self._threads.run(fn)
         if self._engine is not None:  # the handler's sync engine: off the loop, in the loop's default executor
@@ -152,130 +173,184 @@ class AsyncSessionStore:
         return fn()  # memory: no I/O
 
 
-class _HeldConnection:
-    """One connection kept for a whole request, of whichever kind the store uses."""
+class HeldConnection:
+    """One connection kept for a whole request, of whichever kind the store uses.
 
-    def __init__(self, store: AsyncSessionStore) -> None:
-        self._store = store
+    Calls run one at a time. A call whose awaiting task is cancelled still runs to its end (in its
+    thread, or as a shielded task), and `close` waits for it before the connection goes back to its
+    pool, where the pool's reset rolls back anything left open: a cancelled request leaves nothing
+    behind on a pooled connection.
+    """
+
+    def __init__(self, engine: AsyncEngine | None, threads: WorkerThreads | None, handler: BaseHandler[Any]) -> None:
+        self._engine = engine
+        self._threads = threads
+        self._handler = handler
         self._async: Any = None
         self._sync_cm: Any = None
         self._sync: Any = None
+        self._inflight: asyncio.Future[Any] | None = None
 
     async def open(self) -> None:
-        store = self._store
-        if store._engine is not None:
-            self._async = store._engine.connect()
-            await self._async.start()
+        if self._engine is not None:
+            conn = self._engine.connect()
+            await self._shielded(conn.start())
+            self._async = conn
         else:
-            self._sync_cm = store.handler._connect()
-            self._sync = await self._in_thread(self._sync_cm.__enter__)
+            cm = self._handler.connect()
+            self._sync = await self._shielded(self._in_thread(cm.__enter__))
+            self._sync_cm = cm
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._async is not None:
-            return cast(T, await self._async.run_sync(fn, *args))
-        return await self._in_thread(lambda: fn(self._sync, *args))
+            return cast(T, await self._shielded(self._async.run_sync(fn, *args)))
+        sync = self._sync
+        return await self._shielded(self._in_thread(lambda: fn(sync, *args)))
 
-    async def close(self) -> None:
-        if self._async is not None:
-            conn, self._async = self._async, None
-            with suppress(Exception):
-                await conn.close()
-        elif self._sync_cm is not None:
-            cm, self._sync_cm = self._sync_cm, None
-            with suppress(Exception):
-                await self._in_thread(lambda: cm.__exit__(None, None, None))
+    async def close(self, last: Callable[[Any], None] | None = None) -> None:
+        """Run *last* on the connection (after any call still in flight), then give the connection back.
+
+        Shielded: a second cancellation cannot leave the connection half closed.
+        """
+        await asyncio.shield(asyncio.ensure_future(self._close(last)))
+
+    async def _close(self, last: Callable[[Any], None] | None) -> None:
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            await asyncio.wait([inflight])
+        async_conn, sync_cm, sync = self._async, self._sync_cm, self._sync
+        self._async = self._sync_cm = self._sync = None
+        try:
+            if last is not None and (async_conn is not None or sync_cm is not None):
+                if async_conn is not None:
+                    await async_conn.run_sync(last)
+                else:
+                    await self._in_thread(lambda: last(sync))
+        except Exception:
+            logger.debug("ending a blocking request's lock failed (the pool rolls back)", exc_info=True)
+        try:
+            if async_conn is not None:
+                await async_conn.close()
+            elif sync_cm is not None:
+                await self._in_thread(lambda: sync_cm.__exit__(None, None, None))
+        except Exception:
+            logger.debug("returning a held connection failed", exc_info=True)
+
+    async def _shielded(self, work: Awaitable[T]) -> T:
+        future = self._inflight = asyncio.ensure_future(work)
+        return await asyncio.shield(future)
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
-        threads = self._store._threads
-        if threads is None:
+        if self._threads is None:
             return fn()
-        return await threads.run(fn)
+        return await self._threads.run(fn)
+
+
+class _AsyncOnly:
+    """The sync side of a session whose lock is held on an async request's connection: refused clearly."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+
+    def save(self, session: Session, *, end_of_request: bool = False, record_activity: bool = True) -> SaveAction:
+        raise RuntimeError("this blocking request holds its lock on an async connection: use `await session.asave()`")
+
+    def load_by_key(self, key: str) -> Session | None:
+        raise RuntimeError("this blocking request holds its lock on an async connection: use `await session.areload()`")
 
 
 class AsyncBlockingSession:
-    """A session locked for the whole of one ASGI request: `open`, then `save` or `release`."""
+    """A session locked for the whole of one ASGI request: `open`, then `finish` or `release`.
 
-    def __init__(self, store: AsyncSessionStore, session: Session) -> None:
+    The steps are `locking.LockedRequest`'s, run on a `HeldConnection`; it is also where the
+    session's `asave()`/`areload()` go while the lock is held.
+    """
+
+    def __init__(self, store: AsyncSessionStore, session: Session, lock: LockedRequest | None = None) -> None:
         self.store = store
         self.session = session
-        self._owner = secrets.token_hex(16)
-        self._key: str | None = None
-        self._conn: _HeldConnection | None = None
+        self._lock = lock
+        self._conn: HeldConnection | None = None
 
     @classmethod
     async def open(cls, store: AsyncSessionStore, session_id: str | None) -> AsyncBlockingSession:
         handler = store.handler
         if not is_valid_session_id(session_id):
             return cls(store, await store.load(session_id))
-        held = cls(store, Session(handler))
-        wait = handler.config.block_wait_seconds
-        deadline = time.monotonic() + wait
-        delay = FIRST_POLL
-        held._conn = _HeldConnection(store)
+        assert session_id is not None
+        lock = LockedRequest(handler, session_id)
+        held = cls(store, Session(handler), lock)
+        conn = held._conn = store.held_connection()
         try:
-            await held._conn.open()
-            while True:
-                status, session = await held._conn.run(handler._acquire_session_on, session_id, held._owner)
-                if status == "locked":
-                    assert session is not None
-                    held.session, held._key = session, session.key
-                    return held
-                if status == "missing":
-                    await held._close()
-                    held.session = Session(handler)
-                    logger.warning("unknown or expired session id; starting a new session")
-                    return held
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise LockTimeout(wait)
-                await asyncio.sleep(min(delay, remaining))  # leases only: row locks wait in the database
-                delay = next_poll(delay)
+            await conn.open()
+            delays = poll_delays(handler.config.block_wait_seconds)
+            while not await conn.run(lock.attempt):
+                await asyncio.sleep(next(delays))  # leases only: row locks wait in the database
         except BaseException:
             await held._close()
             raise
+        if lock.session is None:
+            await held._close()
+            logger.warning("unknown or expired session id; starting a new session")
+            held.session = await store.load(None)
+        else:
+            held.session = lock.session
+            held.session.bind(_AsyncOnly(handler.config), held)
+        return held
 
     @property
     def locked(self) -> bool:
-        return self._key is not None
+        return self._lock is not None and self._lock.locked
 
-    async def save(self, *, end_of_request: bool = True) -> SaveAction:
-        if not self.locked:
-            return await self.store.save(self.session, end_of_request=end_of_request)
-        assert self._conn is not None and self._key is not None
-        session = self.session
+    async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
+        """A mid-request save (`await session.asave()`), on the held connection inside the lock."""
+        lock, conn = self._lock, self._conn
+        if lock is None or conn is None or not lock.locked:
+            return await self.store.save(session, end_of_request=end_of_request)
+        return await conn.run(lambda c: lock.write(c, session, end_of_request=end_of_request))
+
+    async def load_by_key(self, key: str) -> Session | None:
+        lock, conn = self._lock, self._conn
+        if lock is None or conn is None or not lock.locked:
+            return await self.store.load_by_key(key)
+        return await conn.run(lock.load_by_key, key)
+
+    async def finish(self) -> SaveAction:
+        """Save at the end of the request and release the lock."""
+        lock, conn, session = self._lock, self._conn, self.session
+        if lock is None or conn is None or not lock.locked:
+            return await self.store.save(session, end_of_request=True)
         try:
-            action = await self._conn.run(self.store.handler._save_locked_on, session, self._owner, self._key)
-            self._key = None
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                session._run_after_save(exc)
+            action = await conn.run(lambda c: lock.finish(c, session))
+        except BaseException as exc:
+            await self._close()
+            if not lost_lock(exc):
+                session.run_saved_callbacks(exc)
                 raise
             logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
-            self._key = None
-            await self._close()
+            session.bind(self.store.handler, self.store)
             return await self.store.save(session, end_of_request=True)
-        except BaseException as exc:
-            session._run_after_save(exc)
-            raise
-        finally:
-            if not self.locked:
-                await self._close()
-        if session._after_save_hooks:
-            await self.store._call(lambda: session._run_after_save(None))
+        await self._close()
+        session.bind(self.store.handler, self.store)
+        if session.has_saved_callbacks:
+            await self.store.call(lambda: session.run_saved_callbacks(None))
         return action
 
     async def release(self) -> None:
-        if self.locked and self._conn is not None:
-            with suppress(Exception):
-                handler, key, owner = self.store.handler, self._key, self._owner
-                await self._conn.run(lambda conn: handler._release(conn, key, owner, commit=False))
-            self._key = None
+        """Release without saving (the app failed, the response is a 5xx, the client went away)."""
+        if self._conn is None:
+            return
+        rolled_back = self.locked
         await self._close()
+        if rolled_back:
+            self.session.run_saved_callbacks(SessionInterrupted("the blocking request's transaction was rolled back"))
 
     async def _close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await conn.close()
+        """Roll back whatever the lock still holds (after any call in flight), then return the connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            lock = self._lock
+            await conn.close(lock.abandon if lock is not None else None)
 
 
 def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:

@@ -99,7 +99,7 @@ class SessionMiddleware:
             await _send_error(send, 503, retry_after=RETRY_AFTER)
             return
         self.cycle.attach_client(session, info)
-        save = held.save if held is not None else partial(self.store.save, session, end_of_request=True)
+        save = held.finish if held is not None else partial(self.store.save, session, end_of_request=True)
         replaced = False
 
         async def send_with_session(message: Message) -> None:

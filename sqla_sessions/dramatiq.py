@@ -54,14 +54,13 @@ from .errors import SessionInterrupted
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
 from .session import Session
+from .unit import JOBS_KEY, JobAlreadyApplied
 
 logger = logging.getLogger("sqla_sessions")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: Reserved session key holding the ids of the latest jobs whose changes landed (for redelivery).
-JOBS_KEY = "_jobs"
 #: How many job ids a session remembers.
 JOBS_REMEMBERED = 32
 
@@ -168,7 +167,7 @@ class SessionActor(Generic[P, R]):
             message = self._message(_key_of(session), job_id, args, kwargs, options)
             holder.append(self.broker.enqueue(message, delay=delay))
 
-        session._after_save(enqueue, f"{self.actor_name} job {job_id}")
+        session.on_saved(enqueue, f"{self.actor_name} job {job_id}")
         return _PendingMessage(self, job_id, holder)  # type: ignore[return-value]
 
     def __call__(self, session_or_key: Session | str, *args: Any, **kwargs: Any) -> R | None:
@@ -189,7 +188,12 @@ class SessionActor(Generic[P, R]):
         recent = [j for j in (done if isinstance(done, list) else []) if j != job_id][-(JOBS_REMEMBERED - 1) :]
         session[JOBS_KEY] = [*recent, job_id]
         try:
-            handler.save(session, record_activity=False)
+            # The job id is checked again inside the write (compare-and-set or locked merge), and the
+            # ids merge as a list: two jobs finishing at once both land, a redelivery of either is refused.
+            handler.save(session, record_activity=False, job_id=job_id)
+        except JobAlreadyApplied:
+            logger.info("%s: job %s already landed on session %s; redelivery dropped", self.actor_name, job_id, key)
+            return None
         except SessionInterrupted:
             logger.info("%s: session %s ended while the job ran; its changes were dropped", self.actor_name, key)
             return None

@@ -15,8 +15,16 @@ session across processes without serialising other sessions; a crashed holder's 
 `block_lock_seconds`. `MemoryHandler` uses the same lease scheme.
 
 A request without a live session (no cookie, or an unknown one) has nothing to lock and runs as a
-non-blocking one. Non-blocking requests are never held up by a blocking one on SQLite; on
-PostgreSQL and MariaDB their reads are not held up either, and their writes wait for the commit.
+non-blocking one. While the lock is held, the session's own `save()` and `reload()` (and `asave()`,
+`areload()`) run on the connection holding it, in its transaction; callbacks registered with
+`on_saved` (jobs) run once that transaction has committed.
+
+The logic of a blocking request is written once, in `LockedRequest`, as steps that each run on a
+connection handed to them; `BlockingSession` drives the steps in plain code and
+`aio.AsyncBlockingSession` in worker threads or on an `AsyncEngine` connection.
+
+Non-blocking requests are never held up by a blocking one on SQLite; on PostgreSQL and MariaDB
+their reads are not held up either, and their writes wait for the commit.
 """
 
 from __future__ import annotations
@@ -25,14 +33,15 @@ import fnmatch
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from .errors import LockTimeout
-from .handlers.base import BaseHandler
+from .config import SessionConfig
+from .errors import LockTimeout, SessionInterrupted
+from .handlers.base import BaseHandler, LockState
 from .ids import is_valid_session_id
 from .records import SaveAction
 from .session import Session
@@ -70,18 +79,88 @@ def blocking_matcher(rule: Blocking, path_of: Callable[[Any], str]) -> Callable[
     return lambda request: any(fnmatch.fnmatchcase(path_of(request), glob) for glob in globs)
 
 
-def next_poll(delay: float) -> float:
-    return min(delay * 1.5, MAX_POLL)
+def poll_delays(wait: float) -> Iterator[float]:
+    """Delays between lease attempts (5 ms growing to 50 ms); raises `LockTimeout` once *wait* has passed."""
+    deadline = time.monotonic() + wait
+    delay = FIRST_POLL
+    while (remaining := deadline - time.monotonic()) > 0:
+        yield min(delay, remaining)
+        delay = min(delay * 1.5, MAX_POLL)
+    raise LockTimeout(wait)
+
+
+class LockedRequest:
+    """One blocking request's lock, as steps that each run on the connection holding it.
+
+    Whoever drives the steps owns the connection: it must run them one at a time and return the
+    connection to its pool only after `abandon` or `finish` (the pool rolls back whatever is still open).
+    """
+
+    def __init__(self, handler: BaseHandler[Any], session_id: str) -> None:
+        self.handler = handler
+        self.session_id = session_id
+        self.owner = secrets.token_hex(16)
+        self.key: str | None = None  # set while the lock is held
+        self.session: Session | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self.key is not None
+
+    def attempt(self, conn: Any) -> bool:
+        """Try to lock once; True when done (locked, or nothing to lock), False when a lease is busy."""
+        state, session = self.handler.acquire_on(conn, self.session_id, self.owner)
+        if state is LockState.BUSY:
+            return False
+        if state is LockState.LOCKED:
+            assert session is not None
+            self.session, self.key = session, session.key
+        return True
+
+    def write(self, conn: Any, session: Session, *, end_of_request: bool, record_activity: bool = True) -> SaveAction:
+        """Save on the held connection, inside the lock's transaction (callbacks wait for the commit)."""
+        handler = self.handler
+        unit = handler.plan_save(session, end_of_request=end_of_request, record_activity=record_activity)
+        if unit is None:
+            return SaveAction.NOTHING
+        saved = handler.write_on(conn, unit, held=True)
+        session.adopt(saved, unit)
+        return saved.action
+
+    def load_by_key(self, conn: Any, key: str) -> Session | None:
+        return self.handler.load_by_key_on(conn, key)
+
+    def finish(self, conn: Any, session: Session) -> SaveAction:
+        """The end-of-request save, then commit (the next waiter proceeds at once)."""
+        action = self.write(conn, session, end_of_request=True)
+        key, self.key = self.key, None
+        if key is not None:
+            self.handler.release_on(conn, key, self.owner, commit=True)
+        return action
+
+    def abandon(self, conn: Any) -> None:
+        """Release without saving: roll back (row lock) or drop the lease."""
+        key, self.key = self.key, None
+        if key is not None:
+            self.handler.release_on(conn, key, self.owner, commit=False)
+
+
+def lost_lock(exc: BaseException) -> bool:
+    """True when the database ended the lock's transaction (the hold outlived `block_lock_seconds`)."""
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 class BlockingSession:
-    """A session locked for the whole of one (sync) request: `open`, then `save` or `release`."""
+    """A session locked for the whole of one (sync) request: `open`, then `finish` or `release`.
 
-    def __init__(self, handler: BaseHandler[Any], session: Session) -> None:
+    It is also where the session saves and reloads while the lock is held (`Session.bind`).
+    Without a lock (`BlockingSession(handler, session)`) it only forwards to the handler.
+    """
+
+    def __init__(self, handler: BaseHandler[Any], session: Session, lock: LockedRequest | None = None) -> None:
         self.handler = handler
         self.session = session
-        self._owner = secrets.token_hex(16)
-        self._key: str | None = None
+        self._lock = lock
         self._conn_cm: AbstractContextManager[Any] | None = None
         self._conn: Any = None
 
@@ -91,75 +170,87 @@ class BlockingSession:
         if not is_valid_session_id(session_id):
             return cls(handler, handler.load(session_id))
         assert session_id is not None
-        held = cls(handler, Session(handler))
-        wait = handler.config.block_wait_seconds
-        deadline = time.monotonic() + wait
-        delay = FIRST_POLL
-        held._conn_cm = handler._connect()
+        lock = LockedRequest(handler, session_id)
+        held = cls(handler, Session(handler), lock)
+        held._conn_cm = handler.connect()
         held._conn = held._conn_cm.__enter__()
         try:
-            while True:
-                status, session = handler._acquire_session_on(held._conn, session_id, held._owner)
-                if status == "locked":
-                    assert session is not None
-                    held.session, held._key = session, session.key
-                    return held
-                if status == "missing":
-                    held._close()
-                    held.session = handler.load(None)  # nothing to lock: a fresh session, as load() would give
-                    logger.warning("unknown or expired session id; starting a new session")
-                    return held
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise LockTimeout(wait)
-                time.sleep(min(delay, remaining))
-                delay = next_poll(delay)
+            delays = poll_delays(handler.config.block_wait_seconds)
+            while not lock.attempt(held._conn):
+                time.sleep(next(delays))
         except BaseException:
             held._close()
             raise
+        if lock.session is None:
+            held._close()
+            logger.warning("unknown or expired session id; starting a new session")
+        else:
+            held.session = lock.session
+            held.session.bind(held)
+        return held
 
     @property
     def locked(self) -> bool:
-        return self._key is not None
+        return self._lock is not None and self._lock.locked
 
-    def save(self) -> SaveAction:
+    @property
+    def config(self) -> SessionConfig:
+        return self.handler.config
+
+    # -- where the session saves and reloads while locked (the `SessionStore` protocol) ----------------
+
+    def save(self, session: Session, *, end_of_request: bool = False, record_activity: bool = True) -> SaveAction:
+        if self._lock is None or not self._lock.locked:
+            return self.handler.save(session, end_of_request=end_of_request, record_activity=record_activity)
+        return self._lock.write(self._conn, session, end_of_request=end_of_request, record_activity=record_activity)
+
+    def load_by_key(self, key: str) -> Session | None:
+        if self._lock is None or not self._lock.locked:
+            return self.handler.load_by_key(key)
+        return self._lock.load_by_key(self._conn, key)
+
+    # -- the end of the request ----------------------------------------------------------------------
+
+    def finish(self) -> SaveAction:
         """Save at the end of the request and release the lock (in the same transaction where there is one)."""
-        if not self.locked:
-            return self.handler.save(self.session, end_of_request=True)
-        assert self._key is not None
-        session = self.session
+        session, lock = self.session, self._lock
+        if lock is None or not lock.locked:
+            return self.handler.save(session, end_of_request=True)
         try:
-            action = self.handler._save_locked_on(self._conn, session, self._owner, self._key)
-            self._key = None
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                session._run_after_save(exc)
+            action = lock.finish(self._conn, session)
+        except BaseException as exc:
+            lock.key = None
+            self._close()
+            if not lost_lock(exc):
+                session.run_saved_callbacks(exc)
                 raise
             # The database ended our transaction (the hold outlived block_lock_seconds): the lock is
             # gone, so save like a non-blocking request would, merging onto the current row.
             logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
-            self._key = None
-            self._close()
+            session.bind(self.handler)
             return self.handler.save(session, end_of_request=True)
-        except BaseException as exc:
-            session._run_after_save(exc)
-            raise
-        finally:
-            if not self.locked:
-                self._close()
-        session._run_after_save(None)
+        self._close()
+        session.bind(self.handler)
+        session.run_saved_callbacks(None)
         return action
 
     def release(self) -> None:
         """Release without saving (the app failed, the response is a 5xx, the client went away)."""
-        if self.locked:
-            with suppress(Exception):  # a dead connection has released the lock already
-                self.handler._release(self._conn, self._key, self._owner, commit=False)
-            self._key = None
+        lock = self._lock
+        if lock is not None and lock.locked:
+            try:
+                lock.abandon(self._conn)
+            except Exception:  # a dead connection has released the lock already
+                logger.debug("releasing a blocking session's lock failed", exc_info=True)
+            # Mid-request saves were rolled back with the transaction: their callbacks must not run.
+            self.session.run_saved_callbacks(SessionInterrupted("the blocking request's transaction was rolled back"))
+        self.session.bind(self.handler)
         self._close()
 
     def _close(self) -> None:
         if self._conn_cm is not None:
             cm, self._conn_cm, self._conn = self._conn_cm, None, None
-            with suppress(Exception):
+            try:
                 cm.__exit__(None, None, None)
+            except Exception:
+                logger.debug("returning a blocking session's connection failed", exc_info=True)

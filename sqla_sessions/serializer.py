@@ -19,7 +19,16 @@ from datetime import date, datetime, time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-__all__ = ["decode_payload", "decode_value", "dumps_payload", "encode_value", "loads_payload"]
+__all__ = [
+    "SET_TAGS",
+    "TAGS",
+    "decode_payload",
+    "decode_value",
+    "dumps_payload",
+    "encode_value",
+    "loads_payload",
+    "same_raw",
+]
 
 _DICT = "$dict"
 
@@ -55,6 +64,24 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$fs": lambda items: frozenset(decode_value(item) for item in _list(items)),
     _DICT: lambda d: {k: decode_value(v) for k, v in _dict(d).items()},
 }
+
+
+#: Every tag a one-key object may carry (a user dict that looks like one is wrapped in `$dict`).
+TAGS = frozenset(_DECODERS)
+#: The tags of set types, whose items are stored sorted.
+SET_TAGS = frozenset(("$s", "$fs"))
+
+
+def same_raw(a: Any, b: Any) -> bool:
+    """Strict equality of raw forms: `1`, `1.0` and `True` differ (they would come back as other types)."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is dict:
+        return len(a) == len(b) and all(k in b and same_raw(v, b[k]) for k, v in a.items())
+    if kind is list:
+        return len(a) == len(b) and all(map(same_raw, a, b))
+    return bool(a == b)
 
 
 class UnsupportedValue(TypeError):

@@ -4,25 +4,57 @@ Change tracking never relies on `__setitem__`. The raw (tagged-JSON) form of eve
 loaded; a value handed out by a read is remembered, and at save time each remembered value is
 encoded again and compared with its raw form. So `session["cart"].append(x)` is a change, setting a
 key to the value it already had is not, and a session that was only read costs no write.
+
+A save hands the store one `UnitOfWork` (`unit_of_work()`): the payload change set against the
+payload as loaded (the base of the three-way merge, see `merge`), the identity changes (new id,
+user, a change of privilege, a fork, a deletion) and the client facts. The store writes it and the
+session `adopt()`s what was stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from .ids import generate_session_id, hash_session_id
-from .serializer import decode_value, encode_entry
+from .merge import NO_CHANGES, ChangeSet, Number
+from .records import Record, SaveAction
+from .schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH
+from .serializer import decode_value, encode_entry, same_raw
 from .store_api import StoreApi
+from .unit import Saved, UnitOfWork
 
 if TYPE_CHECKING:
-    from .handlers.base import SessionHandler
-    from .records import Record, SaveAction
+    from .config import SessionConfig
 
 T = TypeVar("T")
 logger = logging.getLogger("sqla_sessions")
 _MISSING: Any = object()
+
+
+class SessionStore(Protocol):
+    """Where a session saves and reloads: its handler, or the blocking request holding its lock."""
+
+    @property
+    def config(self) -> SessionConfig: ...
+
+    def save(self, session: Session, *, end_of_request: bool = False, record_activity: bool = True) -> SaveAction:
+        """Persist the session's changes (see `SessionHandler.save`)."""
+
+    def load_by_key(self, key: str) -> Session | None:
+        """The live session with this stable key, or None."""
+
+
+class AsyncSessionStore(Protocol):
+    """The async counterpart a web integration binds for `asave()` / `areload()`."""
+
+    async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
+        """Persist the session's changes without blocking the event loop."""
+
+    async def load_by_key(self, key: str) -> Session | None:
+        """The live session with this stable key, or None."""
 
 
 class Session(StoreApi):
@@ -30,58 +62,69 @@ class Session(StoreApi):
 
     __slots__ = (
         "_accessed",
-        "_after_save_hooks",
+        "_async_store",
         "_base_user_id",
+        "_cut_off",
+        "_deltas",
         "_destroy_key",
         "_expiry_moved",
         "_flash_aged",
-        "_forked_id_hash",
+        "_fork_id_hash",
         "_gone",
-        "_handler",
         "_id",
         "_id_changed",
         "_live",
+        "_loaded",
         "_raw",
-        "_record",
-        "_saved_at_response",
+        "_saved_callbacks",
+        "_store",
         "_user_id",
         "ip_address",
+        "saved_at_response",
         "user_agent",
     )
 
-    def __init__(self, handler: SessionHandler | None = None) -> None:
-        """Create a new, empty session; handlers create loaded ones with `_from_record`."""
-        self._handler = handler
-        self._record: Record | None = None  # the row as loaded (None: no row yet)
+    def __init__(self, store: SessionStore | None = None) -> None:
+        """Create a new, empty session; stores create loaded ones with `from_record`."""
+        self._store = store
+        self._async_store: AsyncSessionStore | None = None
+        self._loaded: Record | None = None  # the row as loaded or last saved (None: no row yet)
         self._id: str | None = None
         self._raw: dict[str, Any] = {}  # raw forms as loaded / last saved: never mutated in place
         self._live: dict[str, Any] = {}  # values set, or handed out and possibly mutated
         self._gone: set[str] = set()  # keys of _raw removed by this request
+        self._deltas: dict[str, Number] = {}  # keys changed by increment/decrement only: their net delta
         self._user_id: str | None = None
         self._base_user_id: str | None = None
         self._id_changed = False
-        self._forked_id_hash: str | None = None  # regenerate(destroy=False): the old id keeps a copy
+        self._cut_off = False  # a change of privilege: the row moves to a new key at save
+        self._fork_id_hash: str | None = None  # regenerate(destroy=False): the old id keeps a copy
         self._destroy_key: str | None = None  # invalidate(): the row to delete at save
         self._expiry_moved = False  # a save or touch of this request pushed expires_at forward (the cookie follows)
         self._accessed = False
         self._flash_aged = False
-        self._saved_at_response = False  # set by the WSGI middleware, to warn about later changes
-        self._after_save_hooks: list[tuple[Callable[[], None], str]] = []
+        self._saved_callbacks: list[tuple[Callable[[], None], str]] = []
+        self.saved_at_response = False
+        """Set by the WSGI middleware once the response started (later changes are not saved)."""
         self.ip_address: str | None = None
         """Client address written with the next change (set by the middleware)."""
         self.user_agent: str | None = None
         """Client user agent written with the next change (set by the middleware)."""
 
     @classmethod
-    def _from_record(
-        cls, handler: SessionHandler, session_id: str | None, record: Record, raw: dict[str, Any]
-    ) -> Session:
-        session = cls(handler)
+    def from_record(cls, store: SessionStore, session_id: str | None, record: Record, raw: dict[str, Any]) -> Session:
+        """A session loaded from a stored row (*session_id* None: loaded by key, e.g. in a job)."""
+        session = cls(store)
         session._id = session_id
-        session._record = record
+        session._loaded = record
         session._raw = raw
         session._user_id = session._base_user_id = record.user_id
         return session
+
+    def bind(self, store: SessionStore, async_store: AsyncSessionStore | None = None) -> None:
+        """Route `save()`/`reload()` (and `asave()`/`areload()`) through *store* (e.g. a blocking request's lock)."""
+        self._store = store
+        self._async_store = async_store
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -89,15 +132,19 @@ class Session(StoreApi):
     def id(self) -> str:
         """The session id: the cookie value. Only its hash is ever stored."""
         if self._id is None:
-            if self._record is not None:
+            if self._loaded is not None:
                 raise RuntimeError("this session was loaded by its key (background job): its cookie id is unknown")
             self._id = generate_session_id()
         return self._id
 
     @property
     def key(self) -> str | None:
-        """The stable server-side key background jobs address; None until the session is first stored."""
-        return None if self._record is None else self._record.key
+        """The server-side key background jobs address; None until the session is first stored.
+
+        It changes only at a change of privilege (`login()`, `change_privilege()`), which cuts off
+        everything that addressed the session by its previous key.
+        """
+        return None if self._loaded is None else self._loaded.key
 
     @property
     def user_id(self) -> str | None:
@@ -106,7 +153,7 @@ class Session(StoreApi):
     @property
     def is_new(self) -> bool:
         """True when no stored row backs this session (yet)."""
-        return self._record is None
+        return self._loaded is None
 
     @property
     def accessed(self) -> bool:
@@ -132,9 +179,16 @@ class Session(StoreApi):
         return self._destroy_key is not None
 
     @property
+    def expiry_moved(self) -> bool:
+        """True when a save or touch of this request pushed the expiry forward (the cookie follows)."""
+        return self._expiry_moved
+
+    @property
     def modified(self) -> bool:
         """True when saving would write something (data, user, id or deletion)."""
-        return self._has_changes(*self._collect_changes())
+        return bool(
+            self._changes() or self._id_changed or self._user_id != self._base_user_id or self._destroy_key is not None
+        )
 
     @modified.setter
     def modified(self, value: bool) -> None:
@@ -143,13 +197,13 @@ class Session(StoreApi):
     @property
     def new(self) -> bool:
         """Flask's name for `is_new`."""
-        return self._record is None
+        return self._loaded is None
 
     @property
     def permanent(self) -> bool:
         """Flask's flag: the cookie outlives the browser unless the config says `expire_on_close`."""
-        handler = self._handler
-        return not (handler is not None and handler.config.expire_on_close)
+        store = self._store
+        return not (store is not None and store.config.expire_on_close)
 
     @permanent.setter
     def permanent(self, value: bool) -> None:
@@ -157,15 +211,15 @@ class Session(StoreApi):
 
     @property
     def created_at(self) -> int | None:
-        return None if self._record is None else self._record.created_at
+        return None if self._loaded is None else self._loaded.created_at
 
     @property
     def last_activity(self) -> int | None:
-        return None if self._record is None else self._record.last_activity
+        return None if self._loaded is None else self._loaded.last_activity
 
     @property
     def expires_at(self) -> int | None:
-        return None if self._record is None else self._record.expires_at
+        return None if self._loaded is None else self._loaded.expires_at
 
     # -- mapping protocol ------------------------------------------------------------------------
 
@@ -188,10 +242,14 @@ class Session(StoreApi):
         self._accessed = True
         self._live[key] = value
         self._gone.discard(key)
+        if self._deltas:
+            self._deltas.pop(key, None)  # a plain assignment: the last write wins, not a delta
 
     def __delitem__(self, key: str) -> None:
         self._accessed = True
         found = self._live.pop(key, _MISSING) is not _MISSING
+        if self._deltas:
+            self._deltas.pop(key, None)
         if key in self._raw and key not in self._gone:
             self._gone.add(key)
             found = True
@@ -219,11 +277,44 @@ class Session(StoreApi):
     @overload
     def get(self, key: str, /, default: T) -> Any | T: ...
     def get(self, key: str, /, default: Any = None) -> Any:
-        """Return the value of *key*, or *default* (called if it is callable, as in Laravel)."""
+        """Return the value of *key*, or *default* (returned as is, callable or not: the `Mapping` contract)."""
         try:
             return self[key]
         except KeyError:
-            return default() if callable(default) else default
+            return default
+
+    def get_or_call(self, key: str, default: Callable[[], T]) -> Any | T:
+        """Laravel's `get($key, fn)`: the value of *key*, or `default()` when it is absent (not stored)."""
+        try:
+            return self[key]
+        except KeyError:
+            return default()
+
+    def increment(self, key: str, amount: int | float = 1) -> Any:
+        """Add *amount* to a number (0 if missing) and return the result.
+
+        Concurrent increments compose: a save that lost a race adds this request's net delta to the
+        number stored now (a plain `session[key] = n` is a last-writer-wins assignment instead).
+        """
+        counts_as_delta = key in self._deltas or (key not in self._live and key not in self._gone)
+        before = self._deltas.get(key, 0)
+        value = super().increment(key, amount)
+        if counts_as_delta and type(amount) in (int, float) and type(value) in (int, float):
+            self._deltas[key] = before + amount
+        return value
+
+    def clear(self) -> None:
+        """Remove every key; a logged-in session is logged out (invalidated), as Flask's `session.clear()` means."""
+        if self._user_id is not None:
+            self.invalidate()
+            return
+        for key in self._keys():
+            del self[key]
+        self._accessed = True
+
+    def flush(self) -> None:
+        """Remove every key; a logged-in session is logged out (invalidated), as Django's `flush()` does."""
+        self.clear()
 
     def _keys(self) -> list[str]:
         raw, gone, live = self._raw, self._gone, self._live
@@ -234,137 +325,210 @@ class Session(StoreApi):
     # -- lifecycle -------------------------------------------------------------------------------
 
     def regenerate(self, destroy: bool = True) -> None:
-        """Give the session a new id (and a new CSRF token), keeping its data and its stable key.
+        """Give the session a new id (and a new CSRF token), keeping its data and its key.
 
         With *destroy* (the default) the old id stops working at save. With `destroy=False` the old
-        id keeps a copy of the session as it was stored, as Laravel's `migrate(false)` does.
+        id keeps a copy of the session as it was stored, as Laravel's `migrate(false)` does. Requests
+        and jobs that hold the session by its key still reach it: for a change of privilege use
+        `change_privilege()` (which `login()` calls).
         """
-        if not destroy and self._record is not None and self._forked_id_hash is None and self._id is not None:
-            self._forked_id_hash = hash_session_id(self._id)
+        if not destroy and self._loaded is not None and self._fork_id_hash is None and self._id is not None:
+            self._fork_id_hash = hash_session_id(self._id)
         self._id = generate_session_id()
         self._id_changed = True
         self.regenerate_token()
 
+    def change_privilege(self) -> None:
+        """Mark a change of privilege (sudo mode, a new role): regenerate, and cut off the previous session.
+
+        At save the stored session moves to a new key. Whatever loaded it before (an in-flight
+        request, a `reload()`, a job enqueued earlier) can no longer read or write it: their saves
+        are refused with `SessionInterrupted`, their reloads give a fresh session, their jobs are
+        dropped.
+        """
+        self.regenerate()
+        self._cut_off = self._loaded is not None
+
     def invalidate(self) -> None:
         """Drop every value and the stored session; the session continues as a new one with a new id."""
-        if self._record is not None:
-            self._destroy_key = self._record.key
-        self._record = None
-        self._raw, self._live, self._gone = {}, {}, set()
-        self._user_id = self._base_user_id = None
-        self._forked_id_hash = None
+        if self._loaded is not None:
+            self._destroy_key = self._loaded.key
+        self._reset()
         self._id = generate_session_id()
         self._id_changed = True
-        self._accessed = True
 
     def login(self, user_id: object) -> None:
-        """Attach the session to a user and regenerate its id (session fixation defence)."""
+        """Attach the session to a user: a change of privilege (new id, cut off from the previous one).
+
+        Logging in as another user than the current one starts from an empty session.
+        """
         if user_id is None:
             raise ValueError("login() needs a user id")
-        self._user_id = str(user_id)
-        self.regenerate()
+        user = str(user_id)
+        if self._user_id is not None and self._user_id != user:
+            self.invalidate()
+        self._user_id = user
+        self.change_privilege()
 
     def logout(self) -> None:
         """Forget the user and everything in the session (invalidate)."""
         self.invalidate()
 
     def save(self, *, end_of_request: bool = True) -> SaveAction:
-        """Persist this request's changes through the handler.
+        """Persist this request's changes (through the blocking request's lock, when it holds one).
 
         By default this is the end of the request: flash data is aged first (once per request). To
         flush mid-request (e.g. before dispatching jobs you will wait for), pass `end_of_request=False`.
         """
-        return self._require_handler().save(self, end_of_request=end_of_request)
+        return self._require_store().save(self, end_of_request=end_of_request)
+
+    async def asave(self, *, end_of_request: bool = True) -> SaveAction:
+        """`save()` for async views: never blocks the event loop."""
+        if self._async_store is not None:
+            return await self._async_store.save(self, end_of_request=end_of_request)
+        store = self._require_store()
+        return await asyncio.to_thread(lambda: store.save(self, end_of_request=end_of_request))
 
     def reload(self) -> None:
         """Re-read the stored session, keeping this request's unsaved changes on top.
 
-        Raises `SessionInterrupted` if the stored session is gone.
+        If the stored session is gone (logged out, revoked, expired, or cut off by a login), this
+        becomes a fresh, empty session, as a request presenting a dead cookie gets.
         """
-        handler = self._require_handler()
-        if self._record is None:
-            return
-        fresh = handler.load_by_key(self._record.key)
-        if fresh is None:
-            from .errors import SessionInterrupted
+        store = self._require_store()
+        if self._loaded is not None:
+            self._refresh(store.load_by_key(self._loaded.key))
 
-            raise SessionInterrupted("the session was destroyed since it was loaded")
-        updates, removals = self._collect_changes()
-        self._record = fresh._record
+    async def areload(self) -> None:
+        """`reload()` for async views: never blocks the event loop."""
+        if self._loaded is None:
+            return
+        key = self._loaded.key
+        if self._async_store is not None:
+            fresh = await self._async_store.load_by_key(key)
+        else:
+            store = self._require_store()
+            fresh = await asyncio.to_thread(store.load_by_key, key)
+        self._refresh(fresh)
+
+    def _refresh(self, fresh: Session | None) -> None:
+        if fresh is None:
+            logger.warning("reload: the session is gone (logged out, revoked, expired or cut off); starting afresh")
+            self._reset()
+            self._id = generate_session_id()
+            self._id_changed = True
+            return
+        changes = self._changes()
+        self._loaded = fresh._loaded
         self._raw = fresh._raw
-        self._live = {k: v for k, v in self._live.items() if k in updates}
-        self._gone = {k for k in removals if k in self._raw}
+        self._live = {k: v for k, v in self._live.items() if k in changes.updates}
+        self._gone = {k for k in changes.removals if k in self._raw}
+        self._deltas = {k: d for k, d in self._deltas.items() if k in changes.updates}
         if self._user_id == self._base_user_id:
             self._user_id = fresh._user_id
         self._base_user_id = fresh._base_user_id
 
-    def _require_handler(self) -> SessionHandler:
-        if self._handler is None:
+    def _reset(self) -> None:
+        self._loaded = None
+        self._raw, self._live, self._gone, self._deltas = {}, {}, set(), {}
+        self._user_id = self._base_user_id = None
+        self._fork_id_hash = None
+        self._cut_off = False
+        self._accessed = True
+
+    def _require_store(self) -> SessionStore:
+        if self._store is None:
             raise RuntimeError("this Session is not bound to a handler")
-        return self._handler
+        return self._store
 
-    # -- what the handlers use ---------------------------------------------------------------------
+    # -- the unit of work: what stores use -----------------------------------------------------------
 
-    def _collect_changes(self) -> tuple[dict[str, Any], frozenset[str]]:
-        """Return (raw forms of changed or added keys, removed keys); `TypeError` names a bad key."""
+    def unit_of_work(
+        self, *, end_of_request: bool, record_activity: bool = True, job_id: str | None = None
+    ) -> UnitOfWork:
+        """Freeze this request's changes for a save; `TypeError` names a key whose value cannot be stored.
+
+        With *end_of_request*, flash data is aged first (once per request however often it is saved).
+        """
+        if end_of_request and not self._flash_aged:
+            self._flash_aged = True
+            self.age_flash_data()
+        changes = self._changes()
+        loaded = self._loaded
+        new_id_hash = None
+        if (self._id_changed and loaded is not None) or (loaded is None and (changes or self._user_id is not None)):
+            new_id_hash = hash_session_id(self.id)  # a new session gets a row only when it has something to hold
+        ip, agent = self.ip_address, self.user_agent
+        return UnitOfWork(
+            changes=changes,
+            loaded=loaded,
+            new_id_hash=new_id_hash,
+            user_id=self._user_id,
+            user_changed=self._user_id != self._base_user_id,
+            cut_off=self._cut_off,
+            fork_id_hash=self._fork_id_hash,
+            destroy_key=self._destroy_key,
+            ip_address=ip[:IP_ADDRESS_LENGTH] if ip else None,
+            user_agent=agent[:USER_AGENT_LENGTH] if agent else None,
+            record_activity=record_activity,
+            job_id=job_id,
+        )
+
+    def adopt(self, saved: Saved, unit: UnitOfWork) -> None:
+        """Take in what a save of *unit* stored: the row becomes this session's new base."""
+        self._destroy_key = None
+        if saved.expiry_moved:
+            self._expiry_moved = True
+        record = saved.record
+        if record is None:
+            return
+        self._loaded = record
+        if saved.action is SaveAction.TOUCHED:
+            return
+        written, stored = unit.changes.updates, saved.raw
+        # A value keeps being watched only while it is what is stored; a merged key is re-read lazily.
+        self._live = {k: v for k, v in self._live.items() if k in written and same_raw(stored.get(k), written[k])}
+        self._raw = stored
+        self._gone = set()
+        self._deltas = {}
+        self._base_user_id = self._user_id = record.user_id
+        self._id_changed = False
+        self._cut_off = False
+        self._fork_id_hash = None
+
+    def on_saved(self, callback: Callable[[], None], label: str | None = None) -> None:
+        """Run *callback* once this session has been saved (and committed); dropped if the save fails.
+
+        Background jobs are enqueued this way, so a worker always sees what the request wrote.
+        """
+        self._saved_callbacks.append((callback, label or str(getattr(callback, "__qualname__", "callback"))))
+
+    @property
+    def has_saved_callbacks(self) -> bool:
+        return bool(self._saved_callbacks)
+
+    def run_saved_callbacks(self, error: BaseException | None) -> None:
+        """Run (after a successful save) or drop (after a failed one) the pending `on_saved` callbacks."""
+        callbacks, self._saved_callbacks = self._saved_callbacks, []
+        for callback, label in callbacks:
+            if error is not None:
+                logger.warning("%s not run: the session was not saved (%s)", label, type(error).__name__)
+                continue
+            try:
+                callback()
+            except Exception:
+                # The session is saved and the response stands; the callback (a job hand-over) failed.
+                logger.exception("%s failed after the session was saved", label)
+
+    def _changes(self) -> ChangeSet:
+        """This request's payload changes against the loaded payload (encoding every watched value)."""
         raw = self._raw
         updates: dict[str, Any] = {}
         for key, value in self._live.items():
             encoded = encode_entry(key, value)
-            if key not in raw or not _same(encoded, raw[key]):
+            if key not in raw or not same_raw(encoded, raw[key]):
                 updates[key] = encoded
-        return updates, frozenset(self._gone)
-
-    def _has_changes(self, updates: Mapping[str, Any], removals: frozenset[str]) -> bool:
-        """Whether a save must write: changed keys, a new user or a new id (invalidate() sets one too)."""
-        return bool(updates or removals or self._id_changed or self._user_id != self._base_user_id)
-
-    def _rebase(self, record: Record, raw: dict[str, Any], written: Mapping[str, Any]) -> None:
-        """Adopt what was stored: *raw* becomes the new snapshot; keys not written are re-read lazily.
-
-        Values this request did not change are dropped from `_live`, so a key another writer changed
-        meanwhile is seen as theirs, not as a change of ours on the next save.
-        """
-        self._record = record
-        self._raw = raw
-        self._live = {k: v for k, v in self._live.items() if k in written}
-        self._gone = set()
-        self._base_user_id = self._user_id = record.user_id
-        self._id_changed = False
-        self._forked_id_hash = None
-        self._destroy_key = None
-
-    def _after_save(self, hook: Callable[[], None], label: str) -> None:
-        """Run *hook* once this session has been saved successfully (jobs enqueued after the save)."""
-        self._after_save_hooks.append((hook, label))
-
-    def _run_after_save(self, error: BaseException | None) -> None:
-        """Run (after a successful save) or drop (after a failed one) the pending hooks."""
-        hooks, self._after_save_hooks = self._after_save_hooks, []
-        for hook, label in hooks:
-            if error is not None:
-                logger.warning("%s not sent: the session was not saved (%s)", label, type(error).__name__)
-                continue
-            try:
-                hook()
-            except Exception:
-                # The session is saved and the response stands; the job could not be handed over.
-                logger.exception("%s could not be enqueued after the session was saved", label)
-
-    def _end_request(self) -> None:
-        """Age flash data, once per request however often the session is saved."""
-        if not self._flash_aged:
-            self._flash_aged = True
-            self.age_flash_data()
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Strict equality of raw forms: `1`, `1.0` and `True` differ (they would come back as other types)."""
-    kind = type(a)
-    if kind is not type(b):
-        return False
-    if kind is dict:
-        return len(a) == len(b) and all(k in b and _same(v, b[k]) for k, v in a.items())
-    if kind is list:
-        return len(a) == len(b) and all(map(_same, a, b))
-    return bool(a == b)
+        if not updates and not self._gone:
+            return NO_CHANGES
+        deltas = {k: d for k, d in self._deltas.items() if k in updates} if self._deltas else {}
+        return ChangeSet(updates, frozenset(self._gone), raw, deltas)

@@ -134,7 +134,7 @@ class SessionCycle:
         elif not session.is_new and session.id != presented_id:
             # A row the browser does not hold the id of: created, or its id regenerated, in this request.
             cookie = self._set(session, info)
-        elif session._expiry_moved and not self.config.expire_on_close:
+        elif session.expiry_moved and not self.config.expire_on_close:
             cookie = self._set(session, info)  # sliding expiry (a touch or a write): at most once per touch_interval
         elif presented_id is not None and session.is_new:
             # The cookie names no live session (invalidated, destroyed, expired or forged): drop it.

@@ -84,7 +84,7 @@ class SessionMiddleware:
 
     def _after_response(self, held: BlockingSession) -> None:
         held.release()  # no-op after the save; a rollback if the app failed or sent a 5xx
-        if held.session._saved_at_response and held.session.modified:
+        if held.session.saved_at_response and held.session.modified:
             logger.warning("the session changed after the response started; those changes were not saved")
         if self.cycle.lottery():
             try:
@@ -101,9 +101,9 @@ def finish_response(
     action: SaveAction | None = None
     error: Exception | None = None
     if cycle.begin_save(session, info, status, content_type):
-        session._saved_at_response = True
+        session.saved_at_response = True
         try:
-            action = held.save()
+            action = held.finish()
         except SAVE_ERRORS as exc:
             error = exc
     return cycle.conclude(session, info, presented_id=presented, action=action, error=error)

@@ -45,12 +45,12 @@ def test_a_second_blocking_request_waits_for_the_first(real_clock_handler: BaseH
     thread.start()
     assert not entered.wait(0.2)  # still held
     first.session.increment("n")
-    assert first.save() is SaveAction.UPDATED
+    assert first.finish() is SaveAction.UPDATED
     assert entered.wait(5)  # handed over when the first saved
     thread.join()
     assert second[0].session["n"] == 1
     second[0].session.increment("n")
-    second[0].save()
+    second[0].finish()
     assert handler.load(session_id)["n"] == 2
 
 
@@ -84,7 +84,7 @@ def test_nothing_to_lock_gives_a_fresh_session(real_clock_handler: BaseHandler[A
         held = BlockingSession.open(real_clock_handler, cookie)
         assert not held.locked and held.session.is_new
         held.session["x"] = 1
-        assert held.save() is SaveAction.INSERTED
+        assert held.finish() is SaveAction.INSERTED
 
 
 def test_a_hold_past_block_lock_seconds_is_ended_by_postgresql_and_the_save_still_lands(
@@ -102,7 +102,7 @@ def test_a_hold_past_block_lock_seconds_is_ended_by_postgresql_and_the_save_stil
     other.release()
     held.session["late"] = True
     with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
-        held.save()
+        held.finish()
     assert "past block_lock_seconds" in caplog.text
     assert handler.load(session_id)["late"] is True
 

@@ -22,15 +22,13 @@ from ..config import SessionConfig
 from ..errors import LockTimeout
 from ..records import Record, StoreStats
 from ..schema import sessions_table
-from .base import BaseHandler, Merged
+from .base import BaseHandler, LockState, LockStrategy, Merged
 from .engines import create_session_engine, is_autocommit_engine
 from .fastpath import FastStatement, fetch_one, row_count
 
 #: How often a locked merge is tried when the database picks it as a deadlock victim.
 _MERGE_ATTEMPTS = 5
 _MYSQL_DEADLOCK_ERRNOS = (1213,)  # ER_LOCK_DEADLOCK
-#: `Connection.info` flag: a blocking request's transaction is open on this connection.
-_HELD = "sqla_sessions_held_lock"
 
 _COLUMNS = (
     "key",
@@ -76,7 +74,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         dialect = self.engine.dialect.name
         self._dialect = "mysql" if dialect == "mariadb" else dialect
-        self.lock_strategy = "lease" if self._dialect == "sqlite" else "row"
+        self.lock_strategy = LockStrategy.LEASE if self._dialect == "sqlite" else LockStrategy.ROW
         self._build_statements()
         self._fast_path = fast_path
         dialect_ = self.engine.dialect
@@ -160,7 +158,7 @@ class DatabaseHandler(BaseHandler[Connection]):
     # -- primitives ------------------------------------------------------------------------------
 
     @contextmanager
-    def _connect(self) -> Iterator[Connection]:
+    def connect(self) -> Iterator[Connection]:
         with self._autocommit.connect() as conn:
             yield conn
 
@@ -197,18 +195,23 @@ class DatabaseHandler(BaseHandler[Connection]):
                 return False  # a deadlock victim is a lost race like any other: merge under the lock
             raise
 
-    def _merge(self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
+    def _merge(
+        self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged], *, held: bool
+    ) -> Merged | None:
         for attempt in range(1, _MERGE_ATTEMPTS + 1):
             try:
-                return self._merge_once(conn, key, now, build)
+                return self._merge_once(conn, key, now, build, held=held)
             except sa.exc.DBAPIError as exc:
-                if attempt == _MERGE_ATTEMPTS or not is_transient_conflict(exc):
+                # A deadlock inside a blocking request's transaction ended that transaction: not retryable here.
+                if held or attempt == _MERGE_ATTEMPTS or not is_transient_conflict(exc):
                     raise
                 time.sleep(random.uniform(0, 0.005 * attempt))  # de-synchronise the retrying writers
         raise AssertionError("unreachable")
 
-    def _merge_once(self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
-        with self._transaction(conn):
+    def _merge_once(
+        self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged], *, held: bool
+    ) -> Merged | None:
+        with self._transaction(conn, held=held):
             row = conn.execute(self._select_for_update, {"b_key": key}).first()
             if row is None:
                 return None
@@ -216,7 +219,12 @@ class DatabaseHandler(BaseHandler[Connection]):
             if current.expires_at <= now:
                 return None
             merged = build(current)
-            conn.execute(self._update_row, _write_params(merged[0]))
+            successor = merged[0]
+            if successor.key == key:
+                conn.execute(self._update_row, _write_params(successor))
+            else:  # a change of privilege: the session moves to a new key, the old one is gone
+                conn.execute(self._delete_row, {"b_key": key})
+                conn.execute(self._insert_row, {name: getattr(successor, name) for name in _COLUMNS})
             return merged
 
     def _touch(self, conn: Connection, key: str, *, last_activity: int, expires_at: int, now: int) -> bool:
@@ -278,16 +286,16 @@ class DatabaseHandler(BaseHandler[Connection]):
             return None
         return None if size is None else int(size)
 
-    def _acquire(self, conn: Connection, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
-        if self.lock_strategy == "lease":
-            now_ms = int(self._clock() * 1000)
+    def _acquire(self, conn: Connection, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
+        if self.lock_strategy is LockStrategy.LEASE:
+            now_ms = int(self.clock() * 1000)
             until = now_ms + int(self.config.block_lock_seconds * 1000)
             params = {"b_id_hash": id_hash, "now": now, "now_ms": now_ms, "owner": owner, "until": until}
             row = conn.execute(self._take_lease, params).first()
             if row is not None:
-                return "locked", _record(row)
+                return LockState.LOCKED, _record(row)
             exists = conn.execute(self._exists_by_hash, {"b_id_hash": id_hash, "now": now}).first()
-            return ("busy" if exists else "missing"), None
+            return (LockState.BUSY if exists else LockState.MISSING), None
         wait, hold = self.config.block_wait_seconds, self.config.block_lock_seconds
         try:
             if self._dialect == "mysql":
@@ -301,25 +309,25 @@ class DatabaseHandler(BaseHandler[Connection]):
             if self._dialect == "postgresql":
                 # Both die with the transaction: the wait and the hold are bounded by the database itself.
                 conn.execute(self._set_pg_timeouts, {"wait": f"{int(wait * 1000)}ms", "hold": f"{int(hold * 1000)}ms"})
-            conn.info[_HELD] = True
             row = conn.execute(self._select_by_hash_for_update, {"b_id_hash": id_hash, "now": now}).first()
-        except sa.exc.DBAPIError as exc:
-            self._release(conn, None, owner, commit=False)
-            if is_lock_timeout(exc):
+        except BaseException as exc:  # also a cancellation: nothing may stay open on a pooled connection
+            self._end_transaction(conn, commit=False)
+            if isinstance(exc, sa.exc.DBAPIError) and is_lock_timeout(exc):
                 raise LockTimeout(wait) from None
             raise
         if row is None:
-            self._release(conn, None, owner, commit=False)
-            return "missing", None
-        return "locked", _record(row)
+            self._end_transaction(conn, commit=False)
+            return LockState.MISSING, None
+        return LockState.LOCKED, _record(row)
 
-    def _release(self, conn: Connection, key: str | None, owner: str, *, commit: bool) -> None:
-        if self.lock_strategy == "lease":
-            if key is not None:
-                conn.execute(self._drop_lease, {"b_key": key, "owner": owner})
+    def _release(self, conn: Connection, key: str, owner: str, *, commit: bool) -> None:
+        if self.lock_strategy is LockStrategy.LEASE:
+            conn.execute(self._drop_lease, {"b_key": key, "owner": owner})
             return
-        if not conn.info.pop(_HELD, False):
-            return
+        self._end_transaction(conn, commit=commit)
+
+    def _end_transaction(self, conn: Connection, *, commit: bool) -> None:
+        """COMMIT or ROLLBACK a blocking request's transaction and reset its session settings."""
         try:
             conn.exec_driver_sql("COMMIT" if commit else "ROLLBACK")
         finally:
@@ -330,14 +338,16 @@ class DatabaseHandler(BaseHandler[Connection]):
                     )
 
     @contextmanager
-    def _transaction(self, conn: Connection) -> Iterator[None]:
+    def _transaction(self, conn: Connection, *, held: bool) -> Iterator[None]:
         """An explicit transaction on an autocommit connection (row locks last until it ends).
 
         SQLite has no row locks: `BEGIN IMMEDIATE` takes the database write lock up front, so the
-        read-modify-write cannot interleave with another writer.
+        read-modify-write cannot interleave with another writer. *held*: a blocking request's
+        transaction is already open on *conn* and holds the row lock (its caller decides, never a
+        flag left on the pooled connection).
         """
-        if conn.info.get(_HELD):
-            yield  # a blocking request's transaction is already open and holds the row lock
+        if held and self.lock_strategy is LockStrategy.ROW:
+            yield
             return
         driver = conn.connection.driver_connection
         if self._dialect == "sqlite":

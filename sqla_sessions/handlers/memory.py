@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from ..config import SessionConfig
 from ..records import Record, StoreStats
-from .base import BaseHandler, Merged
+from .base import BaseHandler, LockState, Merged
 
 
 class MemoryHandler(BaseHandler[None]):
@@ -34,7 +34,7 @@ class MemoryHandler(BaseHandler[None]):
         return len(self._rows)
 
     @contextmanager
-    def _connect(self) -> Iterator[None]:
+    def connect(self) -> Iterator[None]:
         yield None
 
     def _fetch(self, conn: None, *, id_hash: str | None = None, key: str | None = None, now: int) -> Record | None:
@@ -58,12 +58,14 @@ class MemoryHandler(BaseHandler[None]):
             self._put(record)
             return True
 
-    def _merge(self, conn: None, key: str, now: int, build: Callable[[Record], Merged]) -> Merged | None:
+    def _merge(self, conn: None, key: str, now: int, build: Callable[[Record], Merged], *, held: bool) -> Merged | None:
         with self._lock:
             row = self._rows.get(key)
             if row is None or row.expires_at <= now:
                 return None
             merged = build(dataclasses.replace(row))
+            if merged[0].key != key:  # a change of privilege: the session moves to a new key
+                self._delete(conn, key)
             self._put(merged[0])
             return merged
 
@@ -110,21 +112,21 @@ class MemoryHandler(BaseHandler[None]):
             users = {r.user_id for r in live if r.user_id is not None}
             return StoreStats(len(live), len(self._rows) - len(live), len(users), None)
 
-    def _acquire(self, conn: None, id_hash: str, owner: str, now: int) -> tuple[str, Record | None]:
+    def _acquire(self, conn: None, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
         with self._lock:
             row = self._fetch(conn, id_hash=id_hash, now=now)
             if row is None:
-                return "missing", None
-            now_ms = int(self._clock() * 1000)
+                return LockState.MISSING, None
+            now_ms = int(self.clock() * 1000)
             lease = self._leases.get(row.key)
             if lease is not None and lease[1] > now_ms:
-                return "busy", None
+                return LockState.BUSY, None
             self._leases[row.key] = (owner, now_ms + int(self.config.block_lock_seconds * 1000))
-            return "locked", row
+            return LockState.LOCKED, row
 
-    def _release(self, conn: None, key: str | None, owner: str, *, commit: bool) -> None:
+    def _release(self, conn: None, key: str, owner: str, *, commit: bool) -> None:
         with self._lock:
-            if key is not None and self._leases.get(key, ("", 0))[0] == owner:
+            if self._leases.get(key, ("", 0))[0] == owner:
                 del self._leases[key]
 
     def _put(self, record: Record) -> None:

@@ -308,16 +308,79 @@ def test_logout_deletes_the_stored_session(handler: Handler) -> None:
     assert stored_rows(handler) == 0
 
 
-def test_a_merge_keeps_a_concurrent_login(handler: Handler) -> None:
+def test_a_login_cuts_off_whatever_loaded_the_session_before_it(handler: Handler) -> None:
+    """Session fixation with a request held open: the attacker's request neither writes nor reads the victim's."""
+    session_id = new_stored(handler, planted=True)
+    attacker = handler.load(session_id)  # loaded under the planted id, still running
+    victim = handler.load(session_id)
+    old_key = victim.key
+    victim.login("alice")
+    victim["card"] = "4111"
+    victim.save()
+    assert victim.key != old_key and handler.load_by_key(old_key or "") is None
+
+    attacker["is_admin"] = True
+    with pytest.raises(SessionInterrupted):
+        attacker.save()
+    stored = handler.load(victim.id)
+    assert stored.user_id == "alice" and "is_admin" not in stored and stored["card"] == "4111"
+
+    attacker.reload()  # a reload gives a fresh session, never the logged-in one
+    assert attacker.is_new and len(attacker) == 0 and attacker.user_id is None
+
+
+def test_change_privilege_cuts_off_like_login_and_regenerate_does_not(handler: Handler) -> None:
     session_id = new_stored(handler, a=1)
     other = handler.load(session_id)
-    logging_in = handler.load(session_id)
-    logging_in.login("u1")
-    logging_in.save()
+    rotating = handler.load(session_id)
+    rotating.regenerate()  # a plain rotation: in-flight requests still land
+    rotating.save()
     other["b"] = 2
     assert other.save() is SaveAction.MERGED
-    merged = handler.load(logging_in.id)
-    assert merged.user_id == "u1" and merged.all() == {"a": 1, "_token": merged.token(), "b": 2}
+    assert handler.load(rotating.id)["b"] == 2
+
+    late = handler.load(rotating.id)
+    sudo = handler.load(rotating.id)
+    sudo.change_privilege()  # sudo mode: a change of privilege, as login() is
+    sudo.save()
+    late["c"] = 3
+    with pytest.raises(SessionInterrupted):
+        late.save()
+    assert "c" not in handler.load(sudo.id) and handler.load(sudo.id)["b"] == 2
+
+
+def test_login_as_another_user_starts_from_an_empty_session(handler: Handler) -> None:
+    session = handler.load(None)
+    session.login("alice")
+    session["alice_secret"] = 1
+    session.save()
+    same = handler.load(session.id)
+    same.login("alice")  # the same user again keeps the data
+    same.save()
+    assert handler.load(same.id)["alice_secret"] == 1
+    switching = handler.load(same.id)
+    switching.login("bob")
+    switching.save()
+    bob = handler.load(switching.id)
+    assert bob.user_id == "bob" and "alice_secret" not in bob
+    assert handler.list_sessions("alice") == []
+
+
+@pytest.mark.parametrize("how", ["clear", "flush"])
+def test_clear_and_flush_log_the_user_out(handler: Handler, how: str) -> None:
+    session = handler.load(None)
+    session.login("alice")
+    session["x"] = 1
+    session.save()
+    loaded = handler.load(session.id)
+    getattr(loaded, how)()
+    assert loaded.user_id is None and len(loaded) == 0
+    loaded["after"] = "logout"  # Flask apps often write right after session.clear()
+    loaded.save()
+    assert handler.list_sessions("alice") == []
+    assert handler.load(session.id).is_new  # the logged-in id is dead
+    fresh = handler.load(loaded.id)
+    assert fresh.user_id is None and fresh.all() == {"after": "logout"}
 
 
 # -- payload limits, encryption, corruption --------------------------------------------------------
@@ -463,11 +526,16 @@ def test_reload_keeps_unsaved_changes_on_top(handler: Handler) -> None:
     assert handler.load(session_id).all() == {"shared": "theirs", "mine": "unsaved", "job": "result"}
 
 
-def test_reload_of_a_destroyed_session_raises(handler: Handler) -> None:
-    session = handler.load(new_stored(handler))
+def test_reload_of_a_destroyed_session_gives_a_fresh_one(handler: Handler) -> None:
+    old_id = new_stored(handler, secret=1)
+    session = handler.load(old_id)
+    session["unsaved"] = True
     handler.revoke(session.key or "")
-    with pytest.raises(SessionInterrupted):
-        session.reload()
+    session.reload()
+    assert session.is_new and len(session) == 0 and session.id != old_id
+    session["again"] = 1
+    assert session.save() is SaveAction.INSERTED  # a new row, under a new id
+    assert handler.load(old_id).is_new
 
 
 # -- flash data across requests ---------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_a_failed_save_sends_nothing(
     with pytest.raises(Exception, match="destroyed"):
         session.save()
     assert broker.queues[actor.queue_name].qsize() == 0
-    assert "not sent" in caplog.text
+    assert "not run: the session was not saved" in caplog.text
 
 
 def test_the_job_merges_onto_writes_made_while_it_ran(broker: StubBroker, worker: Any, handler: MemoryHandler) -> None:
@@ -161,11 +161,41 @@ def test_a_regenerated_id_still_gets_the_results(broker: StubBroker, worker: Any
     session = stored(handler)
     actor.send(session.key or "")
     assert started.wait(10)
-    session.login("ada")  # a new id while the job runs
+    session.regenerate()  # a new id while the job runs (not a change of privilege)
     session.save()
     release.set()
     broker.join(actor.queue_name)
     assert handler.load(session.id)["result"] == "landed"
+
+
+@pytest.mark.parametrize("while_running", [False, True])
+def test_a_job_enqueued_before_a_login_is_dropped(
+    broker: StubBroker, worker: Any, handler: MemoryHandler, while_running: bool
+) -> None:
+    """A job an attacker queued on a planted session never lands in the victim's logged-in session."""
+    started, release = threading.Event(), threading.Event()
+
+    def plant(session: Session) -> None:
+        started.set()
+        release.wait(10)
+        session["planted_by_job"] = True
+
+    actor = actor_on(broker, handler, plant)
+    session = stored(handler)
+    if while_running:
+        actor.send(session.key or "")
+        assert started.wait(10)
+    else:
+        worker.pause()
+        actor.send(session.key or "")
+    session.login("victim")
+    session.save()
+    if not while_running:
+        worker.resume()
+    release.set()
+    broker.join(actor.queue_name)
+    worker.join()
+    assert "planted_by_job" not in handler.load(session.id)
 
 
 def test_a_redelivered_job_lands_once(handler: MemoryHandler, broker: StubBroker) -> None:
@@ -234,3 +264,51 @@ def test_importing_the_module_creates_no_broker() -> None:
     code = "import dramatiq.broker as b, sqla_sessions.dramatiq; print(b.global_broker is None)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_two_jobs_finishing_together_both_land_once(broker: StubBroker, worker: Any, handler: MemoryHandler) -> None:
+    """Both ids are recorded (they merge as a list), so a later redelivery of either is skipped."""
+    together = threading.Barrier(2)
+
+    def bump(session: Session, n: int) -> None:
+        session.increment("count")
+        session.push("seen", n)
+        together.wait(10)  # both loaded the same version: one compare-and-set wins, the other merges
+
+    actor = actor_on(broker, handler, bump)
+    session = stored(handler)
+    first, second = actor.message(session.key or "", 1), actor.message(session.key or "", 2)
+    broker.enqueue(first)
+    broker.enqueue(second)
+    broker.join(actor.queue_name)
+    worker.join()
+    stored_now = handler.load(session.id)
+    assert stored_now["count"] == 2 and sorted(stored_now["seen"]) == [1, 2]
+    together.reset()
+    together = threading.Barrier(1)  # redeliveries run one at a time
+    broker.enqueue(first)
+    broker.enqueue(second)
+    broker.join(actor.queue_name)
+    worker.join()
+    assert handler.load(session.id)["count"] == 2
+
+
+def test_a_redelivery_racing_its_original_lands_once(broker: StubBroker, worker: Any, handler: MemoryHandler) -> None:
+    """The job id is checked inside the write, not only at load: two deliveries running at once apply once."""
+    together = threading.Barrier(2)
+
+    def apply(session: Session) -> None:
+        session[f"effect_{threading.get_ident()}"] = True  # an effect that would show up twice
+        together.wait(10)  # both deliveries loaded the session before either wrote
+
+    actor = actor_on(broker, handler, apply)
+    session = stored(handler)
+    message = actor.message(session.key or "")
+    broker.enqueue(message)
+    broker.enqueue(message)
+    broker.join(actor.queue_name)
+    worker.join()
+    stored_now = handler.load(session.id)
+    assert [k for k in stored_now if k.startswith("effect_")] != []
+    assert len([k for k in stored_now if k.startswith("effect_")]) == 1
+    assert stored_now[JOBS_KEY].count(message.args[1]) == 1

@@ -1,0 +1,162 @@
+"""One save as a value: what the session hands the store, and the row the store computes from it.
+
+`Session.unit_of_work()` freezes a request's changes into a `UnitOfWork` (payload change set,
+identity changes, client facts). The store writes it with a compare-and-set on the loaded version,
+or, after a lost race, merges it onto the current row under a lock; either way the row it writes is
+`successor(current, unit, …)`. Everything here is pure: no I/O, no clock of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from .config import SessionConfig
+from .errors import SessionInterrupted
+from .merge import ChangeSet, apply_changes
+from .records import Record, SaveAction
+
+#: Reserved session key: ids of the latest background jobs whose changes landed (exactly-once effects).
+JOBS_KEY = "_jobs"
+
+
+class JobAlreadyApplied(SessionInterrupted):
+    """A redelivered job whose changes are already stored: nothing is written again."""
+
+
+class UnitOfWork(NamedTuple):
+    """Everything one save writes, frozen when the save starts."""
+
+    changes: ChangeSet
+    loaded: Record | None
+    """The row the session was loaded from (None: the session is not stored yet)."""
+    new_id_hash: str | None
+    """Hash of the id this request gave the session (a new session's, or after regenerate); None: unchanged."""
+    user_id: str | None
+    user_changed: bool
+    cut_off: bool
+    """A change of privilege (login): the row moves to a new key, so nothing holding the old one reaches it."""
+    fork_id_hash: str | None
+    """`regenerate(destroy=False)`: the previous id keeps a copy of the session as loaded."""
+    destroy_key: str | None
+    """`invalidate()`: the row to delete."""
+    ip_address: str | None
+    user_agent: str | None
+    record_activity: bool = True
+    job_id: str | None = None
+    """A background job's id: the write is refused if the stored session already lists it."""
+
+    @property
+    def writes(self) -> bool:
+        """Whether the save must write something beyond an activity touch."""
+        return bool(
+            self.changes
+            or self.user_changed
+            or self.cut_off
+            or self.destroy_key is not None
+            or (self.loaded is not None and self.new_id_hash is not None)
+        )
+
+
+class Saved(NamedTuple):
+    """What a save stored, for the session to adopt."""
+
+    action: SaveAction
+    record: Record | None
+    """The row as written (None: nothing is stored for this session)."""
+    raw: dict[str, Any]
+    """The raw payload as written."""
+    expiry_moved: bool
+    """The save pushed `expires_at` forward (the cookie's expiry follows)."""
+
+
+class Expiry:
+    """The expiry policy: sliding idle lifetime, optional absolute cap, activity recorded at most every interval."""
+
+    __slots__ = ("absolute", "interval", "lifetime")
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.lifetime = config.lifetime_seconds
+        self.absolute = config.absolute_lifetime_seconds
+        self.interval = config.touch_interval
+
+    def expires_at(self, created_at: int, now: int) -> int:
+        expires = now + self.lifetime
+        return expires if self.absolute is None else min(expires, created_at + self.absolute)
+
+    def activity_due(self, record: Record, now: int) -> bool:
+        """Whether *record*'s activity may be recorded again (at most once per touch_interval)."""
+        return now - record.last_activity >= self.interval
+
+
+def successor(
+    current: Record,
+    current_raw: Mapping[str, Any],
+    unit: UnitOfWork,
+    *,
+    key: str,
+    now: int,
+    expiry: Expiry,
+    dumps: Callable[[dict[str, Any], str], bytes],
+) -> tuple[Record, dict[str, Any]]:
+    """The row that replaces *current* once *unit* is merged onto it (its payload three-way merged).
+
+    Raises `JobAlreadyApplied` when the unit is a job whose id the stored session already lists.
+    """
+    if unit.job_id is not None:
+        done = current_raw.get(JOBS_KEY)
+        if type(done) is list and unit.job_id in done:
+            raise JobAlreadyApplied(f"job {unit.job_id} already landed")
+    raw = apply_changes(current_raw, unit.changes)
+    activity = unit.record_activity and expiry.activity_due(current, now)
+    record = Record(
+        key=key,
+        id_hash=unit.new_id_hash if unit.new_id_hash is not None else current.id_hash,
+        user_id=unit.user_id if unit.user_changed else current.user_id,
+        payload=dumps(raw, key),  # PayloadTooLarge: nothing written
+        version=current.version + 1,
+        created_at=current.created_at,
+        # Activity is recorded at most once per touch_interval, on writes as on reads: an UPDATE that
+        # leaves last_activity and expires_at alone changes no indexed column, so PostgreSQL can
+        # update the row in place (a HOT update: no new index entries, less WAL, less vacuum).
+        last_activity=now if activity else current.last_activity,
+        expires_at=expiry.expires_at(current.created_at, now) if activity else current.expires_at,
+        ip_address=unit.ip_address or current.ip_address,
+        user_agent=unit.user_agent or current.user_agent,
+    )
+    return record, raw
+
+
+def first_row(unit: UnitOfWork, *, key: str, now: int, expiry: Expiry, dumps: Callable[..., bytes]) -> Record:
+    """The row of a session stored for the first time."""
+    assert unit.new_id_hash is not None
+    return Record(
+        key=key,
+        id_hash=unit.new_id_hash,
+        user_id=unit.user_id,
+        payload=dumps(dict(unit.changes.updates), key),
+        version=1,
+        created_at=now,
+        last_activity=now,
+        expires_at=expiry.expires_at(now, now),
+        ip_address=unit.ip_address,
+        user_agent=unit.user_agent,
+    )
+
+
+def fork_row(unit: UnitOfWork, *, key: str, now: int, expiry: Expiry, dumps: Callable[..., bytes]) -> Record:
+    """`regenerate(destroy=False)`: the copy of the loaded session the previous id keeps."""
+    base = unit.loaded
+    assert base is not None and unit.fork_id_hash is not None
+    return Record(
+        key=key,
+        id_hash=unit.fork_id_hash,
+        user_id=base.user_id,
+        payload=dumps(dict(unit.changes.base), key),
+        version=1,
+        created_at=base.created_at,
+        last_activity=now,
+        expires_at=expiry.expires_at(base.created_at, now),
+        ip_address=base.ip_address,
+        user_agent=base.user_agent,
+    )
