@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from sqlalchemy.engine import URL
@@ -286,6 +286,11 @@ class AsyncBlockingSession:
             delays = poll_delays(handler.config.block_wait_seconds)
             while not await conn.run(lock.attempt):
                 await asyncio.sleep(next(delays))  # leases only: row locks wait in the database
+        except asyncio.CancelledError:
+            # Give the cancellation back at once; the wait still in flight ends (or times out) in the
+            # database, and the connection is cleaned up and returned behind it.
+            _in_background(held._close())
+            raise
         except BaseException:
             await held._close()
             raise
@@ -351,6 +356,16 @@ class AsyncBlockingSession:
         if conn is not None:
             lock = self._lock
             await conn.close(lock.abandon if lock is not None else None)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    """Run *work* to its end without anyone awaiting it (a strong reference keeps the task alive)."""
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:

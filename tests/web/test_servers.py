@@ -58,17 +58,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(framework: str, url: str, port: int, log: BinaryIO) -> subprocess.Popen[bytes]:
-    if FRAMEWORKS[framework] == "uvicorn":
+def start_server(
+    framework: str, url: str, port: int, log: BinaryIO, *, module: str = "tests.web.apps"
+) -> subprocess.Popen[bytes]:
+    if framework in ("starlette", "fastapi"):
         command = [
-            sys.executable, "-m", "uvicorn", f"tests.web.apps:{framework}_app", "--factory",
+            sys.executable, "-m", "uvicorn", f"{module}:{framework}_app", "--factory",
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
         ]  # fmt: skip
     else:
         command = [
             sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "gthread", "--threads", "16",
             "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "--limit-request-field_size", "32768",
-            f"tests.web.apps:{framework}_app()",
+            f"{module}:{framework}_app()",
         ]  # fmt: skip
     env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,0 +1,215 @@
+"""Blocking requests and the unit of work: saves and reloads on the held connection, and cancellation
+at any await point leaving nothing behind on a pooled connection (PostgreSQL, MariaDB, SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sqla_sessions import DatabaseHandler, SessionConfig
+from sqla_sessions.aio import AsyncSessionStore
+from sqla_sessions.handlers.engines import create_session_engine
+from sqla_sessions.locking import BlockingSession
+from tests.conftest import Backend, StatementCounter
+
+
+@pytest.fixture
+def one_connection(db_backend: Backend) -> Iterator[DatabaseHandler]:
+    """A handler whose pool has exactly one connection, so every request reuses it."""
+    engine = create_session_engine(db_backend.url, autocommit=True, pool_size=1, max_overflow=0, pool_timeout=10)
+    yield DatabaseHandler(engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=5, lottery=(0, 1)))
+    engine.dispose()
+
+
+def stored(handler: DatabaseHandler, **data: Any) -> str:
+    session = handler.load(None)
+    session.put(data or {"seed": True})
+    session.save()
+    return session.id
+
+
+def test_save_and_reload_inside_a_blocking_request_use_its_lock(db_backend: Backend) -> None:
+    handler = DatabaseHandler(db_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=4))
+    session_id = stored(handler)
+    held = BlockingSession.open(handler, session_id)
+    session = held.session
+    session["mid"] = 1
+    started = time.monotonic()
+    session.save(end_of_request=False)  # must not wait on its own lock
+    session.reload()
+    assert time.monotonic() - started < 1.5
+    assert session["mid"] == 1 and held.locked
+
+    other_entered = threading.Event()
+
+    def another_blocking_request() -> None:
+        other = BlockingSession.open(handler, session_id)
+        other_entered.set()
+        other.session["other"] = True
+        other.finish()
+
+    thread = threading.Thread(target=another_blocking_request)
+    thread.start()
+    time.sleep(0.3)
+    assert not other_entered.is_set()  # mutual exclusion still holds after the mid-request save
+    session["end"] = 2
+    held.finish()
+    thread.join(10)
+    assert other_entered.is_set()
+    assert handler.load(session_id).all() == {"seed": True, "mid": 1, "end": 2, "other": True}
+
+
+def test_asave_and_areload_inside_an_async_blocking_request_use_its_lock(db_backend: Backend) -> None:
+    handler = DatabaseHandler(db_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=4))
+    session_id = stored(handler)
+
+    async def request() -> float:
+        store = AsyncSessionStore(handler)
+        try:
+            held = await store.open_blocking(session_id)
+            session = held.session
+            session["mid"] = 1
+            started = time.monotonic()
+            await session.asave(end_of_request=False)
+            await session.areload()
+            elapsed = time.monotonic() - started
+            with pytest.raises(RuntimeError, match="asave"):
+                session.save()  # a sync save here would bypass the lock's connection: refused clearly
+            session["end"] = 2
+            await held.finish()
+            return elapsed
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(request()) < 1.5
+    assert handler.load(session_id).all() == {"seed": True, "mid": 1, "end": 2}
+
+
+def _assert_connection_clean(handler: DatabaseHandler, backend: Backend, session_id: str) -> None:
+    """Nothing left open on the pooled connection, and a merge on it is still a locked merge."""
+    pool: Any = handler.engine.pool
+    deadline = time.monotonic() + 10
+    while pool.checkedout() and time.monotonic() < deadline:  # a cancelled call may still be finishing
+        time.sleep(0.01)
+    assert pool.checkedout() == 0
+    with handler.engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        if backend.name == "postgresql":
+            assert driver.info.transaction_status == 0  # IDLE: no transaction left open
+        elif backend.name == "sqlite":
+            assert not driver.in_transaction
+        else:
+            assert conn.exec_driver_sql("SELECT @@in_transaction").scalar_one() == 0
+    # The row is not locked by anyone: another connection's blocking request gets it at once.
+    other = DatabaseHandler(backend.engine, SessionConfig(block_wait_seconds=2, block_lock_seconds=5))
+    probe = BlockingSession.open(other, session_id)
+    assert probe.locked
+    probe.release()
+    # And a save that lost its race on the one pooled connection still merges in a transaction of its own.
+    first, second = handler.load(session_id), handler.load(session_id)
+    first.push("log", "a")
+    second.push("log", "b")
+    first.save()
+    with StatementCounter(handler.engine) as counter:
+        second.save()
+    assert any(s.upper().startswith("BEGIN") for s in counter.statements), counter.statements
+    log = handler.load(session_id)["log"]
+    assert log[-2:] == ["a", "b"]
+
+
+async def _blocking_request(store: AsyncSessionStore, session_id: str) -> None:
+    held = await store.open_blocking(session_id)
+    try:
+        held.session.increment("n")
+        await asyncio.sleep(0)
+        await held.finish()
+    finally:
+        await held.release()
+
+
+def test_a_request_cancelled_while_it_waits_for_the_lock_leaves_nothing_behind(
+    db_backend: Backend, one_connection: DatabaseHandler
+) -> None:
+    handler = one_connection
+    session_id = stored(handler, n=0)
+
+    async def scenario() -> None:
+        store = AsyncSessionStore(handler)
+        blocker = BlockingSession.open(DatabaseHandler(db_backend.engine, handler.config), session_id)
+        try:
+            task = asyncio.create_task(_blocking_request(store, session_id))
+            await asyncio.sleep(0.3)  # it is waiting for the lock (in the database, or polling a lease)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await asyncio.to_thread(blocker.release)
+            await asyncio.sleep(0.2)
+            await store.aclose()
+
+    asyncio.run(scenario())
+    _assert_connection_clean(handler, db_backend, session_id)
+    assert handler.load(session_id)["n"] == 0
+
+
+@pytest.mark.slow
+def test_a_request_cancelled_at_any_await_point_leaves_nothing_behind(
+    db_backend: Backend, one_connection: DatabaseHandler
+) -> None:
+    """Cancel after 0, 1, 2, … loop iterations until the request completes before the cancel."""
+    handler = one_connection
+    session_id = stored(handler, n=0)
+    completed = 0
+
+    async def run_once(steps: int) -> bool:
+        store = AsyncSessionStore(handler)
+        try:
+            task = asyncio.create_task(_blocking_request(store, session_id))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            finished = task.done()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return finished
+        finally:
+            await asyncio.sleep(0.05)
+            await store.aclose()
+
+    for steps in range(0, 400):
+        before = handler.load(session_id)["n"]
+        finished = asyncio.run(run_once(steps))
+        _assert_connection_clean(handler, db_backend, session_id)
+        after = handler.load(session_id)["n"]
+        assert after in (before, before + 1)  # the increment landed whole or not at all
+        completed += after - before
+        if finished:
+            break
+    else:
+        pytest.fail("the request never completed within 400 loop iterations")
+    assert completed >= 1
+
+
+def test_a_pool_reset_rolls_back_what_a_cancelled_request_left(
+    db_backend: Backend, one_connection: DatabaseHandler
+) -> None:
+    """Belt and braces: a connection returned mid-transaction comes back clean from the pool."""
+    handler = one_connection
+    with handler.engine.connect() as conn:
+        conn.exec_driver_sql("BEGIN")
+        conn.execute(sa.select(sa.literal(1)))
+    with handler.engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        if db_backend.name == "postgresql":
+            assert driver.info.transaction_status == 0
+        elif db_backend.name == "sqlite":
+            assert not driver.in_transaction

@@ -1,0 +1,178 @@
+"""The three-way merge, without a database: rules by example, then properties over any interleaving."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import date
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sqla_sessions import MemoryHandler
+from sqla_sessions.merge import MISSING, ChangeSet, apply_changes, merge_value
+from sqla_sessions.serializer import encode_value
+
+# -- the rules, by example -----------------------------------------------------------------------------
+
+
+def merge(base: Any, mine: Any, theirs: Any, delta: float | None = None) -> Any:
+    """Merge Python values through their raw forms, as the store does."""
+    raw = [MISSING if v is MISSING else encode_value(v) for v in (base, mine, theirs)]
+    return merge_value(*raw, delta)
+
+
+def test_a_side_that_did_not_change_takes_the_other() -> None:
+    assert merge([1], [1, 2], [1]) == [1, 2]
+    assert merge([1], [1], [1, 3]) == [1, 3]
+    assert merge("a", "b", "b") == "b"
+
+
+def test_appends_of_both_sides_are_kept_theirs_first() -> None:
+    assert merge([1], [1, 2], [1, 3]) == [1, 3, 2]
+    assert merge(MISSING, [2], [3]) == [3, 2]  # both created the list with push()
+
+
+def test_removals_are_replayed_and_insertions_keep_their_place() -> None:
+    assert merge([1, 2, 3, 4], [1, 3, 4], [1, 2, 3, 4, 5]) == [1, 3, 4, 5]
+    assert merge([1, 2, 3], [1, 9, 2, 3], [0, 1, 2, 3]) == [0, 1, 9, 2, 3]
+    assert merge([1, 2, 3], [1, 3], [1, 3]) == [1, 3]  # both removed the same item
+    assert merge([1, 2, 3], [1, 2, 3, 4], [1, 3]) == [1, 3, 4]
+
+
+def test_lists_whose_same_items_both_sides_rewrote_take_mine() -> None:
+    assert merge([1, 2, 3], [1, 5, 3], [1, 7, 3]) == [1, 5, 3]
+
+
+def test_dicts_merge_by_key_recursively() -> None:
+    base = {"prefs": {"a": 1, "b": 1}, "x": 0}
+    mine = {"prefs": {"a": 2, "b": 1}, "x": 0}
+    theirs = {"prefs": {"a": 1, "b": 1, "c": 3}, "x": 5}
+    assert merge(base, mine, theirs) == {"prefs": {"a": 2, "b": 1, "c": 3}, "x": 5}
+    assert merge({"a": 1, "b": 2}, {"a": 1}, {"a": 1, "b": 2, "c": 3}) == {"a": 1, "c": 3}  # my removal sticks
+
+
+def test_a_dict_that_looks_like_a_tag_stays_a_dict() -> None:
+    merged = merge({"x": 1}, {"$dt": "mine", "x": 1}, {"x": 1, "y": 2})
+    assert merged == {"$dt": "mine", "x": 1, "y": 2}
+    assert merge({}, {"$dt": "a"}, {}) == {"$dict": {"$dt": "a"}}  # raw form, wrapped as the serializer does
+
+
+def test_sets_apply_my_additions_and_removals_to_theirs() -> None:
+    merged = merge({1, 2, 3}, {1, 2, 4}, {1, 2, 3, 5})
+    assert merged == encode_value({1, 2, 4, 5})
+
+
+def test_increments_add_their_delta_and_assignments_win() -> None:
+    assert merge(1, 2, 5, delta=1) == 6
+    assert merge(MISSING, 1, 3, delta=1) == 4
+    assert merge(1, 10, 5) == 10  # a plain assignment: the last committed write
+
+
+def test_scalars_tagged_values_and_type_changes_take_mine() -> None:
+    assert merge("a", "b", "c") == "b"
+    assert merge(date(2026, 1, 1), date(2026, 1, 2), date(2026, 1, 3)) == encode_value(date(2026, 1, 2))
+    assert merge([1], {"now": "dict"}, [1, 2]) == {"now": "dict"}
+    assert merge(1, MISSING, 2) is MISSING  # I removed it: removal wins
+
+
+def test_apply_changes_removes_sets_and_merges_per_key() -> None:
+    theirs = {"list": [1, 2], "n": 5, "other": "theirs", "gone": 1}
+    changes = ChangeSet(
+        updates={"list": [1, 3], "n": 2, "new": True},
+        removals=frozenset({"gone"}),
+        base={"list": [1], "n": 1, "gone": 1},
+        deltas={"n": 1},
+    )
+    assert apply_changes(theirs, changes) == {"list": [1, 2, 3], "n": 6, "other": "theirs", "new": True}
+
+
+# -- properties ------------------------------------------------------------------------------------------
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.text(max_size=5))
+values = st.recursive(
+    st.one_of(json_scalars, st.sets(st.integers(0, 9), max_size=4), st.tuples(st.integers())),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=3), inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+@given(values, values)
+def test_merging_onto_an_unchanged_side_gives_the_changed_one(base: Any, other: Any) -> None:
+    raw_base, raw_other = encode_value(base), encode_value(other)
+    assert merge_value(raw_base, raw_other, raw_base) == raw_other
+    assert merge_value(raw_base, raw_base, raw_other) == raw_other
+
+
+BASE_ITEMS = list(range(6))
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """2-5 writers' edits that commute: own appends, removals of base items, increments, own nested keys."""
+    writers = draw(st.integers(2, 5))
+    removable = draw(st.permutations(BASE_ITEMS))
+    out = []
+    for w in range(writers):
+        out.append(
+            {
+                "append": [f"w{w}-{i}" for i in range(draw(st.integers(0, 3)))],
+                "remove": removable[w::writers][: draw(st.integers(0, 2))],
+                "increment": draw(st.integers(-3, 3)),
+                "pref": draw(st.one_of(st.none(), st.integers(0, 9))),
+                "tag_add": draw(st.sets(st.sampled_from([f"t{w}a", f"t{w}b"]))),
+                "tag_remove": draw(st.sets(st.sampled_from(["base1", "base2"]))),
+            }
+        )
+    return out
+
+
+def _apply(session: Any, w: int, edits: dict[str, Any]) -> None:
+    for item in edits["append"]:
+        session.push("cart", item)
+    for item in edits["remove"]:
+        session["cart"].remove(item)
+    if edits["increment"]:
+        session.increment("n", edits["increment"])
+    if edits["pref"] is not None:
+        session["prefs"][f"w{w}"] = edits["pref"]
+    session["tags"].update(edits["tag_add"])
+    session["tags"].difference_update(edits["tag_remove"])
+
+
+def _canonical(payload: dict[str, Any]) -> dict[str, Any]:
+    return {**payload, "cart": sorted(payload["cart"], key=str)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(histories(), st.randoms(use_true_random=False))
+def test_every_interleaving_of_commuting_edits_gives_the_same_payload(edits: list[dict[str, Any]], rng: Any) -> None:
+    orders = list(itertools.permutations(range(len(edits))))
+    results = []
+    for order in rng.sample(orders, min(4, len(orders))):
+        handler = MemoryHandler()
+        seed = handler.load(None)
+        seed.put({"cart": list(BASE_ITEMS), "n": 10, "prefs": {"base": 0}, "tags": {"base1", "base2", "keep"}})
+        seed.save()
+        sessions = [handler.load(seed.id) for _ in edits]  # everyone loads the same version ...
+        for w, session in enumerate(sessions):
+            _apply(session, w, edits[w])
+        for w in order:  # ... and saves in this order: the first by compare-and-set, the rest merge
+            sessions[w].save()
+        payload = handler.load(seed.id).all()
+        payload.pop("_token", None)
+        results.append(payload)
+        for w, e in enumerate(edits):  # each writer's own appends keep their relative order
+            mine = [item for item in payload["cart"] if isinstance(item, str) and item.startswith(f"w{w}-")]
+            assert mine == e["append"]
+
+    removed = {item for e in edits for item in e["remove"]}
+    expected = {
+        "cart": sorted([i for i in BASE_ITEMS if i not in removed] + [a for e in edits for a in e["append"]], key=str),
+        "n": 10 + sum(e["increment"] for e in edits),
+        "prefs": {"base": 0, **{f"w{w}": e["pref"] for w, e in enumerate(edits) if e["pref"] is not None}},
+        "tags": ({"base1", "base2", "keep"} - {t for e in edits for t in e["tag_remove"]})
+        | {t for e in edits for t in e["tag_add"]},
+    }
+    for payload in results:
+        assert _canonical(payload) == expected
