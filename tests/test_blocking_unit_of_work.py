@@ -185,7 +185,7 @@ def test_a_request_cancelled_at_any_await_point_leaves_nothing_behind(
             await asyncio.sleep(0.05)
             await store.aclose()
 
-    for steps in range(0, 400):
+    for steps in range(400):
         before = handler.load(session_id)["n"]
         finished = asyncio.run(run_once(steps))
         _assert_connection_clean(handler, db_backend, session_id)
