@@ -11,6 +11,7 @@ cookie, so changes made during a websocket connection are not saved (a warning s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -65,6 +66,7 @@ class SessionMiddleware:
         instead of the default thread pool; see `sqla_sessions.aio`.
         """
         self.app = app
+        self._owns_handler = handler is None
         config, handler = resolve_handler(config, handler)
         self.config, self.handler = config, handler
         self.store = AsyncSessionStore(handler, async_engine=async_engine)
@@ -77,8 +79,27 @@ class SessionMiddleware:
             await self._http(scope, receive, send)
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def aclose(self) -> None:
+        """Close what this middleware created: its worker threads or AsyncEngine, and the handler's engine
+        when it built the handler itself (a handler passed in stays the caller's). Called at lifespan shutdown."""
+        await self.store.aclose()
+        if self._owns_handler:
+            close = getattr(self.handler, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_after_closing(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.aclose()
+            await send(message)
+
+        await self.app(scope, receive, send_after_closing)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = request_info(scope)

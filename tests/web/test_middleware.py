@@ -347,6 +347,60 @@ def test_an_asgi_endpoint_can_flush_mid_request_and_reload(memory: MemoryHandler
     assert memory.load(cookie_value(response)).all() == {"early": 1, "from_job": 2, "late": 3}
 
 
+def test_async_views_save_and_reload_through_the_session_itself(memory: MemoryHandler) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        session = scope["session"]
+        session["early"] = 1
+        await session.asave(end_of_request=False)
+        other = memory.load_by_key(session.key)
+        assert other is not None
+        other["from_job"] = 2
+        other.save()
+        await session.areload()
+        session["late"] = 3
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": repr(sorted(session)).encode()})
+
+    response = call(AsgiMiddleware(app, handler=memory), "POST")
+    assert response.text == "['early', 'from_job', 'late']"
+
+
+def test_lifespan_shutdown_closes_what_the_middleware_created(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    upgrade(url)
+    middleware = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), SessionConfig(database_url=url))
+    assert call(middleware, "POST").status_code == 200
+    handler = middleware.handler
+    assert isinstance(handler, DatabaseHandler)
+    pool: Any = handler.engine.pool
+    assert pool.checkedin() >= 1
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    async def lifespan() -> None:
+        scope = {"type": "lifespan"}
+        await middleware(scope, receive, send)  # startup
+        await middleware(scope, receive, send)  # shutdown
+
+    asyncio.run(lifespan())
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert handler.engine.pool.checkedin() == 0  # the engine it built is disposed
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(middleware.store.load("x" * 40))  # and its worker threads are gone
+
+
+def test_a_handler_passed_in_stays_open_after_lifespan_shutdown(memory: MemoryHandler) -> None:
+    middleware = AsgiMiddleware(asgi_app(lambda s: None), handler=memory)
+    asyncio.run(middleware.aclose())
+    assert memory.load(None).is_new  # still usable: the caller owns it
+
+
 def test_wsgi_warns_about_changes_made_after_the_response_started(
     memory: MemoryHandler, caplog: pytest.LogCaptureFixture
 ) -> None:
