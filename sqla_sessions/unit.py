@@ -130,33 +130,40 @@ def successor(
 def first_row(unit: UnitOfWork, *, key: str, now: int, expiry: Expiry, dumps: Callable[..., bytes]) -> Record:
     """The row of a session stored for the first time."""
     assert unit.new_id_hash is not None
-    return Record(
-        key=key,
-        id_hash=unit.new_id_hash,
-        user_id=unit.user_id,
-        payload=dumps(dict(unit.changes.updates), key),
-        version=1,
-        created_at=now,
-        last_activity=now,
-        expires_at=expiry.expires_at(now, now),
-        ip_address=unit.ip_address,
-        user_agent=unit.user_agent,
-    )
+    payload = dumps(dict(unit.changes.updates), key)
+    return _new_row(key, unit.new_id_hash, unit.user_id, payload, now, now, expiry, unit.ip_address, unit.user_agent)
 
 
 def fork_row(unit: UnitOfWork, *, key: str, now: int, expiry: Expiry, dumps: Callable[..., bytes]) -> Record:
     """`regenerate(destroy=False)`: the copy of the loaded session the previous id keeps."""
     base = unit.loaded
     assert base is not None and unit.fork_id_hash is not None
+    payload = dumps(dict(unit.changes.base), key)
+    return _new_row(
+        key, unit.fork_id_hash, base.user_id, payload, base.created_at, now, expiry, base.ip_address, base.user_agent
+    )
+
+
+def _new_row(
+    key: str,
+    id_hash: str,
+    user_id: str | None,
+    payload: bytes,
+    created_at: int,
+    now: int,
+    expiry: Expiry,
+    ip_address: str | None,
+    user_agent: str | None,
+) -> Record:
     return Record(
         key=key,
-        id_hash=unit.fork_id_hash,
-        user_id=base.user_id,
-        payload=dumps(dict(unit.changes.base), key),
+        id_hash=id_hash,
+        user_id=user_id,
+        payload=payload,
         version=1,
-        created_at=base.created_at,
+        created_at=created_at,
         last_activity=now,
-        expires_at=expiry.expires_at(base.created_at, now),
-        ip_address=base.ip_address,
-        user_agent=base.user_agent,
+        expires_at=expiry.expires_at(created_at, now),
+        ip_address=ip_address,
+        user_agent=user_agent,
     )

@@ -1,0 +1,182 @@
+"""HTTP throughput measured with wrk (C), so the load generator is never the bottleneck.
+
+    python benchmarks/wrk_http.py [--seconds 8] [--connections 64] [--pg URL] [--compare REV]
+
+One uvicorn worker pinned to core 0, wrk pinned to core 1 with one thread per connection, so each
+connection keeps one session cookie of its own (a Lua script hands thread *i* cookie *i*). Per app
+and route it prints req/s, p50/p99 latency, server CPU per request and the server's utilisation
+(from /proc), and the ratio to Starlette's cookie sessions in the same run; the cookie baseline's
+utilisation shows whether the server, not wrk, was the bottleneck.
+
+`--compare REV` also serves the sqla_sessions app from a checkout of git revision REV (a worktree
+in a temporary folder), for before/after measurements of a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.request import Request, urlopen
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from http_throughput import start  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+LUA = r"""
+local cookies = {}
+local counter = 0
+for line in io.lines(os.getenv("WRK_COOKIES")) do table.insert(cookies, line) end
+local threads = {}
+function setup(thread)
+  counter = counter + 1
+  thread:set("cookie", cookies[(counter - 1) % #cookies + 1])
+  table.insert(threads, thread)
+end
+function init(args)
+  wrk.headers["Cookie"] = "session=" .. cookie
+  wrk.method = os.getenv("WRK_METHOD")
+end
+function done(summary, latency, requests)
+  io.write(string.format("JSON {\"requests\": %d, \"errors\": %d, \"p50\": %d, \"p99\": %d}\n",
+    summary.requests, summary.errors.status + summary.errors.connect + summary.errors.read +
+    summary.errors.write + summary.errors.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class Figures:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_request: float
+    utilisation: float
+    errors: int
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def serve(factory: str, env: dict[str, str], code: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The app served by one uvicorn worker on core 0, importing sqla_sessions from *code*."""
+    return start(factory, {**env, "PYTHONPATH": f"{code}{os.pathsep}{ROOT / 'benchmarks'}"})
+
+
+def new_cookie(port: int) -> str:
+    with urlopen(Request(f"http://127.0.0.1:{port}/increment", method="POST"), timeout=10) as response:
+        header = response.headers.get("set-cookie", "")
+    match = re.match(r"session=([^;]+)", header)
+    if match is None:
+        raise RuntimeError(f"no session cookie in {header!r}")
+    return match.group(1)
+
+
+def wrk(port: int, path: str, method: str, cookies: Path, connections: int, seconds: float) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA)
+    env = {**os.environ, "WRK_COOKIES": str(cookies), "WRK_METHOD": method}
+    duration = f"{max(1, round(seconds))}s"
+    command = ["taskset", "-c", "1", "wrk", "-t", str(connections), "-c", str(connections), "-d", duration,
+               "--latency", "-s", script.name, f"http://127.0.0.1:{port}{path}"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stdout} {done.stderr}")
+    out = done.stdout
+    os.unlink(script.name)
+    line = next(line for line in out.splitlines() if line.startswith("JSON "))
+    return dict(json.loads(line[5:]))
+
+
+def measure(factory: str, env: dict[str, str], code: Path, connections: int, seconds: float) -> dict[str, Figures]:
+    process, port = serve(factory, env, code)
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as jar:
+            jar.write("\n".join(new_cookie(port) for _ in range(connections)) + "\n")
+        results = {}
+        for route, path, method in (("read", "/read", "GET"), ("increment", "/increment", "POST")):
+            wrk(port, path, method, Path(jar.name), connections, 1.0)  # warm up: connections, prepared statements
+            cpu_before, started = cpu_seconds(process.pid), time.monotonic()
+            raw = wrk(port, path, method, Path(jar.name), connections, seconds)
+            cpu, wall = cpu_seconds(process.pid) - cpu_before, time.monotonic() - started
+            results[route] = Figures(
+                rps=raw["requests"] / seconds,
+                p50_ms=raw["p50"] / 1000,
+                p99_ms=raw["p99"] / 1000,
+                cpu_ms_per_request=1000 * cpu / max(raw["requests"], 1),
+                utilisation=cpu / wall,
+                errors=raw["errors"],
+            )
+        os.unlink(jar.name)
+        return results
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--compare", metavar="REV", help="also serve sqla_sessions from this git revision")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
+
+    import sqlalchemy as sa
+
+    from sqla_sessions import upgrade
+
+    table = f"bench_{uuid.uuid4().hex[:8]}"
+    upgrade(args.pg, table=table)
+    env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": args.pg, "SQLA_SESSIONS_TABLE": table}
+    apps: list[tuple[str, str, Path]] = [
+        ("cookie (Starlette)", "cookie_app", ROOT),
+        ("sqla_sessions", "sqla_app", ROOT),
+    ]
+    worktree = None
+    if args.compare:
+        worktree = Path(tempfile.mkdtemp(prefix="sqla_sessions_rev_"))
+        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.compare], cwd=ROOT, check=True)
+        apps.append((f"sqla_sessions @ {args.compare}", "sqla_app", worktree))
+    try:
+        figures = {name: measure(factory, env, code, args.connections, args.seconds) for name, factory, code in apps}
+    finally:
+        if worktree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
+        engine = sa.create_engine(args.pg)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}"')
+            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "sqla_sessions_alembic_version_{table}"')
+        engine.dispose()
+
+    baseline = figures["cookie (Starlette)"]
+    print(f"wrk, {args.connections} connections (one session each), {args.seconds:g} s per run, server on core 0")
+    head = f"{'app':<32} {'route':<10} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
+    print(f"{head} {'CPU/req':>9} {'util':>5} err")
+    for name, routes in figures.items():
+        for route, f in routes.items():
+            ratio = f.rps / baseline[route].rps
+            print(
+                f"{name:<32} {route:<10} {f.rps:>8.0f} {ratio:>6.2f} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} "
+                f"{f.cpu_ms_per_request:>7.3f}ms {f.utilisation:>5.0%} {f.errors}"
+            )
+
+
+if __name__ == "__main__":
+    main()
