@@ -92,7 +92,11 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
 
     async def race_write(request: Request) -> Response:
         await asyncio.sleep(random.uniform(0, 0.03))
-        session_of(request)[f"race_{int(request.path_params['n'])}"] = True
+        n = int(request.path_params["n"])
+        if request.path_params["kind"] == "list":
+            session_of(request).push("race_list", n)  # the same key for all 50: merged three-way
+        else:
+            session_of(request)[f"race_{n}"] = True
         return JSONResponse({"ok": True})
 
     async def race_reset(request: Request) -> Response:
@@ -102,8 +106,10 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
         return JSONResponse({"ok": True})
 
     async def race_result(request: Request) -> Response:
-        keys = sorted(k for k in session_of(request) if k.startswith("race_") and k != "race_started")
-        return JSONResponse({"kept": len(keys), "keys": keys})
+        session = session_of(request)
+        keys = sorted(k for k in session if k.startswith("race_") and k not in ("race_started", "race_list"))
+        pushed: list[int] = session.get("race_list", [])
+        return JSONResponse({"keys": len(keys), "list": len(set(pushed)), "kept_keys": keys, "kept_items": pushed})
 
     async def blocking_page(request: Request) -> Response:
         return HTMLResponse(pages.layout("Blocking sessions", pages.BLOCKING, user=session_of(request).user_id))
@@ -141,7 +147,7 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
         Route("/devices/revoke-others", revoke_others, methods=["POST"]),
         Route("/race", race_page),
         Route("/api/race/reset", race_reset, methods=["POST"]),
-        Route("/api/race/{n:int}", race_write, methods=["POST"]),
+        Route("/api/race/{kind:str}/{n:int}", race_write, methods=["POST"]),
         Route("/api/race", race_result),
         Route("/blocking", blocking_page),
         Route("/api/increment", increment, methods=["POST"]),

@@ -69,23 +69,31 @@ def device_row(key: str, browser: str, system: str, ip: str, last_active: str, c
 
 
 RACE = """
-<p>Fires 50 requests at once from this browser, each writing its own key into the same session after a
-random delay. A store that writes the whole session back keeps only some of them; sqla_sessions merges
-each request's keys onto the stored row.</p>
+<p>Fires 50 requests at once from this browser into the same session, after a random delay each. A
+store that writes the whole session back keeps only some of them; sqla_sessions merges each save onto
+the stored row.</p>
+<p><strong>Distinct keys</strong>: each request writes a key of its own.</p>
 <button id="race">Fire 50 parallel requests</button> <p id="race-result"></p>
+<p><strong>One list</strong>: each request does <code>session.push("race_list", n)</code> on the same
+key; a save that lost the race replays its append onto the list as stored now (a three-way merge).</p>
+<button id="race-list">Fire 50 parallel pushes</button> <p id="race-list-result"></p>
 <script>
-document.getElementById('race').onclick = async () => {
+async function race(kind, resultId, label) {
   await fetch('/api/race/reset', {method: 'POST'});
-  await Promise.all([...Array(50).keys()].map(i => fetch('/api/race/' + i, {method: 'POST'})));
+  await Promise.all([...Array(50).keys()].map(i => fetch('/api/race/' + kind + '/' + i, {method: 'POST'})));
   const r = await (await fetch('/api/race')).json();
-  document.getElementById('race-result').textContent = r.kept + ' of 50 writes kept';
-};
+  document.getElementById(resultId).textContent = r[kind] + ' of 50 ' + label + ' kept';
+}
+document.getElementById('race').onclick = () => race('keys', 'race-result', 'writes');
+document.getElementById('race-list').onclick = () => race('list', 'race-list-result', 'pushes');
 </script>"""
 
 BLOCKING = """
-<p>Both buttons send 5 parallel requests that each read a counter, wait 50 ms and write it back plus one.
-That is a read-modify-write of <em>one</em> key: merging cannot save it, only running the requests one at
-a time can. <code>/api/blocking/*</code> is a blocking route (a row lock on PostgreSQL, a lease on SQLite).</p>
+<p>Both buttons send 5 parallel requests that each read a counter, wait 50 ms and assign it plus one
+(<code>session[key] = value + 1</code>). A plain assignment is last-writer-wins
+(<code>session.increment()</code> would merge its delta), so only running the requests one at a time
+keeps every one. <code>/api/blocking/*</code> is a blocking route (a row lock on PostgreSQL, a lease on
+SQLite).</p>
 <button id="plain">5 × increment (normal route)</button>
 <button id="blocking">5 × increment (blocking route)</button>
 <p id="counters"></p>

@@ -97,6 +97,8 @@ def test_the_demo_in_a_browser(demo: str, tmp_path: Path) -> None:
         first.get(demo + "/race")
         first.find_element(By.ID, "race").click()
         wait_for(first, "#race-result", "50 of 50 writes kept", timeout=30)
+        first.find_element(By.ID, "race-list").click()  # 50 pushes onto one list: all kept
+        wait_for(first, "#race-list-result", "50 of 50 pushes kept", timeout=30)
 
         # Blocking: five read-modify-writes of one key, one at a time.
         first.get(demo + "/blocking")
