@@ -93,7 +93,7 @@ class AsyncSessionStore:
     async def load(self, session_id: str | None) -> Session:
         session = self.handler.fresh_unless_valid(session_id)
         if session is None:
-            session = await self._run(self.handler.load_on, session_id)
+            session = await self.run_on_connection(self.handler.load_on, session_id)
         session.bind(self.handler, self)
         return session
 
@@ -104,7 +104,7 @@ class AsyncSessionStore:
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                saved = await self._run(handler.write_on, unit)
+                saved = await self.run_on_connection(handler.write_on, unit)
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -151,7 +151,7 @@ class AsyncSessionStore:
         """A connection of whichever kind this store uses, to keep for a whole (blocking) request."""
         return HeldConnection(self._engine, self._threads, self.handler)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_on_connection(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(connection, *args)` on a connection of the right kind."""
         if self._engine is not None:
             async with self._engine.connect() as conn:
@@ -328,27 +328,32 @@ class AsyncBlockingSession:
         try:
             action = await conn.run(lambda c: lock.finish(c, session))
         except BaseException as exc:
-            await self._close()
             if not lost_lock(exc):
-                session.run_saved_callbacks(exc)
+                await self.release()  # roll back (or drop the lease): nothing of this request is stored
                 raise
+            lock.key = None
+            await self._close()
+            # The lock's transaction was rolled back by the database: write its saves again (see locking).
             logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
             session.bind(self.store.handler, self.store)
-            return await self.store.save(session, end_of_request=True)
-        await self._close()
-        session.bind(self.store.handler, self.store)
+            try:
+                action = await self.store.run_on_connection(lock.rewrite, session)
+            except BaseException as error:
+                session.run_saved_callbacks(error)
+                raise
+        else:
+            await self._close()
+            session.bind(self.store.handler, self.store)
         if session.has_saved_callbacks:
             await self.store.call(lambda: session.run_saved_callbacks(None))
         return action
 
     async def release(self) -> None:
         """Release without saving (the app failed, the response is a 5xx, the client went away)."""
-        if self._conn is None:
-            return
-        rolled_back = self.locked
         await self._close()
-        if rolled_back:
-            self.session.run_saved_callbacks(SessionInterrupted("the blocking request's transaction was rolled back"))
+        if self.session.has_saved_callbacks:
+            # Nothing of this request was committed (mid-request saves rolled back too): no callback runs.
+            self.session.run_saved_callbacks(SessionInterrupted("the request's changes were not stored"))
 
     async def _close(self) -> None:
         """Roll back whatever the lock still holds (after any call in flight), then return the connection."""
@@ -371,17 +376,13 @@ def _in_background(work: Coroutine[Any, Any, None]) -> None:
 def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from .handlers.engines import SQLITE_BUSY_TIMEOUT, use_wal
+    from .handlers.engines import SQLITE_BUSY_TIMEOUT, engine_options, use_wal
 
-    pool: Any = handler.engine.pool
-    sizing: dict[str, Any] = {}
-    if hasattr(pool, "size") and hasattr(pool, "_max_overflow"):
-        # Mirror the sync engine's pool: blocking requests each hold a connection, so its size matters.
-        sizing = {"pool_size": pool.size(), "max_overflow": pool._max_overflow, "pool_timeout": pool.timeout()}
+    # The config's pool: blocking requests each hold a connection, so its size matters.
+    options = engine_options(url, handler.config)
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, isolation_level="AUTOCOMMIT", **sizing)
-    engine = create_async_engine(
-        url, isolation_level="AUTOCOMMIT", connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, **sizing
-    )
+        return create_async_engine(url, isolation_level="AUTOCOMMIT", **options)
+    options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT}
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", **options)
     use_wal(engine.sync_engine)
     return engine

@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy.exc import DBAPIError
-
 from .aio import AsyncBlockingSession, AsyncSessionStore
 from .config import SessionConfig
 from .errors import LockTimeout
@@ -27,7 +25,16 @@ from .handlers.base import BaseHandler
 from .locking import Blocking, blocking_matcher
 from .records import SaveAction
 from .session import Session
-from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, resolve_handler, sweep_batches
+from .web import (
+    SAVE_ERRORS,
+    STORE_UNAVAILABLE,
+    Headers,
+    RequestInfo,
+    SessionCycle,
+    http_reason,
+    resolve_handler,
+    sweep_batches,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -115,7 +122,7 @@ class SessionMiddleware:
             logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
             await _send_error(send, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
             return
-        except DBAPIError:
+        except STORE_UNAVAILABLE:
             logger.exception("session store unreachable; answering 503")
             await _send_error(send, 503, retry_after=RETRY_AFTER)
             return
@@ -170,7 +177,7 @@ class SessionMiddleware:
         info = request_info(scope)
         try:
             session = await self.store.load(self.cycle.session_id(info))
-        except DBAPIError:
+        except STORE_UNAVAILABLE:
             logger.exception("session store unreachable; closing the websocket")
             await send({"type": "websocket.close", "code": 1011})
             return

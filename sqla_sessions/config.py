@@ -14,6 +14,7 @@ from typing import Any, Literal
 from .errors import ConfigurationError
 
 SameSite = Literal["lax", "strict", "none"]
+PreparedStatements = Literal["auto", "on", "off"]
 
 _ENV_PREFIX = "SQLA_SESSIONS_"
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -51,6 +52,25 @@ class SessionConfig:
     lock_timeout_status: int = 423
     gc_batch_size: int = 1000
     """Rows deleted per statement by garbage collection."""
+    # -- the engine sqla_sessions creates from database_url (an engine passed in keeps its own) ------
+    pool_size: int = 40
+    """Connections kept open per process. The default covers the ASGI middleware's 32 worker threads
+    plus blocking requests, each holding one; size it to the threads (and blocking requests) of your
+    server: a WSGI server with 16 threads needs 16, plus its blocking requests."""
+    max_overflow: int = 0
+    """Connections beyond `pool_size`, closed again when returned: each one is a new database
+    connection under steady load (churn), so the default is none."""
+    pool_timeout: float = 5
+    """Seconds a request waits for a pooled connection; past it the request answers 503."""
+    pool_recycle: int = 3600
+    """Seconds after which a connection is replaced at checkout (-1: never); below a proxy's idle timeout."""
+    pool_pre_ping: bool = False
+    """Test each connection at checkout (one round trip per request); a dead one is replaced anyway when it fails."""
+    connect_timeout: float = 5
+    """Seconds to establish a database connection (an unreachable host answers 503 instead of hanging)."""
+    prepared_statements: PreparedStatements = "auto"
+    """Server-side prepared statements on PostgreSQL: "on", "off" (PgBouncer < 1.21 in transaction mode,
+    or one without `max_prepared_statements`), "auto" (off when the URL's port is PgBouncer's 6432)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.database_url), "database_url", "must not be empty")
@@ -97,6 +117,14 @@ class SessionConfig:
             _check(0 < value <= 3600, name, "must be more than 0 and at most 3600 seconds")
         _check_int(self.lock_timeout_status, "lock_timeout_status", minimum=400)
         _check(self.lock_timeout_status <= 599, "lock_timeout_status", "must be an HTTP error status (400-599)")
+        _check_int(self.pool_size, "pool_size", minimum=1)
+        _check_int(self.max_overflow, "max_overflow", minimum=0)
+        _check_int(self.pool_recycle, "pool_recycle", minimum=-1)
+        for name in ("pool_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            _check(isinstance(value, int | float) and not isinstance(value, bool), name, "must be a number")
+            _check(0 < value <= 3600, name, "must be more than 0 and at most 3600 seconds")
+        _check(self.prepared_statements in ("auto", "on", "off"), "prepared_statements", "must be auto, on or off")
         _check(isinstance(self.encryption_keys, tuple), "encryption_keys", "must be a tuple")
         for key in self.encryption_keys:
             decode_encryption_key(key)

@@ -26,7 +26,6 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise ImportError("sqla_sessions.flask needs Flask: pip install 'sqla-sessions[flask]'") from None
 
-from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 from .config import SessionConfig
@@ -34,7 +33,7 @@ from .errors import LockTimeout
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .session import Session
-from .web import SessionCycle, http_reason, resolve_handler, sweep_batches
+from .web import STORE_UNAVAILABLE, SessionCycle, http_reason, resolve_handler, sweep_batches
 from .wsgi import RETRY_AFTER, finish_response, request_info
 
 if TYPE_CHECKING:
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 _HELD = "sqla_sessions.held"
 _PRESENTED = "sqla_sessions.presented_id"
 _INFO = "sqla_sessions.request_info"
-_UNANSWERED = "sqla_sessions.unanswered"  # a LockTimeout or DBAPIError from opening the session
+_UNANSWERED = "sqla_sessions.unanswered"  # a LockTimeout or an unreachable store at opening
 logger = logging.getLogger("sqla_sessions")
 
 
@@ -64,10 +63,10 @@ class SqlaSessionInterface(SessionInterface):
                 held = BlockingSession.open(self.handler, presented)
             else:
                 held = BlockingSession(self.handler, self.handler.load(presented))
-        except (LockTimeout, DBAPIError) as exc:
+        except (LockTimeout, *STORE_UNAVAILABLE) as exc:
             # Flask turns exceptions raised here into 500s: answer from a before_request hook instead
             # (423 for a lock wait that ran out, 503 for an unreachable database).
-            if isinstance(exc, DBAPIError):
+            if not isinstance(exc, LockTimeout):
                 logger.exception("session store unreachable; answering 503")
             environ[_UNANSWERED] = exc
             held = BlockingSession(self.handler, Session(self.handler))
@@ -126,7 +125,7 @@ def init_app(
 
     @app.before_request
     def _answer_session_failure() -> Response | None:
-        exc: LockTimeout | DBAPIError | None = request.environ.get(_UNANSWERED)
+        exc: Exception | None = request.environ.get(_UNANSWERED)
         if exc is None:
             return None
         if isinstance(exc, LockTimeout):

@@ -45,6 +45,7 @@ from .handlers.base import BaseHandler, LockState
 from .ids import is_valid_session_id
 from .records import SaveAction
 from .session import Session
+from .unit import UnitOfWork
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -102,6 +103,7 @@ class LockedRequest:
         self.owner = secrets.token_hex(16)
         self.key: str | None = None  # set while the lock is held
         self.session: Session | None = None
+        self.written: list[UnitOfWork] = []  # the saves made inside the lock's transaction, in order
 
     @property
     def locked(self) -> bool:
@@ -123,9 +125,21 @@ class LockedRequest:
         unit = handler.plan_save(session, end_of_request=end_of_request, record_activity=record_activity)
         if unit is None:
             return SaveAction.NOTHING
+        self.written.append(unit)
         saved = handler.write_on(conn, unit, held=True)
         session.adopt(saved, unit)
         return saved.action
+
+    def rewrite(self, conn: Any, session: Session) -> SaveAction:
+        """After the lock was lost (its transaction rolled back): write this request's saves again, in
+        order, as a non-blocking request would (compare-and-set, else a three-way merge onto the row)."""
+        action = SaveAction.NOTHING
+        for unit in self.written:
+            saved = self.handler.write_on(conn, unit)
+            session.adopt(saved, unit)
+            action = saved.action
+        self.written = []
+        return action
 
     def load_by_key(self, conn: Any, key: str) -> Session | None:
         return self.handler.load_by_key_on(conn, key)
@@ -136,6 +150,7 @@ class LockedRequest:
         key, self.key = self.key, None
         if key is not None:
             self.handler.release_on(conn, key, self.owner, commit=True)
+        self.written = []
         return action
 
     def abandon(self, conn: Any) -> None:
@@ -219,18 +234,25 @@ class BlockingSession:
         try:
             action = lock.finish(self._conn, session)
         except BaseException as exc:
+            if not lost_lock(exc):
+                self.release()  # roll back (or drop the lease): nothing of this request is stored
+                raise
             lock.key = None
             self._close()
-            if not lost_lock(exc):
-                session.run_saved_callbacks(exc)
-                raise
             # The database ended our transaction (the hold outlived block_lock_seconds): the lock is
-            # gone, so save like a non-blocking request would, merging onto the current row.
+            # gone and the saves made in it are rolled back, so write them again like a non-blocking
+            # request would, merging onto the current row.
             logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
             session.bind(self.handler)
-            return self.handler.save(session, end_of_request=True)
-        self._close()
-        session.bind(self.handler)
+            try:
+                with self.handler.connect() as conn:
+                    action = lock.rewrite(conn, session)
+            except BaseException as error:
+                session.run_saved_callbacks(error)
+                raise
+        else:
+            self._close()
+            session.bind(self.handler)
         session.run_saved_callbacks(None)
         return action
 
@@ -242,8 +264,9 @@ class BlockingSession:
                 lock.abandon(self._conn)
             except Exception:  # a dead connection has released the lock already
                 logger.debug("releasing a blocking session's lock failed", exc_info=True)
-            # Mid-request saves were rolled back with the transaction: their callbacks must not run.
-            self.session.run_saved_callbacks(SessionInterrupted("the blocking request's transaction was rolled back"))
+        if self.session.has_saved_callbacks:
+            # Nothing of this request was committed (mid-request saves rolled back too): no callback runs.
+            self.session.run_saved_callbacks(SessionInterrupted("the request's changes were not stored"))
         self.session.bind(self.handler)
         self._close()
 

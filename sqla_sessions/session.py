@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from .ids import generate_session_id, hash_session_id
+from .ids import generate_session_id, generate_session_key, hash_session_id
 from .merge import NO_CHANGES, ChangeSet, Number
 from .records import Record, SaveAction
 from .schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH
@@ -465,7 +465,7 @@ class Session(StoreApi):
             new_id_hash=new_id_hash,
             user_id=self._user_id,
             user_changed=self._user_id != self._base_user_id,
-            cut_off=self._cut_off,
+            new_key=generate_session_key() if self._cut_off and loaded is not None else None,
             fork_id_hash=self._fork_id_hash,
             destroy_key=self._destroy_key,
             ip_address=ip[:IP_ADDRESS_LENGTH] if ip else None,

@@ -34,8 +34,10 @@ class UnitOfWork(NamedTuple):
     """Hash of the id this request gave the session (a new session's, or after regenerate); None: unchanged."""
     user_id: str | None
     user_changed: bool
-    cut_off: bool
-    """A change of privilege (login): the row moves to a new key, so nothing holding the old one reaches it."""
+    new_key: str | None
+    """A change of privilege (login): the row moves to this new key, so nothing holding the old one reaches it.
+
+    Chosen when the unit is made, so a unit written again (after a lost lock) moves the row to the same key."""
     fork_id_hash: str | None
     """`regenerate(destroy=False)`: the previous id keeps a copy of the session as loaded."""
     destroy_key: str | None
@@ -52,7 +54,7 @@ class UnitOfWork(NamedTuple):
         return bool(
             self.changes
             or self.user_changed
-            or self.cut_off
+            or self.new_key is not None
             or self.destroy_key is not None
             or (self.loaded is not None and self.new_id_hash is not None)
         )

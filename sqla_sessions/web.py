@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .config import SessionConfig
 from .cookies import CookieWriter, pick_session_id, session_cookie_values
@@ -30,8 +31,11 @@ from .handlers.base import BaseHandler
 from .records import SaveAction
 from .session import Session
 
+#: The store cannot be reached: the database (any driver error), or no pooled connection within
+#: `pool_timeout`. Answered 503 with `Retry-After`.
+STORE_UNAVAILABLE = (DBAPIError, PoolTimeout, DisconnectionError)
 #: What a failed save may raise; `SessionCycle.conclude` turns each into a response.
-SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, DBAPIError)
+SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, *STORE_UNAVAILABLE)
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -94,7 +98,7 @@ class SessionCycle:
         elif isinstance(error, PayloadTooLarge | TypeError):
             logger.error("session could not be saved; answering 500", exc_info=error)
             return 500
-        elif isinstance(error, DBAPIError):
+        elif isinstance(error, STORE_UNAVAILABLE):
             logger.error("session store unreachable while saving; answering 503", exc_info=error)
             return 503
         elif error is not None:

@@ -12,14 +12,21 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import DBAPIError
-
 from .config import SessionConfig
 from .errors import LockTimeout
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher
 from .records import SaveAction
-from .web import SAVE_ERRORS, Headers, RequestInfo, SessionCycle, http_reason, resolve_handler, sweep_batches
+from .web import (
+    SAVE_ERRORS,
+    STORE_UNAVAILABLE,
+    Headers,
+    RequestInfo,
+    SessionCycle,
+    http_reason,
+    resolve_handler,
+    sweep_batches,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -59,7 +66,7 @@ class SessionMiddleware:
         except LockTimeout as exc:
             logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
             return _error(start_response, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
-        except DBAPIError:
+        except STORE_UNAVAILABLE:
             logger.exception("session store unreachable; answering 503")
             return _error(start_response, 503)
         session = held.session

@@ -192,3 +192,9 @@ class StatementCounter:
     @property
     def count(self) -> int:
         return len(self.statements)
+
+
+@pytest.fixture
+def pg_backend(tmp_root: Path) -> Backend:
+    """PostgreSQL alone (clean table), for behaviour only it has (idle_in_transaction_session_timeout)."""
+    return backend_for("postgresql", tmp_root)

@@ -213,3 +213,44 @@ def test_a_pool_reset_rolls_back_what_a_cancelled_request_left(
             assert driver.info.transaction_status == 0
         elif db_backend.name == "sqlite":
             assert not driver.in_transaction
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_blocking_request_that_lost_its_lock_writes_its_saves_again(pg_backend: Backend, mode: str) -> None:
+    """The database ends a hold past block_lock_seconds and rolls back its saves: they are written again,
+    merged three-way onto what others stored meanwhile (increments keep their deltas)."""
+    handler = DatabaseHandler(pg_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=0.5))
+    session_id = stored(handler, n=0)
+
+    def meanwhile() -> None:
+        time.sleep(1.2)  # the database has killed the holder's connection by now
+        other = handler.load(session_id)
+        other.increment("n")
+        other.push("log", "other")
+        other.save()
+
+    async def async_request() -> None:
+        store = AsyncSessionStore(handler)
+        try:
+            held = await store.open_blocking(session_id)
+            held.session.increment("n")
+            held.session.push("log", "mid")
+            await held.session.asave(end_of_request=False)  # inside the transaction that will be lost
+            held.session["late"] = True
+            await asyncio.to_thread(meanwhile)
+            await held.finish()
+        finally:
+            await store.aclose()
+
+    if mode == "async":
+        asyncio.run(async_request())
+    else:
+        held = BlockingSession.open(handler, session_id)
+        held.session.increment("n")
+        held.session.push("log", "mid")
+        held.session.save(end_of_request=False)
+        held.session["late"] = True
+        meanwhile()
+        held.finish()
+    data = handler.load(session_id).all()
+    assert data["n"] == 2 and sorted(data["log"]) == ["mid", "other"] and data["late"] is True

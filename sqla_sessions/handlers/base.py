@@ -333,7 +333,7 @@ class BaseHandler(ABC, Generic[C]):
 
         written: Merged | None = None
         action = SaveAction.UPDATED
-        if not unit.cut_off:
+        if unit.new_key is None:
             written = successor(
                 loaded, unit.changes.base, unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps
             )
@@ -342,7 +342,7 @@ class BaseHandler(ABC, Generic[C]):
         if written is None:
             # Someone else saved since we loaded (or this is a change of privilege, which moves the row
             # to a new key): merge onto the current row under its lock.
-            key = generate_session_key() if unit.cut_off else loaded.key
+            key = unit.new_key or loaded.key
 
             def build(current: Record) -> Merged:
                 try:

@@ -62,7 +62,7 @@ class DatabaseHandler(BaseHandler[Connection]):
             self.engine = engine_or_url
             self._owns_engine = False
         else:
-            self.engine = create_session_engine(engine_or_url or config.database_url, autocommit=True)
+            self.engine = create_session_engine(engine_or_url or config.database_url, autocommit=True, config=config)
             self._owns_engine = True
         self.table = sessions_table(config.table)
         # Single statements run in autocommit: one round trip each. An engine that is not in autocommit

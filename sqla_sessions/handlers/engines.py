@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ..config import SessionConfig
+
+#: PgBouncer's default port: `prepared_statements="auto"` turns server-side prepared statements off there.
+PGBOUNCER_PORT = 6432
 
 #: Seconds a SQLite writer waits for the database write lock before "database is locked".
 SQLITE_BUSY_TIMEOUT = 15
@@ -25,14 +32,56 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def create_session_engine(url: str | URL, *, autocommit: bool = False, **kwargs: Any) -> Engine:
+def prepared_statements_on(url: URL, setting: str) -> bool:
+    """Whether server-side prepared statements are used for *url* ("auto": not on PgBouncer's port)."""
+    if setting == "auto":
+        return url.port != PGBOUNCER_PORT
+    return setting == "on"
+
+
+def engine_options(url: str | URL, config: SessionConfig) -> dict[str, Any]:
+    """`create_engine` arguments for *url* from the config's engine settings (pool, timeouts, prepares)."""
+    parsed = normalize_url(url)
+    backend = parsed.get_backend_name()
+    options: dict[str, Any] = {}
+    if not (backend == "sqlite" and parsed.database in (None, "", ":memory:")):  # StaticPool: no sizing
+        options.update(
+            pool_size=config.pool_size,
+            max_overflow=config.max_overflow,
+            pool_timeout=config.pool_timeout,
+            pool_recycle=config.pool_recycle,
+            pool_pre_ping=config.pool_pre_ping,
+        )
+    connect_args: dict[str, Any] = {}
+    if backend == "postgresql":
+        connect_args["connect_timeout"] = max(2, math.ceil(config.connect_timeout))  # libpq: whole seconds, >= 2
+        if not prepared_statements_on(parsed, config.prepared_statements):
+            connect_args["prepare_threshold"] = None  # psycopg never prepares; the fast path sends unnamed statements
+    elif backend in ("mysql", "mariadb"):
+        connect_args["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
+    if connect_args:
+        options["connect_args"] = connect_args
+    return options
+
+
+def create_session_engine(
+    url: str | URL, *, autocommit: bool = False, config: SessionConfig | None = None, **kwargs: Any
+) -> Engine:
     """Create an engine for *url*: SQLite gets WAL and a busy timeout, `:memory:` one shared database.
 
     With *autocommit*, every connection is put in autocommit once, when it is opened: the setting
     session handlers want (one statement, one round trip). Setting it per checkout instead
     (`engine.execution_options(isolation_level=…)`) costs a round trip to reset it at every return.
+    With *config*, its engine settings apply (pool size, timeouts, prepared statements); explicit
+    keyword arguments win.
     """
     parsed = normalize_url(url)
+    if config is not None:
+        for name, value in engine_options(parsed, config).items():
+            if name == "connect_args":
+                kwargs["connect_args"] = {**value, **kwargs.get("connect_args", {})}
+            else:
+                kwargs.setdefault(name, value)
     if autocommit:
         kwargs.setdefault("isolation_level", "AUTOCOMMIT")
     if parsed.get_backend_name() != "sqlite":

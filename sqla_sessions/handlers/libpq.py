@@ -1,5 +1,9 @@
 """The hot statements on PostgreSQL, prepared once per connection and run through psycopg's libpq binding.
 
+With prepared statements off (`SessionConfig.prepared_statements`, psycopg's `prepare_threshold=None`)
+they run as unnamed statements instead (`exec_params`): still binary, the SQL and encoders still built
+once on the client, nothing left on a server connection a pooler may hand to another client.
+
 psycopg's `cursor.execute` spends ~65 µs of CPU per statement here (cursor and adapter objects, query
 conversion, a Python-level wait loop); `PGconn.exec_prepared` on the same connection spends ~20 µs
 and waits for the server in C with the GIL released (benchmarks/session_cycle.py measures both). So
@@ -38,6 +42,7 @@ _PREPARED = "sqla_sessions_prepared"
 #: SQLSTATEs of a prepared statement gone stale: deallocated (DISCARD ALL, a pooler), or its table
 #: changed under it ("cached plan must not change result type", undefined table/column).
 _STALE = (b"26000", b"0A000", b"42P01", b"42703")
+_ALREADY_PREPARED = b"42P05"
 
 
 class StatementFailed(Exception):
@@ -151,11 +156,20 @@ class PreparedStatement:
             if encoded is None:
                 return None
             params.append(encoded)
+        if dbapi_connection.prepare_threshold is None:
+            # Prepared statements are off (a pooler such as PgBouncer < 1.21 in transaction mode hands
+            # each statement to any server connection): an unnamed statement, still binary both ways.
+            result = pgconn.exec_params(self.sql, params, self.types, self.formats, 1)
+            if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+                return result
+            raise StatementFailed(result.error_message)
         prepared: set[bytes] = info.setdefault(_PREPARED, set())
         if self.name not in prepared:
             result = pgconn.prepare(self.name, self.sql, self.types)
             if result.status != pq.ExecStatus.COMMAND_OK:
-                raise StatementFailed(result.error_message)
+                # 42P05: the server connection has it already (same SQL, same name): use it.
+                if result.error_field(pq.DiagnosticField.SQLSTATE) != _ALREADY_PREPARED:
+                    raise StatementFailed(result.error_message)
             prepared.add(self.name)
         result = pgconn.exec_prepared(self.name, params, self.formats, 1)
         if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
@@ -168,12 +182,7 @@ class PreparedStatement:
 
 def _usable(dbapi_connection: Any) -> bool:
     """Checked at every call: autocommit and the threshold may change between checkouts."""
-    return (
-        isinstance(dbapi_connection, PsycopgConnection)
-        and dbapi_connection.autocommit
-        # None: the user runs behind a pooler (PgBouncer in transaction mode) that cannot keep them
-        and dbapi_connection.prepare_threshold is not None
-    )
+    return isinstance(dbapi_connection, PsycopgConnection) and dbapi_connection.autocommit
 
 
 def first_row(result: Any) -> tuple[Any, ...] | None:
