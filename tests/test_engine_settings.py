@@ -1,0 +1,173 @@
+"""The engine sqla_sessions builds from a config: pool sizing that does not churn, timeouts that answer
+503 instead of hanging, and prepared statements that can be turned off for PgBouncer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from sqla_sessions import ConfigurationError, DatabaseHandler, SessionConfig
+from sqla_sessions.asgi import SessionMiddleware as AsgiMiddleware
+from sqla_sessions.handlers.engines import engine_options
+from sqla_sessions.wsgi import SessionMiddleware as WsgiMiddleware
+from tests.conftest import Backend
+
+
+def test_engine_settings_have_defaults_that_never_churn_and_come_from_the_environment() -> None:
+    config = SessionConfig()
+    assert (config.pool_size, config.max_overflow, config.pool_timeout) == (40, 0, 5)
+    assert (config.pool_recycle, config.pool_pre_ping, config.connect_timeout) == (3600, False, 5)
+    assert config.prepared_statements == "auto"
+    env = {
+        "SQLA_SESSIONS_POOL_SIZE": "12",
+        "SQLA_SESSIONS_MAX_OVERFLOW": "3",
+        "SQLA_SESSIONS_POOL_TIMEOUT": "2.5",
+        "SQLA_SESSIONS_POOL_RECYCLE": "-1",
+        "SQLA_SESSIONS_POOL_PRE_PING": "yes",
+        "SQLA_SESSIONS_CONNECT_TIMEOUT": "3",
+        "SQLA_SESSIONS_PREPARED_STATEMENTS": "off",
+    }
+    loaded = SessionConfig.from_env(env)
+    assert (loaded.pool_size, loaded.max_overflow, loaded.pool_timeout, loaded.pool_recycle) == (12, 3, 2.5, -1)
+    assert loaded.pool_pre_ping is True and loaded.connect_timeout == 3 and loaded.prepared_statements == "off"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("pool_size", 0),
+        ("max_overflow", -1),
+        ("pool_timeout", 0),
+        ("connect_timeout", "5"),
+        ("pool_recycle", -2),
+        ("prepared_statements", "sometimes"),
+    ],  # fmt: skip
+)
+def test_invalid_engine_settings_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        SessionConfig(**{field: value})
+
+
+def test_engine_options_follow_the_config() -> None:
+    config = SessionConfig(pool_size=7, connect_timeout=1.2)
+    options = engine_options("postgresql://app@db:5432/app", config)
+    assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (7, 0, 5)
+    assert options["connect_args"] == {"connect_timeout": 2}  # libpq wants whole seconds, at least 2
+    behind_pgbouncer = engine_options("postgresql://app@db:6432/app", config)["connect_args"]
+    assert behind_pgbouncer["prepare_threshold"] is None  # "auto" turns prepares off on PgBouncer's port
+    forced_on = engine_options("postgresql://app@db:6432/app", config.replace(prepared_statements="on"))
+    assert "prepare_threshold" not in forced_on["connect_args"]
+    assert engine_options("mysql+pymysql://root@db/app", config)["connect_args"] == {"connect_timeout": 2}
+    assert "pool_size" not in engine_options("sqlite://", config)  # one shared in-memory connection
+
+
+def test_the_handler_builds_its_engine_from_the_config(pg_backend: Backend) -> None:
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=3, max_overflow=0, pool_timeout=1))
+    try:
+        pool: Any = handler.engine.pool
+        assert pool.size() == 3 and pool.timeout() == 1
+        held = [handler.engine.connect() for _ in range(3)]
+        started = time.monotonic()
+        with pytest.raises(sa.exc.TimeoutError):
+            handler.engine.connect()  # no overflow connection is opened (and closed again) under load
+        assert time.monotonic() - started < 3
+        for conn in held:
+            conn.close()
+    finally:
+        handler.close()
+
+
+def _drained_pool_handler(backend: Backend) -> tuple[DatabaseHandler, sa.Connection]:
+    handler = DatabaseHandler(backend.url, SessionConfig(pool_size=1, pool_timeout=0.5, lottery=(0, 1)))
+    session = handler.load(None)
+    session["a"] = 1
+    session.save()
+    return handler, handler.engine.connect()  # the only connection, held: the pool is dry
+
+
+def _asgi_app(scope: Any, receive: Any, send: Any) -> Any:
+    async def app() -> None:
+        scope["session"]["b"] = 2
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app()
+
+
+def test_a_pool_that_runs_dry_answers_503_with_retry_after(pg_backend: Backend) -> None:
+    handler, held = _drained_pool_handler(pg_backend)
+    try:
+
+        async def call() -> httpx.Response:
+            transport = httpx.ASGITransport(app=AsgiMiddleware(_asgi_app, handler=handler))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post("/")
+
+        response = asyncio.run(call())
+        assert response.status_code == 503 and response.headers["retry-after"]
+
+        def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+            environ["sqla_sessions.session"]["b"] = 2
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+
+        with httpx.Client(transport=httpx.WSGITransport(app=WsgiMiddleware(wsgi_app, handler=handler))) as client:
+            response = client.post("http://test/")
+        assert response.status_code == 503 and response.headers["retry-after"]
+    finally:
+        held.close()
+        handler.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word (a database host that hangs)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield listener.getsockname()[1]
+
+
+def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(silent_server: int) -> None:
+    url = f"postgresql+psycopg://app@127.0.0.1:{silent_server}/app"
+    handler = DatabaseHandler(url, SessionConfig(connect_timeout=2, lottery=(0, 1)))
+    cookie = {"Cookie": "session=" + "A" * 40}  # a well-formed cookie: the load must ask the database
+    try:
+
+        async def call() -> httpx.Response:
+            transport = httpx.ASGITransport(app=AsgiMiddleware(_asgi_app, handler=handler))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.get("/", headers=cookie)
+
+        started = time.monotonic()
+        response = asyncio.run(call())
+        assert response.status_code == 503
+        assert time.monotonic() - started < 10
+    finally:
+        handler.close()
+
+
+@pytest.mark.parametrize(("setting", "named"), [("on", True), ("off", False)])
+def test_prepared_statements_on_or_off(pg_backend: Backend, setting: str, named: bool) -> None:
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(prepared_statements=setting, pool_size=1))
+    try:
+        session = handler.load(None)
+        session["n"] = 0
+        session.save()
+        for _ in range(8):  # past psycopg's automatic threshold (5)
+            loaded = handler.load(session.id)
+            loaded.increment("n")
+            loaded.save()
+        assert handler.load(session.id)["n"] == 8
+        with handler.engine.connect() as conn:  # the pool's one connection: the one that ran them
+            prepared = conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one()
+        assert (prepared > 0) is named
+    finally:
+        handler.close()
