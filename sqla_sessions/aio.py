@@ -191,15 +191,19 @@ class HeldConnection:
         self._sync: Any = None
         self._inflight: asyncio.Future[Any] | None = None
 
+    @property
+    def last_call(self) -> asyncio.Future[Any] | None:
+        """The latest call made on the connection (it may still be running after a cancellation)."""
+        return self._inflight
+
     async def open(self) -> None:
+        # Kept before the await: a cancellation during it must still close what was opened.
         if self._engine is not None:
-            conn = self._engine.connect()
-            await self._shielded(conn.start())
-            self._async = conn
+            self._async = self._engine.connect()
+            await self._shielded(self._async.start())
         else:
-            cm = self._handler.connect()
-            self._sync = await self._shielded(self._in_thread(cm.__enter__))
-            self._sync_cm = cm
+            self._sync_cm = self._handler.connect()
+            self._sync = await self._shielded(self._in_thread(self._sync_cm.__enter__))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._async is not None:
@@ -218,6 +222,11 @@ class HeldConnection:
         inflight = self._inflight
         if inflight is not None and not inflight.done():
             await asyncio.wait([inflight])
+        if self._sync_cm is not None and self._sync is None:  # cancelled while opening: did it open?
+            if inflight is None or inflight.cancelled() or inflight.exception() is not None:
+                self._sync_cm = None
+            else:
+                self._sync = inflight.result()
         async_conn, sync_cm, sync = self._async, self._sync_cm, self._sync
         self._async = self._sync_cm = self._sync = None
         try:
@@ -271,6 +280,7 @@ class AsyncBlockingSession:
         self.session = session
         self._lock = lock
         self._conn: HeldConnection | None = None
+        self._settling = False  # a cancelled finish() still running: it, not release(), ends the request
 
     @classmethod
     async def open(cls, store: AsyncSessionStore, session_id: str | None) -> AsyncBlockingSession:
@@ -327,6 +337,11 @@ class AsyncBlockingSession:
             return await self.store.save(session, end_of_request=True)
         try:
             action = await conn.run(lambda c: lock.finish(c, session))
+        except asyncio.CancelledError:
+            # The save and commit still run to their end; the callbacks (jobs) follow what they did.
+            self._settling = True
+            _in_background(self._settle(conn.last_call))
+            raise
         except BaseException as exc:
             if not lost_lock(exc):
                 await self.release()  # roll back (or drop the lease): nothing of this request is stored
@@ -348,8 +363,25 @@ class AsyncBlockingSession:
             await self.store.call(lambda: session.run_saved_callbacks(None))
         return action
 
+    async def _settle(self, call: asyncio.Future[Any] | None) -> None:
+        """After a cancelled `finish`: once its save has ended, run the callbacks if it committed."""
+        if call is not None:
+            await asyncio.wait([call])
+        committed = call is not None and not call.cancelled() and call.exception() is None
+        await self._close()
+        session = self.session
+        session.bind(self.store.handler, self.store)
+        if not session.has_saved_callbacks:
+            return
+        if committed:
+            await self.store.call(lambda: session.run_saved_callbacks(None))
+        else:
+            session.run_saved_callbacks(SessionInterrupted("the request was cancelled before its save ended"))
+
     async def release(self) -> None:
         """Release without saving (the app failed, the response is a 5xx, the client went away)."""
+        if self._settling:
+            return
         await self._close()
         if self.session.has_saved_callbacks:
             # Nothing of this request was committed (mid-request saves rolled back too): no callback runs.

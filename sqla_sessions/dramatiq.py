@@ -160,10 +160,18 @@ class SessionActor(Generic[P, R]):
             return self.broker.enqueue(message, delay=delay)
         session = session_or_key
         job_id = uuid.uuid4().hex
+        generation = session.generation
         # The key may not exist yet (a new session is stored by its first save): build the message then.
         holder: list[dramatiq.Message[Any]] = []
 
         def enqueue() -> None:
+            if session.generation != generation:
+                # Sent before a login (or logout) in the same request: the job belongs to the session
+                # as it was, which is cut off now, so it must not land in the new one.
+                logger.info(
+                    "%s job %s dropped: the session changed privilege after it was sent", self.actor_name, job_id
+                )
+                return
             message = self._message(_key_of(session), job_id, args, kwargs, options)
             holder.append(self.broker.enqueue(message, delay=delay))
 

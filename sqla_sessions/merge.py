@@ -7,12 +7,14 @@ stored now. Per key:
 
 - unchanged by me: theirs; unchanged by them (or both made the same change): mine;
 - removed by me: removed (a removal is a change like any other, and it wins over their edit);
-- changed by increment/decrement only: my net delta added to their number;
+- changed by increment/decrement only: my net delta added to their number (a counter they removed
+  restarts from 0: increments treat a missing number as 0);
 - dicts on both sides: merged key by key, recursively, with the same rules;
 - lists on both sides: my edits replayed onto theirs — the items I removed are removed from theirs,
-  the items I inserted are inserted at the same place relative to the base items around them
-  (appends go after everything they appended); where both sides replaced the same base items,
-  the edits truly overlap and my list wins;
+  the items I inserted land before the base item that followed them (appends after everything
+  they appended; two requests that each pushed the same value pushed two); where both sides
+  rewrote the same base items, the edits truly overlap and mine replace theirs there (their other
+  edits stay). The diff is linear past a budget (one hunk between the common prefix and suffix);
 - sets on both sides: their set, minus the items I removed, plus the items I added;
 - anything else (strings, numbers assigned with `=`, dates, tuples, a change of type): mine, the
   last committed write.
@@ -95,16 +97,18 @@ def merge_value(base: Any, mine: Any, theirs: Any, delta: Number | None = None) 
         return (0 if theirs is MISSING else theirs) + delta
     if same_raw(mine, base):
         return theirs
-    if same_raw(theirs, base) or same_raw(mine, theirs):
+    if same_raw(theirs, base):
         return mine
     if mine is MISSING or theirs is MISSING:
         return mine  # I removed it (removal wins) or they removed what I changed (my write is the last)
+    # No "both made the same change" shortcut: two requests that each pushed "x" pushed two of them,
+    # also inside a dict. Lists and dicts merge by their edits; anything else is mine either way.
+    if type(mine) is list and type(theirs) is list:
+        return _merge_lists(base if type(base) is list else [], mine, theirs)
     mine_dict, theirs_dict = _plain_dict(mine), _plain_dict(theirs)
     if mine_dict is not None and theirs_dict is not None:
         base_dict = _plain_dict(base)
         return _wrap_dict(_merge_dicts({} if base_dict is None else base_dict, mine_dict, theirs_dict))
-    if type(mine) is list and type(theirs) is list:
-        return _merge_lists(base if type(base) is list else [], mine, theirs)
     set_tag = _set_tag(mine)
     if set_tag is not None and _set_tag(theirs) == set_tag:
         base_items = base[set_tag] if _set_tag(base) == set_tag else []
@@ -173,36 +177,62 @@ def _merge_sets(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[Any
     return sorted(out.values(), key=lambda item: json.dumps(item, sort_keys=True))
 
 
+#: Beyond this many item comparisons, a list diff is one hunk (common prefix and suffix trimmed)
+#: instead of a full sequence match, so a merge stays linear however long and repetitive the list.
+_MATCH_BUDGET = 40_000
+
+Hunk = tuple[int, int, int, int]  # base[i1:i2] became other[j1:j2]
+
+
+def _hunks(base: list[str], other: list[str]) -> list[Hunk]:
+    """The regions where *other* differs from *base*, in order (identities compared)."""
+    end = min(len(base), len(other))
+    prefix = 0
+    while prefix < end and base[prefix] == other[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < end - prefix and base[-1 - suffix] == other[-1 - suffix]:
+        suffix += 1
+    b1, b2, o1, o2 = prefix, len(base) - suffix, prefix, len(other) - suffix
+    if b1 == b2 and o1 == o2:
+        return []
+    if b1 == b2 or o1 == o2 or (b2 - b1) * (o2 - o1) > _MATCH_BUDGET:
+        return [(b1, b2, o1, o2)]  # a pure insertion or removal, or too large to match item by item
+    matcher = SequenceMatcher(None, base[b1:b2], other[o1:o2], autojunk=False)
+    return [(b1 + i1, b1 + i2, o1 + j1, o1 + j2) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"]
+
+
 def _merge_lists(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[Any]:
     """Replay my edits of *base* (removals, insertions) onto *theirs*."""
     base_ids = [_identity(item) for item in base]
-    removed: set[int] = set()  # base positions I removed
-    inserted: dict[int, list[Any]] = {}  # base position -> my items inserted before it (len(base): at the end)
-    my_replaced: set[int] = set()
-    mine_ops = SequenceMatcher(None, base_ids, [_identity(item) for item in mine], autojunk=False).get_opcodes()
-    for tag, i1, i2, j1, j2 in mine_ops:
-        if tag in ("delete", "replace"):
-            removed.update(range(i1, i2))
-        if tag in ("insert", "replace"):
-            inserted.setdefault(i2, []).extend(mine[j1:j2])
-        if tag == "replace":
-            my_replaced.update(range(i1, i2))
+    my_hunks = _hunks(base_ids, [_identity(item) for item in mine])
+    their_hunks = _hunks(base_ids, [_identity(item) for item in theirs])
 
-    # Where each base item still is in theirs.
-    theirs_ids = [_identity(item) for item in theirs]
-    position: dict[int, int] = {}
-    for tag, i1, i2, j1, _j2 in SequenceMatcher(None, base_ids, theirs_ids, autojunk=False).get_opcodes():
-        if tag == "equal":
-            position.update(zip(range(i1, i2), range(j1, j1 + (i2 - i1)), strict=True))
-        elif tag == "replace" and my_replaced.intersection(range(i1, i2)):
-            return mine  # both sides rewrote the same items: a true overlap, the last write wins
+    # Where base item i is in theirs: its position if they kept it, else the start of what they put
+    # in its place; len(theirs) past the end. Monotone in i.
+    position: list[int] = []
+    kept: set[int] = set()  # base items they kept
+    i = j = 0
+    for k1, k2, l1, l2 in (*their_hunks, (len(base), len(base), len(theirs), len(theirs))):
+        while i < k1:
+            position.append(j)
+            kept.add(i)
+            i, j = i + 1, j + 1
+        position.extend([l1] * (k2 - k1))
+        i, j = k2, l2
+    position.append(len(theirs))
 
-    # An insertion lands before the first base item at or after its anchor that theirs still holds.
-    landing: dict[int, list[Any]] = {}
-    for anchor in sorted(inserted):
-        at = next((position[i] for i in range(anchor, len(base)) if i in position), len(theirs))
-        landing.setdefault(at, []).extend(inserted[anchor])
-    dropped = {position[i] for i in removed if i in position}
+    dropped: set[int] = set()  # positions in theirs that my edits remove
+    landing: dict[int, list[Any]] = {}  # position in theirs -> my items inserted before it
+    for i1, i2, j1, j2 in my_hunks:
+        for index in range(i1, i2):
+            if index in kept:
+                dropped.add(position[index])
+        for k1, k2, l1, l2 in their_hunks:
+            if k1 < i2 and i1 < k2 and l1 < l2:
+                dropped.update(range(l1, l2))  # both rewrote these items: a true overlap, mine wins
+        if j1 < j2:
+            landing.setdefault(position[i2], []).extend(mine[j1:j2])  # before the next base item
     out: list[Any] = []
     for index, item in enumerate(theirs):
         out.extend(landing.get(index, ()))

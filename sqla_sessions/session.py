@@ -18,13 +18,14 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
+from .errors import SessionInterrupted
 from .ids import generate_session_id, generate_session_key, hash_session_id
-from .merge import NO_CHANGES, ChangeSet, Number
+from .merge import NO_CHANGES, ChangeSet, Number, apply_changes
 from .records import Record, SaveAction
 from .schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH
 from .serializer import decode_value, encode_entry, same_raw
 from .store_api import StoreApi
-from .unit import Saved, UnitOfWork
+from .unit import JOBS_KEY, Saved, UnitOfWork
 
 if TYPE_CHECKING:
     from .config import SessionConfig
@@ -67,9 +68,11 @@ class Session(StoreApi):
         "_cut_off",
         "_deltas",
         "_destroy_key",
+        "_detached",
         "_expiry_moved",
         "_flash_aged",
         "_fork_id_hash",
+        "_generation",
         "_gone",
         "_id",
         "_id_changed",
@@ -100,9 +103,11 @@ class Session(StoreApi):
         self._cut_off = False  # a change of privilege: the row moves to a new key at save
         self._fork_id_hash: str | None = None  # regenerate(destroy=False): the old id keeps a copy
         self._destroy_key: str | None = None  # invalidate(): the row to delete at save
+        self._detached = False  # reload() found the session gone: reads give a fresh one, saves are refused
         self._expiry_moved = False  # a save or touch of this request pushed expires_at forward (the cookie follows)
         self._accessed = False
         self._flash_aged = False
+        self._generation = 0  # changes of privilege and invalidations in this request
         self._saved_callbacks: list[tuple[Callable[[], None], str]] = []
         self.saved_at_response = False
         """Set by the WSGI middleware once the response started (later changes are not saved)."""
@@ -177,6 +182,15 @@ class Session(StoreApi):
     def invalidated(self) -> bool:
         """True when invalidate()/logout() dropped the stored session in this request."""
         return self._destroy_key is not None
+
+    @property
+    def generation(self) -> int:
+        """How many changes of privilege (login, `change_privilege`) or invalidations this request made.
+
+        Work bound to the session before one of them (a job sent earlier in the request) must not
+        reach the session after it: `sqla_sessions.dramatiq` drops such a job.
+        """
+        return self._generation
 
     @property
     def expiry_moved(self) -> bool:
@@ -309,7 +323,8 @@ class Session(StoreApi):
             self.invalidate()
             return
         for key in self._keys():
-            del self[key]
+            if key != JOBS_KEY:  # bookkeeping of exactly-once jobs, not the app's data
+                del self[key]
         self._accessed = True
 
     def flush(self) -> None:
@@ -348,6 +363,7 @@ class Session(StoreApi):
         """
         self.regenerate()
         self._cut_off = self._loaded is not None
+        self._generation += 1
 
     def invalidate(self) -> None:
         """Drop every value and the stored session; the session continues as a new one with a new id."""
@@ -356,6 +372,7 @@ class Session(StoreApi):
         self._reset()
         self._id = generate_session_id()
         self._id_changed = True
+        self._generation += 1
 
     def login(self, user_id: object) -> None:
         """Attach the session to a user: a change of privilege (new id, cut off from the previous one).
@@ -413,17 +430,32 @@ class Session(StoreApi):
 
     def _refresh(self, fresh: Session | None) -> None:
         if fresh is None:
+            # Gone (logged out, revoked, expired, or cut off by a login): reads see a fresh, empty
+            # session; a save is refused, as for any request that loaded it before (its cookie is left
+            # alone: the browser may hold a newer one).
             logger.warning("reload: the session is gone (logged out, revoked, expired or cut off); starting afresh")
             self._reset()
             self._id = generate_session_id()
-            self._id_changed = True
+            self._detached = True
             return
+        # This request's unsaved changes, three-way merged onto the fresh payload (as a save would), so
+        # what another writer stored meanwhile is not later read as "removed by this request".
         changes = self._changes()
+        merged = apply_changes(fresh._raw, changes) if changes else fresh._raw
+        live: dict[str, Any] = {}
+        for key, mine in changes.updates.items():
+            if key not in merged:
+                continue
+            value = self._live[key]
+            if same_raw(merged[key], mine) or _refill(value, merged[key]):
+                live[key] = value  # the object the app holds now shows the merged value
+            else:
+                live[key] = decode_value(merged[key])
         self._loaded = fresh._loaded
         self._raw = fresh._raw
-        self._live = {k: v for k, v in self._live.items() if k in changes.updates}
+        self._live = live
         self._gone = {k for k in changes.removals if k in self._raw}
-        self._deltas = {k: d for k, d in self._deltas.items() if k in changes.updates}
+        self._deltas = {k: d for k, d in self._deltas.items() if k in live}
         if self._user_id == self._base_user_id:
             self._user_id = fresh._user_id
         self._base_user_id = fresh._base_user_id
@@ -454,10 +486,20 @@ class Session(StoreApi):
             self._flash_aged = True
             self.age_flash_data()
         changes = self._changes()
+        if self._detached and (changes or self._user_id is not None or self._id_changed):
+            raise SessionInterrupted("the session ended while this request ran (see reload()); nothing was saved")
+        if changes is NO_CHANGES:
+            changes = ChangeSet(base=self._raw)  # an identity-only save still writes the loaded payload
         loaded = self._loaded
-        new_id_hash = None
-        if (self._id_changed and loaded is not None) or (loaded is None and (changes or self._user_id is not None)):
-            new_id_hash = hash_session_id(self.id)  # a new session gets a row only when it has something to hold
+        new_id_hash = new_key = None
+        if loaded is None:
+            if changes or self._user_id is not None:  # a new session gets a row only when it has something to hold
+                new_id_hash, new_key = hash_session_id(self.id), generate_session_key()
+        else:
+            if self._id_changed:
+                new_id_hash = hash_session_id(self.id)
+            if self._cut_off:
+                new_key = generate_session_key()
         ip, agent = self.ip_address, self.user_agent
         return UnitOfWork(
             changes=changes,
@@ -465,7 +507,7 @@ class Session(StoreApi):
             new_id_hash=new_id_hash,
             user_id=self._user_id,
             user_changed=self._user_id != self._base_user_id,
-            new_key=generate_session_key() if self._cut_off and loaded is not None else None,
+            new_key=new_key,
             fork_id_hash=self._fork_id_hash,
             destroy_key=self._destroy_key,
             ip_address=ip[:IP_ADDRESS_LENGTH] if ip else None,
@@ -485,9 +527,19 @@ class Session(StoreApi):
         self._loaded = record
         if saved.action is SaveAction.TOUCHED:
             return
-        written, stored = unit.changes.updates, saved.raw
-        # A value keeps being watched only while it is what is stored; a merged key is re-read lazily.
-        self._live = {k: v for k, v in self._live.items() if k in written and same_raw(stored.get(k), written[k])}
+        written, stored, base = unit.changes.updates, saved.raw, self._raw
+        # Values handed out keep being watched (an app may hold `cart = session["cart"]` across a
+        # mid-request save): one whose stored form is what this request had stays as it is; one the
+        # save merged is refilled in place with the merged value; anything else is re-read lazily.
+        live: dict[str, Any] = {}
+        for key, value in self._live.items():
+            if key not in stored:
+                continue
+            raw = stored[key]
+            had = written[key] if key in written else base.get(key, _MISSING)
+            if same_raw(raw, had) or _refill(value, raw):
+                live[key] = value
+        self._live = live
         self._raw = stored
         self._gone = set()
         self._deltas = {}
@@ -532,3 +584,17 @@ class Session(StoreApi):
             return NO_CHANGES
         deltas = {k: d for k, d in self._deltas.items() if k in updates} if self._deltas else {}
         return ChangeSet(updates, frozenset(self._gone), raw, deltas)
+
+
+def _refill(value: Any, raw: Any) -> bool:
+    """Make the list, dict or set *value* hold the decoded *raw* in place; False if the types differ."""
+    fresh = decode_value(raw)
+    kind = type(value)
+    if kind is not type(fresh) or kind not in (list, dict, set):
+        return False
+    if kind is list:
+        value[:] = fresh
+    else:
+        value.clear()
+        value.update(fresh)
+    return True

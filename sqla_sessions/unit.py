@@ -35,9 +35,9 @@ class UnitOfWork(NamedTuple):
     user_id: str | None
     user_changed: bool
     new_key: str | None
-    """A change of privilege (login): the row moves to this new key, so nothing holding the old one reaches it.
-
-    Chosen when the unit is made, so a unit written again (after a lost lock) moves the row to the same key."""
+    """The key of a row stored for the first time, or, at a change of privilege (login), the key the
+    row moves to, so nothing holding the old one reaches it. Chosen when the unit is made, so a unit
+    written again (after a lost lock) writes the same row."""
     fork_id_hash: str | None
     """`regenerate(destroy=False)`: the previous id keeps a copy of the session as loaded."""
     destroy_key: str | None
@@ -54,7 +54,7 @@ class UnitOfWork(NamedTuple):
         return bool(
             self.changes
             or self.user_changed
-            or self.new_key is not None
+            or (self.loaded is not None and self.new_key is not None)
             or self.destroy_key is not None
             or (self.loaded is not None and self.new_id_hash is not None)
         )

@@ -4,8 +4,9 @@ Policy, following Django's middleware and improving on Laravel's:
 
 - the session is saved only for responses below 500 (a failing request must not commit half-done state);
 - `Set-Cookie` goes out only when needed: a new row, a new id, a sliding-expiry touch (at most once
-  per `touch_interval`), or a deletion (invalidated session, a session destroyed meanwhile, or a
-  cookie that did not resolve to a session);
+  per `touch_interval`), or a deletion (this request invalidated the session, or the cookie is
+  malformed). A save refused because the session was destroyed or cut off by a login meanwhile
+  leaves the browser's cookie alone: the browser may already hold the login's new cookie;
 - `Vary: Cookie` whenever the session was read;
 - `previous_url` is recorded on successful, non-XHR, non-prefetch GETs that return HTML, for
   sessions that already exist: a JSON API or a bot never causes a write through it.
@@ -28,6 +29,7 @@ from .config import SessionConfig
 from .cookies import CookieWriter, pick_session_id, session_cookie_values
 from .errors import PayloadTooLarge, SessionInterrupted
 from .handlers.base import BaseHandler
+from .ids import is_valid_session_id
 from .records import SaveAction
 from .session import Session
 
@@ -93,7 +95,7 @@ class SessionCycle:
         """Headers to add after a save (or none), or the error status to answer instead of the app's response."""
         interrupted = False
         if isinstance(error, SessionInterrupted):
-            logger.warning("session was destroyed by another request while this one ran; changes dropped")
+            logger.warning("session was destroyed or cut off by a login while this request ran; changes dropped")
             interrupted = True
         elif isinstance(error, PayloadTooLarge | TypeError):
             logger.error("session could not be saved; answering 500", exc_info=error)
@@ -131,17 +133,24 @@ class SessionCycle:
         """
         headers: Headers = []
         cookie: str | None = None
-        if interrupted:
-            cookie = self._cookies.delete(https=info.https)  # destroyed meanwhile: the id is dead
-        elif action is None:
-            pass  # not saved: the browser keeps what it has
+        if interrupted or action is None:
+            # Not saved (a 5xx, or the session was destroyed or cut off by a login meanwhile): the
+            # browser keeps what it has. It may already hold a newer cookie (the login's response
+            # arrived first): a deletion here would log the user out.
+            pass
         elif not session.is_new and session.id != presented_id:
             # A row the browser does not hold the id of: created, or its id regenerated, in this request.
             cookie = self._set(session, info)
         elif session.expiry_moved and not self.config.expire_on_close:
             cookie = self._set(session, info)  # sliding expiry (a touch or a write): at most once per touch_interval
-        elif presented_id is not None and session.is_new:
-            # The cookie names no live session (invalidated, destroyed, expired or forged): drop it.
+        elif (
+            presented_id is not None
+            and session.is_new
+            and (session.id_changed or not is_valid_session_id(presented_id))
+        ):
+            # This request invalidated its session (logout), or the cookie is malformed: drop it. A
+            # well-formed cookie that names no live session is left alone: it may be one a login just
+            # replaced, still sent by a request that was in flight, and the browser may hold the new one.
             cookie = self._cookies.delete(https=info.https)
         if cookie is not None:
             headers.append(("Set-Cookie", cookie))

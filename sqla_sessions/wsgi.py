@@ -108,9 +108,9 @@ def finish_response(
     action: SaveAction | None = None
     error: Exception | None = None
     if cycle.begin_save(session, info, status, content_type):
-        session.saved_at_response = True
         try:
             action = held.finish()
+            session.saved_at_response = True  # changes after this point are not saved (warned at close)
         except SAVE_ERRORS as exc:
             error = exc
     return cycle.conclude(session, info, presented_id=presented, action=action, error=error)

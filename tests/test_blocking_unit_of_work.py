@@ -254,3 +254,84 @@ def test_a_blocking_request_that_lost_its_lock_writes_its_saves_again(pg_backend
         held.finish()
     data = handler.load(session_id).all()
     assert data["n"] == 2 and sorted(data["log"]) == ["mid", "other"] and data["late"] is True
+
+
+def test_a_request_cancelled_during_its_final_save_still_sends_its_jobs(db_backend: Backend) -> None:
+    """The save runs to its end (and commits) after the cancel: its on_saved callbacks follow the commit."""
+
+    class SlowWrites(DatabaseHandler):
+        def write_on(self, conn: Any, unit: Any, *, held: bool = False) -> Any:
+            time.sleep(0.3)  # the client hangs up meanwhile
+            return super().write_on(conn, unit, held=held)
+
+    handler = SlowWrites(db_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=5))
+    session_id = stored(handler, n=0)
+    sent: list[str] = []
+
+    async def scenario() -> None:
+        store = AsyncSessionStore(handler)
+
+        async def request() -> None:
+            held = await store.open_blocking(session_id)
+            held.session["n"] = 1
+            held.session.on_saved(lambda: sent.append("job"), "job")
+            try:
+                await held.finish()
+            finally:
+                await held.release()
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.15)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if sent:
+                break
+            await asyncio.sleep(0.02)
+        await store.aclose()
+
+    asyncio.run(scenario())
+    assert handler.load(session_id)["n"] == 1 and sent == ["job"]
+
+
+def test_a_blocking_request_that_lost_its_lock_after_a_logout_stores_its_new_session(pg_backend: Backend) -> None:
+    handler = DatabaseHandler(pg_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=0.5))
+    session_id = stored(handler, secret=1)
+    held = BlockingSession.open(handler, session_id)
+    held.session.logout()
+    held.session.flash("msg", "bye")
+    held.session.save(end_of_request=False)  # a new row, inserted inside the transaction that is lost
+    held.session["step"] = 2
+    time.sleep(1.2)
+    held.finish()
+    assert handler.load(session_id).is_new
+    assert handler.load(held.session.id).all() == {"msg": "bye", "step": 2, "_flash": {"new": [], "old": ["msg"]}}
+    assert handler.stats().live == 1  # no orphan row
+
+
+def test_cancelling_while_an_async_engine_connection_opens_leaks_nothing(pg_backend: Backend) -> None:
+    pytest.importorskip("greenlet")
+    handler = DatabaseHandler(pg_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=5))
+    session_id = stored(handler)
+
+    async def scenario() -> int:
+        store = AsyncSessionStore(handler, async_engine="auto")
+        assert store.mode == "async-engine"
+        for steps in range(1, 8):
+            task = asyncio.create_task(store.open_blocking(session_id))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                held = await task
+                await held.release()
+            except asyncio.CancelledError:
+                pass
+        await asyncio.sleep(0.5)
+        engine: Any = store._engine  # the pool the store created
+        checked_out = int(engine.pool.checkedout())
+        await store.aclose()
+        return checked_out
+
+    assert asyncio.run(scenario()) == 0

@@ -40,8 +40,27 @@ def test_removals_are_replayed_and_insertions_keep_their_place() -> None:
     assert merge([1, 2, 3], [1, 2, 3, 4], [1, 3]) == [1, 3, 4]
 
 
-def test_lists_whose_same_items_both_sides_rewrote_take_mine() -> None:
+def test_lists_whose_same_items_both_sides_rewrote_take_mine_there_and_keep_their_other_edits() -> None:
     assert merge([1, 2, 3], [1, 5, 3], [1, 7, 3]) == [1, 5, 3]
+    assert merge([1, 2, 3], [1, 5, 3], [1, 7, 3, 4]) == [1, 5, 3, 4]  # their append stays
+    assert merge([1, 2], [2], [9, 2]) == [2]  # I removed the item they edited: my removal wins there
+
+
+def test_pushes_of_the_same_value_by_both_sides_are_two_pushes() -> None:
+    assert merge(["a"], ["a", "x"], ["a", "x"]) == ["a", "x", "x"]
+    assert merge(MISSING, ["x"], ["x"]) == ["x", "x"]
+    assert merge({"cart": []}, {"cart": ["x"]}, {"cart": ["x"]}) == {"cart": ["x", "x"]}
+
+
+def test_edits_of_neighbouring_items_keep_the_order() -> None:
+    assert merge(["i1", "i2"], ["i1*", "i2"], ["i1", "i2*"]) == ["i1*", "i2*"]
+    assert merge(["a", "c"], ["a", "x", "c"], ["a", "y", "c"]) == ["a", "y", "x", "c"]
+
+
+def test_a_long_repetitive_list_merges_in_linear_time() -> None:
+    base = ["same"] * 20_000  # a quadratic diff would take minutes here, under the row lock
+    merged = merge(base, [*base, "mine"], ["theirs", *base])
+    assert merged == ["theirs", *base, "mine"]
 
 
 def test_dicts_merge_by_key_recursively() -> None:

@@ -128,6 +128,10 @@ class BaseHandler(ABC, Generic[C]):
         """Insert a new row."""
 
     @abstractmethod
+    def _insert_if_absent(self, conn: C, record: Record) -> bool:
+        """Insert a new row unless its key or id hash is taken; False if it was."""
+
+    @abstractmethod
     def _update(self, conn: C, record: Record, *, expected_version: int, now: int) -> bool:
         """Compare-and-set: write *record* if the row still has *expected_version* and is unexpired."""
 
@@ -323,9 +327,9 @@ class BaseHandler(ABC, Generic[C]):
         deleted = unit.destroy_key is not None and self._delete(conn, unit.destroy_key)
         loaded = unit.loaded
         if loaded is None:
-            if unit.new_id_hash is None:
+            if unit.new_id_hash is None or unit.new_key is None:
                 return Saved(SaveAction.DELETED if deleted else SaveAction.NOTHING, None, {}, False)
-            record = first_row(unit, key=generate_session_key(), now=now, expiry=self.expiry, dumps=self.codec.dumps)
+            record = first_row(unit, key=unit.new_key, now=now, expiry=self.expiry, dumps=self.codec.dumps)
             self._insert(conn, record)
             return Saved(SaveAction.INSERTED, record, dict(unit.changes.updates), True)
         if not unit.writes:
@@ -359,9 +363,9 @@ class BaseHandler(ABC, Generic[C]):
                     "the session was destroyed, expired or cut off by a login since it was loaded; nothing was saved"
                 )
         if unit.fork_id_hash is not None:
-            self._insert(
-                conn, fork_row(unit, key=generate_session_key(), now=now, expiry=self.expiry, dumps=self.codec.dumps)
-            )
+            # The previous id keeps a copy, unless a concurrent request forked it already.
+            fork = fork_row(unit, key=generate_session_key(), now=now, expiry=self.expiry, dumps=self.codec.dumps)
+            self._insert_if_absent(conn, fork)
         record, raw = written
         return Saved(action, record, raw, record.expires_at != loaded.expires_at)
 

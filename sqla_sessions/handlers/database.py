@@ -16,7 +16,9 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.expression import Executable
 
 from ..config import SessionConfig
 from ..errors import LockTimeout
@@ -98,6 +100,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._select_for_update = sa.select(*cols).where(t.c.key == key).with_for_update()
         # Explicit columns: the lease columns stay NULL, and the compiled SQL names exactly these binds.
         self._insert_row = sa.insert(t).values({name: sa.bindparam(name) for name in _COLUMNS})
+        self._insert_row_if_absent = self._insert_ignoring_conflicts()
         writable = {name: sa.bindparam(f"v_{name}", type_=t.c[name].type) for name in _COLUMNS if name != "key"}
         self._update_row = sa.update(t).where(t.c.key == key).values(**writable)
         self._update_if_version = (
@@ -144,6 +147,16 @@ class DatabaseHandler(BaseHandler[Connection]):
             .values(lease_owner=None, lease_until=None)
         )
 
+    def _insert_ignoring_conflicts(self) -> Executable:
+        """The INSERT that does nothing when the key or id hash is taken (no error: a blocking request's
+        transaction must not be aborted by it)."""
+        values: dict[str, Any] = {name: sa.bindparam(name) for name in _COLUMNS}
+        if self._dialect == "postgresql":
+            return postgresql.insert(self.table).values(values).on_conflict_do_nothing()
+        if self._dialect == "sqlite":
+            return sqlite.insert(self.table).values(values).on_conflict_do_nothing()
+        return sa.insert(self.table).values(values).prefix_with("IGNORE")  # MySQL, MariaDB
+
     def _gc_statement(self, limit: int) -> sa.Delete:
         t = self.table
         expired = t.c.expires_at <= sa.bindparam("now", type_=sa.BigInteger)
@@ -181,6 +194,10 @@ class DatabaseHandler(BaseHandler[Connection]):
             row_count(conn, self._fast_insert, values)
         else:
             conn.execute(self._insert_row, values)
+
+    def _insert_if_absent(self, conn: Connection, record: Record) -> bool:
+        values = {name: getattr(record, name) for name in _COLUMNS}
+        return bool(conn.execute(self._insert_row_if_absent, values).rowcount == 1)
 
     def _update(self, conn: Connection, record: Record, *, expected_version: int, now: int) -> bool:
         params = _write_params(record)

@@ -50,6 +50,13 @@ class MemoryHandler(BaseHandler[None]):
                 raise KeyError("duplicate session key or id hash")
             self._put(record)
 
+    def _insert_if_absent(self, conn: None, record: Record) -> bool:
+        with self._lock:
+            if record.key in self._rows or record.id_hash in self._by_hash:
+                return False
+            self._put(record)
+            return True
+
     def _update(self, conn: None, record: Record, *, expected_version: int, now: int) -> bool:
         with self._lock:
             row = self._rows.get(record.key)

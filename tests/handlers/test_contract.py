@@ -612,3 +612,66 @@ def test_stats_count_live_expired_and_users(handler: Handler, clock: FakeClock) 
     assert handler.stats().users == 1
     if isinstance(handler, DatabaseHandler) and handler.engine.dialect.name != "sqlite":
         assert (handler.stats().table_bytes or 0) > 0
+
+
+# -- the unit of work, as a hostile review probed it ------------------------------------------------
+
+
+def test_a_save_that_only_changes_the_id_keeps_the_payload(handler: Handler) -> None:
+    session_id = new_stored(handler, cart=["a", "b"], pref="dark")
+    session = handler.load(session_id)
+    session.regenerate()
+    session.forget("_token")  # an app that does not use the CSRF token: only the id changed
+    session.save()
+    assert handler.load(session.id).all() == {"cart": ["a", "b"], "pref": "dark"}
+
+
+def test_reload_merges_unsaved_changes_onto_what_others_stored(handler: Handler) -> None:
+    session_id = new_stored(handler, cart=["a"], n=1)
+    mine, theirs = handler.load(session_id), handler.load(session_id)
+    mine.push("cart", "x")
+    mine.increment("n")
+    theirs.push("cart", "y")
+    theirs.increment("n")
+    theirs.save()
+    mine.reload()
+    assert sorted(mine["cart"]) == ["a", "x", "y"] and mine["n"] == 3
+    mine.save()
+    stored = handler.load(session_id)
+    assert sorted(stored["cart"]) == ["a", "x", "y"] and stored["n"] == 3
+
+
+def test_a_value_handed_out_before_a_merged_mid_request_save_is_still_watched(handler: Handler) -> None:
+    session_id = new_stored(handler, cart=["a"], other=1)
+    session = handler.load(session_id)
+    cart = session["cart"]
+    cart.append("x")
+    others = session["other"], session.get("cart")
+    concurrent = handler.load(session_id)
+    concurrent.push("cart", "y")
+    concurrent.save()
+    assert session.save(end_of_request=False) is SaveAction.MERGED
+    assert cart == ["a", "y", "x"]  # the object the app holds shows what is stored ...
+    cart.append("z")  # ... and later changes to it are still saved
+    session.save()
+    assert handler.load(session_id)["cart"] == ["a", "y", "x", "z"] and others[0] == 1
+
+
+def test_concurrent_regenerate_keeping_the_old_id_forks_it_once(handler: Handler) -> None:
+    session_id = new_stored(handler, cart=["a"])
+    first, second = handler.load(session_id), handler.load(session_id)
+    first.regenerate(destroy=False)
+    first.save()
+    second.regenerate(destroy=False)
+    second.login("u1")
+    second.save()  # the old id is forked already: no error, nothing half-written
+    assert handler.load(session_id)["cart"] == ["a"]  # the old id's copy
+    assert handler.load(second.id).user_id == "u1" and handler.load(second.id)["cart"] == ["a"]
+
+
+def test_clear_keeps_the_exactly_once_job_record(handler: Handler) -> None:
+    session_id = new_stored(handler, credits=10, _jobs=["job-1"])
+    session = handler.load(session_id)
+    session.clear()  # an anonymous session: cleared, not invalidated
+    session.save()
+    assert handler.load(session_id).all() == {"_jobs": ["job-1"]}

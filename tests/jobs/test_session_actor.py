@@ -312,3 +312,29 @@ def test_a_redelivery_racing_its_original_lands_once(broker: StubBroker, worker:
     assert [k for k in stored_now if k.startswith("effect_")] != []
     assert len([k for k in stored_now if k.startswith("effect_")]) == 1
     assert stored_now[JOBS_KEY].count(message.args[1]) == 1
+
+
+def test_a_job_sent_before_a_login_in_the_same_request_is_dropped(broker: StubBroker, handler: MemoryHandler) -> None:
+    """Sent on alice's session, then the request logs in as bob: the job must not land in bob's session."""
+    landed: list[str | None] = []
+
+    def notify(session: Session) -> None:
+        landed.append(session.user_id)
+        session["inbox"] = "for alice"
+
+    actor = actor_on(broker, handler, notify)
+    session = stored(handler)
+    session.login("alice")
+    session.save()
+    request = handler.load(session.id)
+    before = actor.send(request)  # bound to alice's session as it is now ...
+    request.login("bob")  # ... which this request then cuts off
+    after = actor.send(request)  # sent after the login: bob's
+    request.save()
+    assert not before.sent and after.sent
+    worker = dramatiq.Worker(broker, worker_threads=1)
+    worker.start()
+    broker.join(actor.queue_name)
+    worker.join()
+    worker.stop()
+    assert landed == ["bob"]

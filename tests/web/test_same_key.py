@@ -59,6 +59,11 @@ def test_concurrent_pushes_onto_one_list_keep_every_item(base_url: str) -> None:
     assert sorted(data["cart"]) == sorted(f"item{n}" for n in range(CONCURRENT))  # type: ignore[call-overload]
 
 
+def test_concurrent_pushes_of_the_same_value_keep_every_push(base_url: str) -> None:
+    data = race(base_url, ["/edit/push/sku-1"] * CONCURRENT)
+    assert data["cart"] == ["sku-1"] * CONCURRENT
+
+
 def test_concurrent_increments_of_one_counter_all_count(base_url: str) -> None:
     assert race(base_url, ["/edit/increment/-"] * CONCURRENT)["n"] == CONCURRENT
 
