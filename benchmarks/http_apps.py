@@ -49,6 +49,16 @@ def sqla_app() -> Any:
     )
 
 
+def sqla_defaults_app() -> Any:
+    """sqla_sessions as a user deploys it: the middleware builds its handler and engine from the config."""
+    from sqla_sessions import SessionConfig
+    from sqla_sessions.asgi import SessionMiddleware
+
+    url = os.environ["SQLA_SESSIONS_DATABASE_URL"]
+    config = SessionConfig(database_url=url, table=os.environ.get("SQLA_SESSIONS_TABLE", "sessions"), lottery=(0, 1))
+    return SessionMiddleware(Starlette(routes=ROUTES), config)
+
+
 # -- peers a user could pick instead ------------------------------------------------------------------
 
 

@@ -65,6 +65,19 @@ class Figures:
     cpu_ms_per_request: float
     utilisation: float
     errors: int
+    connections_opened: int
+
+
+def sessions_opened(pg_url: str) -> int:
+    """PostgreSQL's count of sessions (connections) ever established to the database (PostgreSQL 14+)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        count = conn.execute(sa.text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()"))
+        value = int(count.scalar_one())
+    engine.dispose()
+    return value - 1  # this query's own connection
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,7 +115,9 @@ def wrk(port: int, path: str, method: str, cookies: Path, connections: int, seco
     return dict(json.loads(line[5:]))
 
 
-def measure(factory: str, env: dict[str, str], code: Path, connections: int, seconds: float) -> dict[str, Figures]:
+def measure(
+    factory: str, env: dict[str, str], code: Path, connections: int, seconds: float, pg_url: str
+) -> dict[str, Figures]:
     process, port = serve(factory, env, code)
     try:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as jar:
@@ -110,9 +125,11 @@ def measure(factory: str, env: dict[str, str], code: Path, connections: int, sec
         results = {}
         for route, path, method in (("read", "/read", "GET"), ("increment", "/increment", "POST")):
             wrk(port, path, method, Path(jar.name), connections, 1.0)  # warm up: connections, prepared statements
+            opened_before = sessions_opened(pg_url)
             cpu_before, started = cpu_seconds(process.pid), time.monotonic()
             raw = wrk(port, path, method, Path(jar.name), connections, seconds)
             cpu, wall = cpu_seconds(process.pid) - cpu_before, time.monotonic() - started
+            opened = sessions_opened(pg_url) - opened_before
             results[route] = Figures(
                 rps=raw["requests"] / seconds,
                 p50_ms=raw["p50"] / 1000,
@@ -120,6 +137,7 @@ def measure(factory: str, env: dict[str, str], code: Path, connections: int, sec
                 cpu_ms_per_request=1000 * cpu / max(raw["requests"], 1),
                 utilisation=cpu / wall,
                 errors=raw["errors"],
+                connections_opened=opened,
             )
         os.unlink(jar.name)
         return results
@@ -148,14 +166,18 @@ def main() -> None:
     apps: list[tuple[str, str, Path]] = [
         ("cookie (Starlette)", "cookie_app", ROOT),
         ("sqla_sessions", "sqla_app", ROOT),
+        ("sqla_sessions, defaults", "sqla_defaults_app", ROOT),
     ]
     worktree = None
     if args.compare:
         worktree = Path(tempfile.mkdtemp(prefix="sqla_sessions_rev_"))
         subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.compare], cwd=ROOT, check=True)
         apps.append((f"sqla_sessions @ {args.compare}", "sqla_app", worktree))
+        apps.append((f"sqla_sessions, defaults @ {args.compare}", "sqla_defaults_app", worktree))
     try:
-        figures = {name: measure(factory, env, code, args.connections, args.seconds) for name, factory, code in apps}
+        figures = {
+            name: measure(factory, env, code, args.connections, args.seconds, args.pg) for name, factory, code in apps
+        }
     finally:
         if worktree is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
@@ -168,13 +190,13 @@ def main() -> None:
     baseline = figures["cookie (Starlette)"]
     print(f"wrk, {args.connections} connections (one session each), {args.seconds:g} s per run, server on core 0")
     head = f"{'app':<32} {'route':<10} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
-    print(f"{head} {'CPU/req':>9} {'util':>5} err")
+    print(f"{head} {'CPU/req':>9} {'util':>5} {'conns':>6} err")
     for name, routes in figures.items():
         for route, f in routes.items():
             ratio = f.rps / baseline[route].rps
             print(
                 f"{name:<32} {route:<10} {f.rps:>8.0f} {ratio:>6.2f} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} "
-                f"{f.cpu_ms_per_request:>7.3f}ms {f.utilisation:>5.0%} {f.errors}"
+                f"{f.cpu_ms_per_request:>7.3f}ms {f.utilisation:>5.0%} {f.connections_opened:>6} {f.errors}"
             )
 
 
