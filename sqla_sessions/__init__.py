@@ -1,7 +1,14 @@
 """Server-side HTTP sessions on SQLAlchemy 2 that never lose a concurrent write."""
 
 from .config import SessionConfig
-from .errors import ConfigurationError, LockTimeout, PayloadTooLarge, SessionError, SessionInterrupted
+from .errors import (
+    ConfigurationError,
+    LockTimeout,
+    PayloadTooLarge,
+    SessionError,
+    SessionInterrupted,
+    StoreUnavailable,
+)
 from .handlers import DatabaseHandler, MemoryHandler, SessionHandler
 from .migrate import downgrade, upgrade
 from .records import SaveAction, SessionInfo
@@ -22,6 +29,7 @@ __all__ = [
     "SessionHandler",
     "SessionInfo",
     "SessionInterrupted",
+    "StoreUnavailable",
     "__version__",
     "downgrade",
     "upgrade",

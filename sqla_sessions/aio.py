@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .config import SessionConfig
 from .errors import SessionInterrupted
@@ -157,10 +159,15 @@ class AsyncSessionStore:
             async with self._engine.connect() as conn:
                 return await conn.run_sync(fn, *args)
         if self._threads is not None:
-            return await self._threads.run(self._run_in_thread, fn, args)
+            # A call queued behind busy threads for longer than a pooled connection may take fails
+            # as a pool timeout would (503): waits stay bounded however many requests queue.
+            deadline = time.monotonic() + self.config.pool_timeout
+            return await self._threads.run(self._run_in_thread, fn, args, deadline)
         return self._run_in_thread(fn, args)
 
-    def _run_in_thread(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _run_in_thread(self, fn: Callable[..., T], args: tuple[Any, ...], deadline: float | None = None) -> T:
+        if deadline is not None and time.monotonic() > deadline:
+            raise PoolTimeout(f"no worker thread free within pool_timeout ({self.config.pool_timeout:g} s)")
         with self.handler.connect() as conn:
             return fn(conn, *args)
 
@@ -364,13 +371,20 @@ class AsyncBlockingSession:
         return action
 
     async def _settle(self, call: asyncio.Future[Any] | None) -> None:
-        """After a cancelled `finish`: once its save has ended, run the callbacks if it committed."""
+        """After a cancelled `finish`: once its save has ended, finish what it left (as `finish` would)."""
         if call is not None:
             await asyncio.wait([call])
-        committed = call is not None and not call.cancelled() and call.exception() is None
+        error = None if call is None or call.cancelled() else call.exception()
+        committed = call is not None and not call.cancelled() and error is None
+        lock, session = self._lock, self.session
         await self._close()
-        session = self.session
         session.bind(self.store.handler, self.store)
+        if not committed and lock is not None and error is not None and lost_lock(error):
+            try:  # the lock's transaction was lost: its saves are written again (see locking)
+                await self.store.run_on_connection(lock.rewrite, session)
+                committed = True
+            except Exception:
+                logger.exception("a cancelled blocking request lost its lock and could not save again")
         if not session.has_saved_callbacks:
             return
         if committed:

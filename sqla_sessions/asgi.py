@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .aio import AsyncBlockingSession, AsyncSessionStore
 from .config import SessionConfig
-from .errors import LockTimeout
+from .errors import LockTimeout, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, blocking_matcher
 from .records import SaveAction
@@ -128,11 +128,12 @@ class SessionMiddleware:
             return
         self.cycle.attach_client(session, info)
         save = held.finish if held is not None else partial(self.store.save, session, end_of_request=True)
-        replaced = False
+        replaced = started = False
 
         async def send_with_session(message: Message) -> None:
-            nonlocal replaced
+            nonlocal replaced, started
             if message["type"] == "http.response.start":
+                started = True
                 status = int(message["status"])
                 headers = list(message.get("headers", ()))
                 outcome = await self._finish(session, info, presented, status, _content_type(headers), save)
@@ -148,6 +149,12 @@ class SessionMiddleware:
 
         try:
             await self.app({**scope, "session": session, STORE_KEY: self.store}, receive, send_with_session)
+        except StoreUnavailable:
+            # The app's own save or reload could not reach the store (and the app let it through).
+            if started:
+                raise
+            logger.exception("session store unreachable during the request; answering 503")
+            await _send_error(send, 503, retry_after=RETRY_AFTER)
         finally:
             if held is not None:
                 await held.release()  # no-op after the save; a rollback if the app failed or sent a 5xx

@@ -5,11 +5,19 @@ SessionError
 ├── ConfigurationError   (also a ValueError)
 ├── PayloadTooLarge
 ├── LockTimeout
-└── SessionInterrupted
+├── SessionInterrupted
+└── StoreUnavailable
 ```
 """
 
 from __future__ import annotations
+
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+#: What an unreachable store raises from SQLAlchemy: a lost or refused connection, or no pooled
+#: connection within `pool_timeout` (not a data or integrity error, which is a bug to see).
+UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, PoolTimeout, DisconnectionError)
 
 
 class SessionError(Exception):
@@ -43,3 +51,8 @@ class LockTimeout(SessionError):
 
 class SessionInterrupted(SessionError):
     """Raised when a save finds its session destroyed meanwhile (logout, revoke, expiry); nothing is written."""
+
+
+class StoreUnavailable(SessionError):
+    """Raised by `session.save()`/`reload()` (and their async forms) called by the app when the store
+    cannot be reached; the middlewares answer 503 with `Retry-After` for it, as for their own saves."""

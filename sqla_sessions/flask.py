@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 from werkzeug.exceptions import HTTPException
 
 from .config import SessionConfig
-from .errors import LockTimeout
+from .errors import LockTimeout, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .session import Session
@@ -123,7 +123,6 @@ def init_app(
     app.session_interface = SqlaSessionInterface(handler, blocking)
     app.extensions["sqla_sessions"] = handler
 
-    @app.before_request
     def _answer_session_failure() -> Response | None:
         exc: Exception | None = request.environ.get(_UNANSWERED)
         if exc is None:
@@ -135,6 +134,18 @@ def init_app(
         response = app.response_class(http_reason(status), status=status, content_type="text/plain; charset=utf-8")
         response.headers["Retry-After"] = str(retry_after)
         return response
+
+    def _store_unavailable(exc: StoreUnavailable) -> Response:
+        logger.error("session store unreachable during the request; answering 503", exc_info=exc)
+        response = app.response_class(http_reason(503), status=503, content_type="text/plain; charset=utf-8")
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+        return response
+
+    app.register_error_handler(StoreUnavailable, _store_unavailable)
+
+    # First of the app-wide hooks, whenever init_app is called: a "login required" hook registered
+    # earlier must not answer (a redirect to the login page) for a store that is down.
+    app.before_request_funcs.setdefault(None, []).insert(0, _answer_session_failure)
 
     @app.teardown_request
     def _release(_exc: BaseException | None) -> None:

@@ -178,14 +178,18 @@ def _merge_sets(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[Any
 
 
 #: Beyond this many item comparisons, a list diff is one hunk (common prefix and suffix trimmed)
-#: instead of a full sequence match, so a merge stays linear however long and repetitive the list.
-_MATCH_BUDGET = 40_000
+#: instead of a full sequence match, so a merge stays fast however long and repetitive the list.
+_MATCH_BUDGET = 250_000
 
 Hunk = tuple[int, int, int, int]  # base[i1:i2] became other[j1:j2]
 
 
 def _hunks(base: list[str], other: list[str]) -> list[Hunk]:
-    """The regions where *other* differs from *base*, in order (identities compared)."""
+    """The regions where *other* differs from *base*, in order (identities compared).
+
+    A replacement of as many items as it removes is split into one-item replacements, so edits of
+    different items never look like one overlap.
+    """
     end = min(len(base), len(other))
     prefix = 0
     while prefix < end and base[prefix] == other[prefix]:
@@ -196,29 +200,53 @@ def _hunks(base: list[str], other: list[str]) -> list[Hunk]:
     b1, b2, o1, o2 = prefix, len(base) - suffix, prefix, len(other) - suffix
     if b1 == b2 and o1 == o2:
         return []
-    if b1 == b2 or o1 == o2 or (b2 - b1) * (o2 - o1) > _MATCH_BUDGET:
-        return [(b1, b2, o1, o2)]  # a pure insertion or removal, or too large to match item by item
-    matcher = SequenceMatcher(None, base[b1:b2], other[o1:o2], autojunk=False)
-    return [(b1 + i1, b1 + i2, o1 + j1, o1 + j2) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"]
+    if b1 == b2 or o1 == o2:
+        return [(b1, b2, o1, o2)]  # a pure insertion or removal
+    if (b2 - b1) * (o2 - o1) <= _MATCH_BUDGET:
+        matcher = SequenceMatcher(None, base[b1:b2], other[o1:o2], autojunk=False)
+        opcodes = matcher.get_opcodes()
+        hunks = [(b1 + i1, b1 + i2, o1 + j1, o1 + j2) for tag, i1, i2, j1, j2 in opcodes if tag != "equal"]
+    else:
+        # Too large to match item by item: one region, split into one-item edits only when it looks
+        # like edits in place (most positions equal), not like items shifted by an insertion/removal.
+        length = b2 - b1
+        in_place = length == o2 - o1 and 2 * sum(base[b1 + n] == other[o1 + n] for n in range(length)) >= length
+        if not in_place:
+            return [(b1, b2, o1, o2)]
+        hunks = [(b1, b2, o1, o2)]
+    out: list[Hunk] = []
+    for i1, i2, j1, j2 in hunks:
+        if i2 - i1 == j2 - j1:
+            out.extend(
+                (i, i + 1, j, j + 1) for i, j in zip(range(i1, i2), range(j1, j2), strict=True) if base[i] != other[j]
+            )
+        else:
+            out.append((i1, i2, j1, j2))
+    return out
 
 
 def _merge_lists(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[Any]:
-    """Replay my edits of *base* (removals, insertions) onto *theirs*."""
+    """Replay my edits of *base* (removals, insertions, one-item replacements) onto *theirs*."""
     base_ids = [_identity(item) for item in base]
     my_hunks = _hunks(base_ids, [_identity(item) for item in mine])
     their_hunks = _hunks(base_ids, [_identity(item) for item in theirs])
 
-    # Where base item i is in theirs: its position if they kept it, else the start of what they put
-    # in its place; len(theirs) past the end. Monotone in i.
+    # Where base item i is in theirs: its position if they kept it (or replaced it one for one), else
+    # the start of what they put in its place; len(theirs) past the end. Monotone in i.
     position: list[int] = []
-    kept: set[int] = set()  # base items they kept
+    kept: set[int] = set()  # base items they kept as they were
+    replaced: set[int] = set()  # base items they replaced one for one (an edit of that item)
     i = j = 0
     for k1, k2, l1, l2 in (*their_hunks, (len(base), len(base), len(theirs), len(theirs))):
         while i < k1:
             position.append(j)
             kept.add(i)
             i, j = i + 1, j + 1
-        position.extend([l1] * (k2 - k1))
+        if k2 - k1 == 1 and l2 - l1 == 1:
+            position.append(l1)
+            replaced.add(k1)
+        else:
+            position.extend([l1] * (k2 - k1))
         i, j = k2, l2
     position.append(len(theirs))
 
@@ -226,13 +254,15 @@ def _merge_lists(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[An
     landing: dict[int, list[Any]] = {}  # position in theirs -> my items inserted before it
     for i1, i2, j1, j2 in my_hunks:
         for index in range(i1, i2):
-            if index in kept:
+            if index in kept or index in replaced:
+                # I removed or rewrote this item: gone from theirs too (if they edited it as well,
+                # the edits truly overlap, and mine is the last write).
                 dropped.add(position[index])
-        for k1, k2, l1, l2 in their_hunks:
-            if k1 < i2 and i1 < k2 and l1 < l2:
-                dropped.update(range(l1, l2))  # both rewrote these items: a true overlap, mine wins
         if j1 < j2:
-            landing.setdefault(position[i2], []).extend(mine[j1:j2])  # before the next base item
+            if i2 - i1 == 1 and j2 - j1 == 1:
+                landing.setdefault(position[i1], []).append(mine[j1])  # my edit of an item: in its place
+            else:
+                landing.setdefault(position[i2], []).extend(mine[j1:j2])  # before the next base item
     out: list[Any] = []
     for index, item in enumerate(theirs):
         out.extend(landing.get(index, ()))

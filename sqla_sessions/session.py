@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from .errors import SessionInterrupted
+from .errors import UNAVAILABLE_ERRORS, SessionInterrupted, StoreUnavailable
 from .ids import generate_session_id, generate_session_key, hash_session_id
 from .merge import NO_CHANGES, ChangeSet, Number, apply_changes
 from .records import Record, SaveAction
@@ -397,14 +398,17 @@ class Session(StoreApi):
         By default this is the end of the request: flash data is aged first (once per request). To
         flush mid-request (e.g. before dispatching jobs you will wait for), pass `end_of_request=False`.
         """
-        return self._require_store().save(self, end_of_request=end_of_request)
+        store = self._require_store()
+        with _unavailable_as_store_error():
+            return store.save(self, end_of_request=end_of_request)
 
     async def asave(self, *, end_of_request: bool = True) -> SaveAction:
         """`save()` for async views: never blocks the event loop."""
-        if self._async_store is not None:
-            return await self._async_store.save(self, end_of_request=end_of_request)
-        store = self._require_store()
-        return await asyncio.to_thread(lambda: store.save(self, end_of_request=end_of_request))
+        with _unavailable_as_store_error():
+            if self._async_store is not None:
+                return await self._async_store.save(self, end_of_request=end_of_request)
+            store = self._require_store()
+            return await asyncio.to_thread(lambda: store.save(self, end_of_request=end_of_request))
 
     def reload(self) -> None:
         """Re-read the stored session, keeping this request's unsaved changes on top.
@@ -414,18 +418,21 @@ class Session(StoreApi):
         """
         store = self._require_store()
         if self._loaded is not None:
-            self._refresh(store.load_by_key(self._loaded.key))
+            with _unavailable_as_store_error():
+                fresh = store.load_by_key(self._loaded.key)
+            self._refresh(fresh)
 
     async def areload(self) -> None:
         """`reload()` for async views: never blocks the event loop."""
         if self._loaded is None:
             return
         key = self._loaded.key
-        if self._async_store is not None:
-            fresh = await self._async_store.load_by_key(key)
-        else:
-            store = self._require_store()
-            fresh = await asyncio.to_thread(store.load_by_key, key)
+        with _unavailable_as_store_error():
+            if self._async_store is not None:
+                fresh = await self._async_store.load_by_key(key)
+            else:
+                store = self._require_store()
+                fresh = await asyncio.to_thread(store.load_by_key, key)
         self._refresh(fresh)
 
     def _refresh(self, fresh: Session | None) -> None:
@@ -443,13 +450,13 @@ class Session(StoreApi):
         changes = self._changes()
         merged = apply_changes(fresh._raw, changes) if changes else fresh._raw
         live: dict[str, Any] = {}
-        for key, mine in changes.updates.items():
+        for key, value in self._live.items():
             if key not in merged:
                 continue
-            value = self._live[key]
-            if same_raw(merged[key], mine) or _refill(value, merged[key]):
-                live[key] = value  # the object the app holds now shows the merged value
-            else:
+            had = changes.updates[key] if key in changes.updates else self._raw.get(key, _MISSING)
+            if same_raw(merged[key], had) or _refill(value, merged[key]):
+                live[key] = value  # the object the app holds shows the merged value, and stays watched
+            elif key in changes.updates:
                 live[key] = decode_value(merged[key])
         self._loaded = fresh._loaded
         self._raw = fresh._raw
@@ -586,14 +593,41 @@ class Session(StoreApi):
         return ChangeSet(updates, frozenset(self._gone), raw, deltas)
 
 
+@contextmanager
+def _unavailable_as_store_error() -> Iterator[None]:
+    """A store the app's own save or reload cannot reach is a `StoreUnavailable` (the middlewares
+    answer 503), not a SQLAlchemy error the app would turn into a 500."""
+    try:
+        yield
+    except UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"the session store is unreachable: {type(exc).__name__}") from exc
+
+
 def _refill(value: Any, raw: Any) -> bool:
     """Make the list, dict or set *value* hold the decoded *raw* in place; False if the types differ."""
-    fresh = decode_value(raw)
+    return _refill_with(value, decode_value(raw))
+
+
+def _refill_with(value: Any, fresh: Any) -> bool:
+    """In place, recursively: containers the app may hold inside *value* stay the same objects where
+    the new value still has a container of that type at the same key (dicts) or index (lists)."""
     kind = type(value)
     if kind is not type(fresh) or kind not in (list, dict, set):
         return False
-    if kind is list:
-        value[:] = fresh
+    if kind is dict:
+        for key in [k for k in value if k not in fresh]:
+            del value[key]
+        for key, item in fresh.items():
+            if key not in value or not _refill_with(value[key], item):
+                value[key] = item
+    elif kind is list:
+        same_shape = len(value) == len(fresh)
+        for index, item in enumerate(fresh):
+            if not (same_shape and _refill_with(value[index], item)):
+                if same_shape:
+                    value[index] = item
+        if not same_shape:
+            value[:] = fresh
     else:
         value.clear()
         value.update(fresh)

@@ -129,10 +129,18 @@ def successor(
     return record, raw
 
 
-def first_row(unit: UnitOfWork, *, key: str, now: int, expiry: Expiry, dumps: Callable[..., bytes]) -> Record:
-    """The row of a session stored for the first time."""
+def first_row(
+    unit: UnitOfWork,
+    *,
+    key: str,
+    now: int,
+    expiry: Expiry,
+    dumps: Callable[..., bytes],
+    raw: Mapping[str, Any] | None = None,
+) -> Record:
+    """The row of a session stored for the first time (holding *raw*, by default the unit's updates)."""
     assert unit.new_id_hash is not None
-    payload = dumps(dict(unit.changes.updates), key)
+    payload = dumps(dict(unit.changes.updates if raw is None else raw), key)
     return _new_row(key, unit.new_id_hash, unit.user_id, payload, now, now, expiry, unit.ip_address, unit.user_agent)
 
 

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, DisconnectionError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError
 
 from .config import SessionConfig
 from .cookies import CookieWriter, pick_session_id, session_cookie_values
-from .errors import PayloadTooLarge, SessionInterrupted
+from .errors import UNAVAILABLE_ERRORS, PayloadTooLarge, SessionInterrupted, StoreUnavailable
 from .handlers.base import BaseHandler
 from .ids import is_valid_session_id
 from .records import SaveAction
@@ -35,7 +34,7 @@ from .session import Session
 
 #: The store cannot be reached: the database (any driver error), or no pooled connection within
 #: `pool_timeout`. Answered 503 with `Retry-After`.
-STORE_UNAVAILABLE = (DBAPIError, PoolTimeout, DisconnectionError)
+STORE_UNAVAILABLE = (StoreUnavailable, DBAPIError, *UNAVAILABLE_ERRORS)
 #: What a failed save may raise; `SessionCycle.conclude` turns each into a response.
 SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, *STORE_UNAVAILABLE)
 

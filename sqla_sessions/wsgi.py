@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .config import SessionConfig
-from .errors import LockTimeout
+from .errors import LockTimeout, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher
 from .records import SaveAction
@@ -84,6 +85,11 @@ class SessionMiddleware:
 
         try:
             app_iter = self.app(environ, start_with_session)
+        except StoreUnavailable:
+            # The app's own save or reload could not reach the store (and the app let it through).
+            held.release()
+            logger.exception("session store unreachable during the request; answering 503")
+            return _error(start_response, 503, exc_info=sys.exc_info())
         except BaseException:
             held.release()
             raise
@@ -179,6 +185,8 @@ def _error_headers(status: int, retry_after: int = RETRY_AFTER) -> list[tuple[st
     return headers
 
 
-def _error(start_response: StartResponse, status: int, retry_after: int = RETRY_AFTER) -> list[bytes]:
-    start_response(http_reason(status), _error_headers(status, retry_after))
+def _error(
+    start_response: StartResponse, status: int, retry_after: int = RETRY_AFTER, exc_info: Any = None
+) -> list[bytes]:
+    start_response(http_reason(status), _error_headers(status, retry_after), exc_info)
     return [http_reason(status).encode()]

@@ -335,3 +335,44 @@ def test_cancelling_while_an_async_engine_connection_opens_leaks_nothing(pg_back
         return checked_out
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_cancelled_final_save_after_a_lost_lock_still_writes_and_sends(pg_backend: Backend) -> None:
+    class SlowWrites(DatabaseHandler):
+        def write_on(self, conn: Any, unit: Any, *, held: bool = False) -> Any:
+            if held:
+                time.sleep(0.3)  # the client hangs up meanwhile
+            return super().write_on(conn, unit, held=held)
+
+    handler = SlowWrites(pg_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=0.5))
+    session_id = stored(handler, a=0)
+    sent: list[str] = []
+
+    async def scenario() -> None:
+        store = AsyncSessionStore(handler)
+
+        async def request() -> None:
+            held = await store.open_blocking(session_id)
+            held.session["a"] = 1
+            await held.session.asave(end_of_request=False)
+            await asyncio.sleep(1.0)  # the database ends the idle transaction: the lock is lost
+            held.session["b"] = 2
+            held.session.on_saved(lambda: sent.append("job"), "job")
+            try:
+                await held.finish()
+            finally:
+                await held.release()
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(1.5)  # inside finish(), waiting on the lost connection
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(150):
+            if sent:
+                break
+            await asyncio.sleep(0.02)
+        await store.aclose()
+
+    asyncio.run(scenario())
+    assert handler.load(session_id).all() == {"a": 1, "b": 2} and sent == ["job"]

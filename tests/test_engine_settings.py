@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
-from sqla_sessions import ConfigurationError, DatabaseHandler, SessionConfig
+from sqla_sessions import ConfigurationError, DatabaseHandler, SessionConfig, upgrade
 from sqla_sessions.asgi import SessionMiddleware as AsgiMiddleware
-from sqla_sessions.handlers.engines import engine_options
+from sqla_sessions.handlers.engines import create_session_engine, engine_options
 from sqla_sessions.wsgi import SessionMiddleware as WsgiMiddleware
 from tests.conftest import Backend
 
@@ -59,12 +60,16 @@ def test_engine_options_follow_the_config() -> None:
     config = SessionConfig(pool_size=7, connect_timeout=1.2)
     options = engine_options("postgresql://app@db:5432/app", config)
     assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (7, 0, 5)
-    assert options["connect_args"] == {"connect_timeout": 2}  # libpq wants whole seconds, at least 2
+    pg_args = options["connect_args"]
+    assert pg_args["connect_timeout"] == 2  # libpq wants whole seconds, at least 2
+    assert pg_args["client_encoding"] == "utf8" and pg_args["keepalives"] == 1 and pg_args["tcp_user_timeout"] > 0
     behind_pgbouncer = engine_options("postgresql://app@db:6432/app", config)["connect_args"]
     assert behind_pgbouncer["prepare_threshold"] is None  # "auto" turns prepares off on PgBouncer's port
     forced_on = engine_options("postgresql://app@db:6432/app", config.replace(prepared_statements="on"))
     assert "prepare_threshold" not in forced_on["connect_args"]
-    assert engine_options("mysql+pymysql://root@db/app", config)["connect_args"] == {"connect_timeout": 2}
+    mysql_args = engine_options("mysql+pymysql://root@db/app", config)["connect_args"]
+    assert mysql_args["connect_timeout"] == 2 and mysql_args["charset"] == "utf8mb4"
+    assert mysql_args["read_timeout"] == mysql_args["write_timeout"] == 12  # connect + the longest lock wait
     assert "pool_size" not in engine_options("sqlite://", config)  # one shared in-memory connection
 
 
@@ -135,9 +140,11 @@ def silent_server() -> Iterator[int]:
         yield listener.getsockname()[1]
 
 
-def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(silent_server: int) -> None:
-    url = f"postgresql+psycopg://app@127.0.0.1:{silent_server}/app"
-    handler = DatabaseHandler(url, SessionConfig(connect_timeout=2, lottery=(0, 1)))
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg", "mysql+pymysql"])
+def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(silent_server: int, scheme: str) -> None:
+    url = f"{scheme}://app@127.0.0.1:{silent_server}/app"
+    config = SessionConfig(connect_timeout=2, block_wait_seconds=2, block_lock_seconds=2, lottery=(0, 1))
+    handler = DatabaseHandler(url, config)
     cookie = {"Cookie": "session=" + "A" * 40}  # a well-formed cookie: the load must ask the database
     try:
 
@@ -170,4 +177,81 @@ def test_prepared_statements_on_or_off(pg_backend: Backend, setting: str, named:
             prepared = conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one()
         assert (prepared > 0) is named
     finally:
+        handler.close()
+
+
+def test_a_caller_pool_class_takes_no_sizing(pg_backend: Backend) -> None:
+    engine = create_session_engine(pg_backend.url, config=SessionConfig(), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
+    engine.dispose()
+
+
+def test_a_non_ascii_user_agent_saves_whatever_the_database_encoding(pg_backend: Backend) -> None:
+    """A database whose default client encoding cannot hold the user agent: text still travels as UTF-8."""
+    admin = sa.create_engine(pg_backend.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"{make_url(pg_backend.url).database}_win1251"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.exec_driver_sql(
+            f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
+        conn.exec_driver_sql(f"ALTER DATABASE \"{name}\" SET client_encoding = 'WIN1251'")
+    url = make_url(pg_backend.url).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        handler = DatabaseHandler(url, SessionConfig())
+        session = handler.load(None)
+        session.user_agent = "Mozilla/5.0 (Linux) 微信 MicroMessenger"
+        session.login("ünïcødé")
+        session.save()
+        assert handler.list_sessions("ünïcødé")[0].user_agent == "Mozilla/5.0 (Linux) 微信 MicroMessenger"
+        handler.close()
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def test_an_unreachable_store_during_the_apps_own_save_is_a_503(pg_backend: Backend) -> None:
+    handler, held = _drained_pool_handler(pg_backend)
+    session_id = handler.load(None)
+    try:
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            scope["session"]["x"] = 1
+            await scope["session"].asave(end_of_request=False)  # the pool is dry: StoreUnavailable
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        async def call() -> httpx.Response:
+            transport = httpx.ASGITransport(app=AsgiMiddleware(app, handler=handler))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post("/")
+
+        response = asyncio.run(call())
+        assert response.status_code == 503 and response.headers["retry-after"]
+
+        flask = pytest.importorskip("flask")
+        from sqla_sessions.flask import init_app
+
+        flask_app = flask.Flask(__name__)
+
+        @flask_app.before_request
+        def login_required() -> Any:  # registered before init_app: must not hide the 503
+            return flask.redirect("/login") if "user" not in flask.session else None
+
+        init_app(flask_app, handler=handler)
+
+        @flask_app.post("/")
+        def view() -> str:
+            flask.session.save(end_of_request=False)
+            return "ok"
+
+        client = flask_app.test_client()
+        client.set_cookie("session", "A" * 40)
+        assert client.post("/").status_code == 503  # the load found the store unreachable
+        assert session_id.is_new
+    finally:
+        held.close()
         handler.close()

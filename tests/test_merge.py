@@ -57,6 +57,20 @@ def test_edits_of_neighbouring_items_keep_the_order() -> None:
     assert merge(["a", "c"], ["a", "x", "c"], ["a", "y", "c"]) == ["a", "y", "x", "c"]
 
 
+def test_edits_of_different_items_never_wipe_the_others() -> None:
+    assert merge(["A1", "B1", "C1"], ["A1", "B3", "C1"], ["A2", "B2", "C2"]) == ["A2", "B3", "C2"]
+    assert merge(["A1", "B1", "C1"], ["A1", "C1"], ["A2", "B2", "C2"]) == ["A2", "C2"]
+    assert merge(["a", "b", "c"], ["a", "q", "b", "c"], ["x", "y", "z"]) == ["x", "q", "y", "z"]
+    base = [f"item{n}" for n in range(300)]
+    theirs = ["ITEM0", *base[1:299], "ITEM299"]
+    mine = [*base[:150], "ITEM150", *base[151:]]
+    assert merge(base, mine, theirs) == ["ITEM0", *base[1:150], "ITEM150", *base[151:299], "ITEM299"]
+    todo = [{"t": "milk", "done": False}, {"t": "rent", "done": False}]
+    all_done = [{"t": "milk", "done": True}, {"t": "rent", "done": True}]
+    edited = [{"t": "milk", "done": False}, {"t": "rent (due 1st)", "done": False}]
+    assert merge(todo, edited, all_done) == [{"t": "milk", "done": True}, {"t": "rent (due 1st)", "done": False}]
+
+
 def test_a_long_repetitive_list_merges_in_linear_time() -> None:
     base = ["same"] * 20_000  # a quadratic diff would take minutes here, under the row lock
     merged = merge(base, [*base, "mine"], ["theirs", *base])

@@ -23,6 +23,7 @@ from ..codec import CorruptPayload, PayloadCodec
 from ..config import SessionConfig
 from ..errors import SessionInterrupted
 from ..ids import generate_session_key, hash_session_id, is_valid_session_id, is_valid_session_key
+from ..merge import apply_changes
 from ..records import Record, SaveAction, SessionInfo, StoreStats
 from ..session import Session
 from ..unit import Expiry, Saved, UnitOfWork, first_row, fork_row, successor
@@ -359,9 +360,16 @@ class BaseHandler(ABC, Generic[C]):
 
             written = self._merge(conn, loaded.key, now, build, held=held)
             if written is None:
-                raise SessionInterrupted(
-                    "the session was destroyed, expired or cut off by a login since it was loaded; nothing was saved"
-                )
+                if unit.new_key is None:
+                    gone = "the session was destroyed, expired or cut off by a login since it was loaded"
+                    raise SessionInterrupted(f"{gone}; nothing was saved")
+                # A login whose previous session ended meanwhile (the same form submitted twice, a
+                # logout in another tab): it starts a session of its own, under its new id and key,
+                # from what this request saw. Nothing that held the old session reaches it.
+                raw = apply_changes(unit.changes.base, unit.changes)
+                record = first_row(unit, key=unit.new_key, now=now, expiry=self.expiry, dumps=self.codec.dumps, raw=raw)
+                self._insert(conn, record)
+                return Saved(SaveAction.INSERTED, record, raw, True)
         if unit.fork_id_hash is not None:
             # The previous id keeps a copy, unless a concurrent request forked it already.
             fork = fork_row(unit, key=generate_session_key(), now=now, expiry=self.expiry, dumps=self.codec.dumps)

@@ -55,10 +55,28 @@ def engine_options(url: str | URL, config: SessionConfig) -> dict[str, Any]:
     connect_args: dict[str, Any] = {}
     if backend == "postgresql":
         connect_args["connect_timeout"] = max(2, math.ceil(config.connect_timeout))  # libpq: whole seconds, >= 2
+        # Text travels as UTF-8 whatever the database's default encoding: a user agent or a user id
+        # outside the server's charset must not make every save of that browser fail.
+        connect_args["client_encoding"] = "utf8"
+        # A peer that vanished (a host down, packets dropped) is noticed within seconds, not after the
+        # kernel's default of minutes: keepalives while waiting, a bound on unacknowledged data.
+        connect_args.update(
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+            tcp_user_timeout=int(1000 * max(10, config.connect_timeout * 2)),
+        )
         if not prepared_statements_on(parsed, config.prepared_statements):
             connect_args["prepare_threshold"] = None  # psycopg never prepares; the fast path sends unnamed statements
     elif backend in ("mysql", "mariadb"):
         connect_args["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
+        if "charset" not in parsed.query:
+            connect_args["charset"] = "utf8mb4"
+        # pymysql waits for an answer forever otherwise (also for the server's greeting at connect).
+        # The longest legitimate wait is a write queued behind a blocking request's row lock.
+        answer_within = math.ceil(config.connect_timeout + max(config.block_wait_seconds, config.block_lock_seconds))
+        connect_args.update(read_timeout=answer_within, write_timeout=answer_within)
     if connect_args:
         options["connect_args"] = connect_args
     return options
@@ -78,6 +96,9 @@ def create_session_engine(
     parsed = normalize_url(url)
     if config is not None:
         for name, value in engine_options(parsed, config).items():
+            if name.startswith("pool_") and name != "pool_pre_ping" or name == "max_overflow":
+                if "poolclass" in kwargs:  # a pool class of the caller's (NullPool, …) takes no sizing
+                    continue
             if name == "connect_args":
                 kwargs["connect_args"] = {**value, **kwargs.get("connect_args", {})}
             else:

@@ -676,3 +676,39 @@ def test_clear_keeps_the_exactly_once_job_record(handler: Handler) -> None:
     session.clear()  # an anonymous session: cleared, not invalidated
     session.save()
     assert handler.load(session_id).all() == {"_jobs": ["job-1"]}
+
+
+def test_a_login_whose_session_ended_meanwhile_starts_a_session_of_its_own(handler: Handler) -> None:
+    """The same login form submitted twice: the second finds the session moved by the first; it logs
+    in all the same (a browser may keep only its response), in a session nothing else reaches."""
+    session_id = new_stored(handler, cart=["a"])
+    first, second = handler.load(session_id), handler.load(session_id)
+    first.login("ada")
+    first.save()
+    second.login("ada")
+    assert second.save() is SaveAction.INSERTED
+    assert {first.key, second.key}.isdisjoint({None}) and first.key != second.key
+    for session in (first, second):
+        stored = handler.load(session.id)
+        assert stored.user_id == "ada" and stored["cart"] == ["a"]
+    assert handler.load(session_id).is_new
+
+
+def test_nested_values_handed_out_stay_watched_across_merges_and_reloads(handler: Handler) -> None:
+    session_id = new_stored(handler, cart={"items": ["apple"]}, tags=["x"])
+    session = handler.load(session_id)
+    items = session["cart"]["items"]
+    items.append("pear")
+    concurrent = handler.load(session_id)
+    concurrent["coupon"] = "SPRING"
+    concurrent["cart"]["note"] = "gift"
+    concurrent.save()
+    assert session.save(end_of_request=False) is SaveAction.MERGED
+    items.append("plum")  # the nested list the app holds is still the session's
+    tags = session["tags"]
+    session.reload()
+    tags.append("y")  # read before the reload, changed after it
+    session.save()
+    stored = handler.load(session_id)
+    assert stored["cart"] == {"items": ["apple", "pear", "plum"], "note": "gift"}
+    assert stored["tags"] == ["x", "y"] and stored["coupon"] == "SPRING"
