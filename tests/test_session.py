@@ -146,6 +146,7 @@ def test_exported_members() -> None:
         "SessionHandler",
         "SessionInfo",
         "SessionInterrupted",
+        "StoreUnavailable",
         "__version__",
         "downgrade",
         "upgrade",
@@ -157,7 +158,13 @@ def test_exported_members() -> None:
 def test_error_tree() -> None:
     from sqla_sessions import errors
 
-    for cls in (errors.ConfigurationError, errors.PayloadTooLarge, errors.LockTimeout, errors.SessionInterrupted):
+    for cls in (
+        errors.ConfigurationError,
+        errors.PayloadTooLarge,
+        errors.LockTimeout,
+        errors.SessionInterrupted,
+        errors.StoreUnavailable,
+    ):
         assert issubclass(cls, errors.SessionError)
     assert issubclass(errors.ConfigurationError, ValueError)
 
