@@ -495,9 +495,9 @@ class Session(StoreApi):
         changes = self._changes()
         if self._detached and (changes or self._user_id is not None or self._id_changed):
             raise SessionInterrupted("the session ended while this request ran (see reload()); nothing was saved")
-        if changes is NO_CHANGES:
-            changes = ChangeSet(base=self._raw)  # an identity-only save still writes the loaded payload
         loaded = self._loaded
+        if changes is NO_CHANGES and loaded is not None and (self._id_changed or self._user_id != self._base_user_id):
+            changes = ChangeSet(base=self._raw)  # an identity-only save still writes the loaded payload
         new_id_hash = new_key = None
         if loaded is None:
             if changes or self._user_id is not None:  # a new session gets a row only when it has something to hold
