@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from sqla_sessions import DatabaseHandler, SessionConfig
+from sqla_sessions import DatabaseHandler, Session, SessionConfig
 from sqla_sessions.aio import AsyncSessionStore
 from sqla_sessions.handlers.engines import create_session_engine
 from sqla_sessions.locking import BlockingSession
@@ -256,16 +256,20 @@ def test_a_blocking_request_that_lost_its_lock_writes_its_saves_again(pg_backend
     assert data["n"] == 2 and sorted(data["log"]) == ["mid", "other"] and data["late"] is True
 
 
-def test_a_request_cancelled_during_its_final_save_still_sends_its_jobs(db_backend: Backend) -> None:
-    """The save runs to its end (and commits) after the cancel: its on_saved callbacks follow the commit."""
+class SlowHeldWrites(DatabaseHandler):
+    """Each write on a blocking request's connection takes 0.3 s: time to cancel the request inside it."""
 
-    class SlowWrites(DatabaseHandler):
-        def write_on(self, conn: Any, unit: Any, *, held: bool = False) -> Any:
-            time.sleep(0.3)  # the client hangs up meanwhile
-            return super().write_on(conn, unit, held=held)
+    def write_on(self, conn: Any, unit: Any, *, held: bool = False) -> Any:
+        if held:
+            time.sleep(0.3)
+        return super().write_on(conn, unit, held=held)
 
-    handler = SlowWrites(db_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=5))
-    session_id = stored(handler, n=0)
+
+def cancel_during_finish(
+    handler: DatabaseHandler, session_id: str, before_finish: Callable[[Session], Awaitable[None]], cancel_after: float
+) -> list[str]:
+    """Run a blocking request that registers a job, cancel it *cancel_after* seconds in (inside its final
+    save), and return the jobs that were sent once everything settled."""
     sent: list[str] = []
 
     async def scenario() -> None:
@@ -273,7 +277,7 @@ def test_a_request_cancelled_during_its_final_save_still_sends_its_jobs(db_backe
 
         async def request() -> None:
             held = await store.open_blocking(session_id)
-            held.session["n"] = 1
+            await before_finish(held.session)
             held.session.on_saved(lambda: sent.append("job"), "job")
             try:
                 await held.finish()
@@ -281,18 +285,30 @@ def test_a_request_cancelled_during_its_final_save_still_sends_its_jobs(db_backe
                 await held.release()
 
         task = asyncio.create_task(request())
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(cancel_after)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
+        for _ in range(150):
             if sent:
                 break
             await asyncio.sleep(0.02)
         await store.aclose()
 
     asyncio.run(scenario())
-    assert handler.load(session_id)["n"] == 1 and sent == ["job"]
+    return sent
+
+
+def test_a_request_cancelled_during_its_final_save_still_sends_its_jobs(db_backend: Backend) -> None:
+    """The save runs to its end (and commits) after the cancel: its on_saved callbacks follow the commit."""
+    handler = SlowHeldWrites(db_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=5))
+    session_id = stored(handler, n=0)
+
+    async def edit(session: Session) -> None:
+        session["n"] = 1
+
+    assert cancel_during_finish(handler, session_id, edit, cancel_after=0.15) == ["job"]
+    assert handler.load(session_id)["n"] == 1
 
 
 def test_a_blocking_request_that_lost_its_lock_after_a_logout_stores_its_new_session(pg_backend: Backend) -> None:
@@ -338,41 +354,14 @@ def test_cancelling_while_an_async_engine_connection_opens_leaks_nothing(pg_back
 
 
 def test_a_cancelled_final_save_after_a_lost_lock_still_writes_and_sends(pg_backend: Backend) -> None:
-    class SlowWrites(DatabaseHandler):
-        def write_on(self, conn: Any, unit: Any, *, held: bool = False) -> Any:
-            if held:
-                time.sleep(0.3)  # the client hangs up meanwhile
-            return super().write_on(conn, unit, held=held)
-
-    handler = SlowWrites(pg_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=0.5))
+    handler = SlowHeldWrites(pg_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=0.5))
     session_id = stored(handler, a=0)
-    sent: list[str] = []
 
-    async def scenario() -> None:
-        store = AsyncSessionStore(handler)
+    async def edit(session: Session) -> None:
+        session["a"] = 1
+        await session.asave(end_of_request=False)
+        await asyncio.sleep(1.0)  # the database ends the idle transaction: the lock is lost
+        session["b"] = 2
 
-        async def request() -> None:
-            held = await store.open_blocking(session_id)
-            held.session["a"] = 1
-            await held.session.asave(end_of_request=False)
-            await asyncio.sleep(1.0)  # the database ends the idle transaction: the lock is lost
-            held.session["b"] = 2
-            held.session.on_saved(lambda: sent.append("job"), "job")
-            try:
-                await held.finish()
-            finally:
-                await held.release()
-
-        task = asyncio.create_task(request())
-        await asyncio.sleep(1.5)  # inside finish(), waiting on the lost connection
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        for _ in range(150):
-            if sent:
-                break
-            await asyncio.sleep(0.02)
-        await store.aclose()
-
-    asyncio.run(scenario())
-    assert handler.load(session_id).all() == {"a": 1, "b": 2} and sent == ["job"]
+    assert cancel_during_finish(handler, session_id, edit, cancel_after=1.5) == ["job"]
+    assert handler.load(session_id).all() == {"a": 1, "b": 2}

@@ -106,16 +106,19 @@ def _asgi_app(scope: Any, receive: Any, send: Any) -> Any:
     return app()
 
 
+def post_through_asgi(app: Any, handler: DatabaseHandler, headers: dict[str, str] | None = None) -> httpx.Response:
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=AsgiMiddleware(app, handler=handler))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/", headers=headers)
+
+    return asyncio.run(call())
+
+
 def test_a_pool_that_runs_dry_answers_503_with_retry_after(pg_backend: Backend) -> None:
     handler, held = _drained_pool_handler(pg_backend)
     try:
-
-        async def call() -> httpx.Response:
-            transport = httpx.ASGITransport(app=AsgiMiddleware(_asgi_app, handler=handler))
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await client.post("/")
-
-        response = asyncio.run(call())
+        response = post_through_asgi(_asgi_app, handler)
         assert response.status_code == 503 and response.headers["retry-after"]
 
         def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
@@ -147,14 +150,8 @@ def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(silen
     handler = DatabaseHandler(url, config)
     cookie = {"Cookie": "session=" + "A" * 40}  # a well-formed cookie: the load must ask the database
     try:
-
-        async def call() -> httpx.Response:
-            transport = httpx.ASGITransport(app=AsgiMiddleware(_asgi_app, handler=handler))
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await client.get("/", headers=cookie)
-
         started = time.monotonic()
-        response = asyncio.run(call())
+        response = post_through_asgi(_asgi_app, handler, headers=cookie)
         assert response.status_code == 503
         assert time.monotonic() - started < 10
     finally:
@@ -224,12 +221,7 @@ def test_an_unreachable_store_during_the_apps_own_save_is_a_503(pg_backend: Back
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-        async def call() -> httpx.Response:
-            transport = httpx.ASGITransport(app=AsgiMiddleware(app, handler=handler))
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await client.post("/")
-
-        response = asyncio.run(call())
+        response = post_through_asgi(app, handler)
         assert response.status_code == 503 and response.headers["retry-after"]
 
         flask = pytest.importorskip("flask")
