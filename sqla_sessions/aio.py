@@ -329,7 +329,16 @@ class AsyncBlockingSession:
         lock, conn = self._lock, self._conn
         if lock is None or conn is None or not lock.locked:
             return await self.store.save(session, end_of_request=end_of_request)
-        return await conn.run(lambda c: lock.write(c, session, end_of_request=end_of_request))
+        try:
+            return await conn.run(lambda c: lock.write(c, session, end_of_request=end_of_request))
+        except Exception as exc:
+            if not lost_lock(exc):
+                raise
+            # The database ended the lock's idle transaction: write this request's saves again.
+            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
+            lock.key = None
+            await self._close()
+            return await self.store.run_on_connection(lock.rewrite, session)
 
     async def load_by_key(self, key: str) -> Session | None:
         lock, conn = self._lock, self._conn
@@ -358,8 +367,13 @@ class AsyncBlockingSession:
             # The lock's transaction was rolled back by the database: write its saves again (see locking).
             logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
             session.bind(self.store.handler, self.store)
+            rewrite = asyncio.ensure_future(self.store.run_on_connection(lock.rewrite, session))
             try:
-                action = await self.store.run_on_connection(lock.rewrite, session)
+                action = await asyncio.shield(rewrite)
+            except asyncio.CancelledError:
+                self._settling = True  # the rewrite runs on; the callbacks follow what it did
+                _in_background(self._settle(rewrite))
+                raise
             except BaseException as error:
                 session.run_saved_callbacks(error)
                 raise

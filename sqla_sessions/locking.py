@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .config import SessionConfig
 from .errors import LockTimeout, SessionInterrupted
-from .handlers.base import BaseHandler, LockState
+from .handlers.base import BaseHandler, LockState, LockStrategy
 from .ids import is_valid_session_id
 from .records import SaveAction
 from .session import Session
@@ -104,6 +104,7 @@ class LockedRequest:
         self.key: str | None = None  # set while the lock is held
         self.session: Session | None = None
         self.written: list[UnitOfWork] = []  # the saves made inside the lock's transaction, in order
+        self.acquired_at = 0.0
 
     @property
     def locked(self) -> bool:
@@ -117,6 +118,7 @@ class LockedRequest:
         if state is LockState.LOCKED:
             assert session is not None
             self.session, self.key = session, session.key
+            self.acquired_at = time.monotonic()
         return True
 
     def write(self, conn: Any, session: Session, *, end_of_request: bool, record_activity: bool = True) -> SaveAction:
@@ -126,7 +128,16 @@ class LockedRequest:
         if unit is None:
             return SaveAction.NOTHING
         self.written.append(unit)
-        saved = handler.write_on(conn, unit, held=True)
+        held = True
+        if self.locked and time.monotonic() - self.acquired_at > handler.config.block_lock_seconds:
+            # Held past block_lock_seconds by a request that kept working (the database bounds only
+            # an idle hold): give the lock up, and save as a non-blocking request would.
+            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
+            self.abandon(conn)
+            if handler.lock_strategy is LockStrategy.ROW:
+                return self.rewrite(conn, session)  # the rollback undid this request's saves: all again
+            self.written, held = [unit], False  # a lease: the earlier saves are stored already
+        saved = handler.write_on(conn, unit, held=held)
         session.adopt(saved, unit)
         return saved.action
 
@@ -215,9 +226,20 @@ class BlockingSession:
     # -- where the session saves and reloads while locked (the `SessionStore` protocol) ----------------
 
     def save(self, session: Session, *, end_of_request: bool = False, record_activity: bool = True) -> SaveAction:
-        if self._lock is None or not self._lock.locked:
+        lock = self._lock
+        if lock is None or not lock.locked:
             return self.handler.save(session, end_of_request=end_of_request, record_activity=record_activity)
-        return self._lock.write(self._conn, session, end_of_request=end_of_request, record_activity=record_activity)
+        try:
+            return lock.write(self._conn, session, end_of_request=end_of_request, record_activity=record_activity)
+        except BaseException as exc:
+            if not lost_lock(exc):
+                raise
+            # The database ended the lock's idle transaction: write this request's saves again.
+            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
+            lock.key = None
+            self._close()
+            with self.handler.connect() as conn:
+                return lock.rewrite(conn, session)
 
     def load_by_key(self, key: str) -> Session | None:
         if self._lock is None or not self._lock.locked:

@@ -26,6 +26,8 @@ race gives exactly what the request holds.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -33,7 +35,7 @@ from typing import Any, Final
 
 from .serializer import SET_TAGS, TAGS, same_raw
 
-__all__ = ["MISSING", "NO_CHANGES", "ChangeSet", "Number", "apply_changes", "merge_value"]
+__all__ = ["MATCH_BUDGET", "MISSING", "NO_CHANGES", "Budget", "ChangeSet", "Number", "apply_changes", "merge_value"]
 
 
 class _Missing:
@@ -77,13 +79,14 @@ def apply_changes(theirs: Mapping[str, Any], changes: ChangeSet) -> dict[str, An
     removals = changes.removals
     merged = {k: v for k, v in theirs.items() if k not in removals} if removals else dict(theirs)
     base, deltas = changes.base, changes.deltas
+    budget = Budget()  # one for the whole save: a merge under the row lock stays short
     for key, mine in changes.updates.items():
         current = theirs.get(key, MISSING)
         ancestor = base.get(key, MISSING)
         if same_raw(current, ancestor):
             merged[key] = mine  # they left this key alone: the common, uncontended case
             continue
-        result = merge_value(ancestor, mine, current, deltas.get(key))
+        result = merge_value(ancestor, mine, current, deltas.get(key), budget)
         if result is MISSING:
             merged.pop(key, None)
         else:
@@ -91,8 +94,9 @@ def apply_changes(theirs: Mapping[str, Any], changes: ChangeSet) -> dict[str, An
     return merged
 
 
-def merge_value(base: Any, mine: Any, theirs: Any, delta: Number | None = None) -> Any:
+def merge_value(base: Any, mine: Any, theirs: Any, delta: Number | None = None, budget: Budget | None = None) -> Any:
     """Three-way merge of one raw value (`MISSING` on any side means the key is absent there)."""
+    budget = budget or Budget()
     if delta is not None and (theirs is MISSING or _is_number(theirs)):
         return (0 if theirs is MISSING else theirs) + delta
     if same_raw(mine, base):
@@ -104,11 +108,11 @@ def merge_value(base: Any, mine: Any, theirs: Any, delta: Number | None = None) 
     # No "both made the same change" shortcut: two requests that each pushed "x" pushed two of them,
     # also inside a dict. Lists and dicts merge by their edits; anything else is mine either way.
     if type(mine) is list and type(theirs) is list:
-        return _merge_lists(base if type(base) is list else [], mine, theirs)
+        return _merge_lists(base if type(base) is list else [], mine, theirs, budget)
     mine_dict, theirs_dict = _plain_dict(mine), _plain_dict(theirs)
     if mine_dict is not None and theirs_dict is not None:
         base_dict = _plain_dict(base)
-        return _wrap_dict(_merge_dicts({} if base_dict is None else base_dict, mine_dict, theirs_dict))
+        return _wrap_dict(_merge_dicts({} if base_dict is None else base_dict, mine_dict, theirs_dict, budget))
     set_tag = _set_tag(mine)
     if set_tag is not None and _set_tag(theirs) == set_tag:
         base_items = base[set_tag] if _set_tag(base) == set_tag else []
@@ -150,10 +154,10 @@ def _set_tag(raw: Any) -> str | None:
     return None
 
 
-def _merge_dicts(base: dict[str, Any], mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+def _merge_dicts(base: dict[str, Any], mine: dict[str, Any], theirs: dict[str, Any], budget: Budget) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in (*theirs, *(k for k in mine if k not in theirs)):
-        result = merge_value(base.get(key, MISSING), mine.get(key, MISSING), theirs.get(key, MISSING))
+        result = merge_value(base.get(key, MISSING), mine.get(key, MISSING), theirs.get(key, MISSING), None, budget)
         if result is not MISSING:
             out[key] = result
     # A key both sides removed, or that I removed and they left alone, is absent from both loops' output.
@@ -162,7 +166,14 @@ def _merge_dicts(base: dict[str, Any], mine: dict[str, Any], theirs: dict[str, A
 
 def _identity(raw: Any) -> str:
     """A hashable, exact identity for a raw item (type-strict: 1, 1.0 and true differ)."""
-    return json.dumps(raw, sort_keys=True, separators=(",", ":"), default=repr) + type(raw).__name__
+    kind = type(raw)
+    if kind is str:
+        return "s" + str(raw)
+    if kind is int:
+        return "i" + str(raw)
+    if kind is bool or raw is None or kind is float:
+        return "o" + repr(raw)
+    return "j" + json.dumps(raw, sort_keys=True, separators=(",", ":"), default=repr)
 
 
 def _merge_sets(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[Any]:
@@ -177,59 +188,99 @@ def _merge_sets(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[Any
     return sorted(out.values(), key=lambda item: json.dumps(item, sort_keys=True))
 
 
-#: Beyond this many item comparisons, a list diff is one hunk (common prefix and suffix trimmed)
-#: instead of a full sequence match, so a merge stays fast however long and repetitive the list.
-_MATCH_BUDGET = 250_000
+#: Item comparisons one merge may spend on exact list diffs (`difflib`, quadratic), all lists of a
+#: save together. Past it, lists are diffed by unique anchors (patience diff, n log n), then by their
+#: common prefix and suffix: a merge under the row lock stays short whatever the payload holds.
+MATCH_BUDGET = 250_000
 
 Hunk = tuple[int, int, int, int]  # base[i1:i2] became other[j1:j2]
 
 
-def _hunks(base: list[str], other: list[str]) -> list[Hunk]:
+class Budget:
+    """What is left of `MATCH_BUDGET` for one merge."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int = MATCH_BUDGET) -> None:
+        self.left = left
+
+
+def _hunks(base: list[str], other: list[str], budget: Budget) -> list[Hunk]:
     """The regions where *other* differs from *base*, in order (identities compared).
 
     A replacement of as many items as it removes is split into one-item replacements, so edits of
     different items never look like one overlap.
     """
-    end = min(len(base), len(other))
-    prefix = 0
-    while prefix < end and base[prefix] == other[prefix]:
-        prefix += 1
-    suffix = 0
-    while suffix < end - prefix and base[-1 - suffix] == other[-1 - suffix]:
-        suffix += 1
-    b1, b2, o1, o2 = prefix, len(base) - suffix, prefix, len(other) - suffix
-    if b1 == b2 and o1 == o2:
-        return []
-    if b1 == b2 or o1 == o2:
-        return [(b1, b2, o1, o2)]  # a pure insertion or removal
-    if (b2 - b1) * (o2 - o1) <= _MATCH_BUDGET:
-        matcher = SequenceMatcher(None, base[b1:b2], other[o1:o2], autojunk=False)
-        opcodes = matcher.get_opcodes()
-        hunks = [(b1 + i1, b1 + i2, o1 + j1, o1 + j2) for tag, i1, i2, j1, j2 in opcodes if tag != "equal"]
-    else:
-        # Too large to match item by item: one region, split into one-item edits only when it looks
-        # like edits in place (most positions equal), not like items shifted by an insertion/removal.
-        length = b2 - b1
-        in_place = length == o2 - o1 and 2 * sum(base[b1 + n] == other[o1 + n] for n in range(length)) >= length
-        if not in_place:
-            return [(b1, b2, o1, o2)]
-        hunks = [(b1, b2, o1, o2)]
     out: list[Hunk] = []
-    for i1, i2, j1, j2 in hunks:
+    for i1, i2, j1, j2 in _diff(base, other, 0, len(base), 0, len(other), budget):
         if i2 - i1 == j2 - j1:
-            out.extend(
-                (i, i + 1, j, j + 1) for i, j in zip(range(i1, i2), range(j1, j2), strict=True) if base[i] != other[j]
-            )
+            pairs = zip(range(i1, i2), range(j1, j2), strict=True)
+            out.extend((i, i + 1, j, j + 1) for i, j in pairs if base[i] != other[j])
         else:
             out.append((i1, i2, j1, j2))
     return out
 
 
-def _merge_lists(base: list[Any], mine: list[Any], theirs: list[Any]) -> list[Any]:
+def _diff(base: list[str], other: list[str], b1: int, b2: int, o1: int, o2: int, budget: Budget) -> list[Hunk]:
+    """The differing regions of base[b1:b2] and other[o1:o2]."""
+    while b1 < b2 and o1 < o2 and base[b1] == other[o1]:
+        b1, o1 = b1 + 1, o1 + 1
+    while b1 < b2 and o1 < o2 and base[b2 - 1] == other[o2 - 1]:
+        b2, o2 = b2 - 1, o2 - 1
+    if b1 == b2 and o1 == o2:
+        return []
+    if b1 == b2 or o1 == o2:
+        return [(b1, b2, o1, o2)]  # a pure insertion or removal
+    cost = (b2 - b1) * (o2 - o1)
+    if cost <= budget.left:
+        budget.left -= cost
+        matcher = SequenceMatcher(None, base[b1:b2], other[o1:o2], autojunk=False)
+        opcodes = matcher.get_opcodes()
+        return [(b1 + i1, b1 + i2, o1 + j1, o1 + j2) for tag, i1, i2, j1, j2 in opcodes if tag != "equal"]
+    anchors = _unique_anchors(base, other, b1, b2, o1, o2)
+    if not anchors:
+        return [(b1, b2, o1, o2)]  # nothing to anchor on (a list of repeated items): one region
+    out: list[Hunk] = []
+    for i, j in anchors:
+        out.extend(_diff(base, other, b1, i, o1, j, budget))
+        b1, o1 = i + 1, j + 1
+    out.extend(_diff(base, other, b1, b2, o1, o2, budget))
+    return out
+
+
+def _unique_anchors(base: list[str], other: list[str], b1: int, b2: int, o1: int, o2: int) -> list[tuple[int, int]]:
+    """Items that occur once on each side, matched in order (the longest increasing run): patience diff."""
+    seen_base = Counter(base[b1:b2])
+    seen_other = Counter(other[o1:o2])
+    where = {other[j]: j for j in range(o1, o2) if seen_other[other[j]] == 1}
+    pairs = [(i, where[base[i]]) for i in range(b1, b2) if seen_base[base[i]] == 1 and base[i] in where]
+    # Longest increasing subsequence of the other-side positions (patience sorting).
+    tails: list[int] = []  # index into pairs of the smallest tail of each run length
+    tail_values: list[int] = []  # their other-side positions, increasing
+    previous: list[int] = [-1] * len(pairs)
+    for n, (_, j) in enumerate(pairs):
+        length = bisect_left(tail_values, j)
+        if length > 0:
+            previous[n] = tails[length - 1]
+        if length == len(tails):
+            tails.append(n)
+            tail_values.append(j)
+        else:
+            tails[length] = n
+            tail_values[length] = j
+    run: list[tuple[int, int]] = []
+    n = tails[-1] if tails else -1
+    while n >= 0:
+        run.append(pairs[n])
+        n = previous[n]
+    return run[::-1]
+
+
+def _merge_lists(base: list[Any], mine: list[Any], theirs: list[Any], budget: Budget) -> list[Any]:
     """Replay my edits of *base* (removals, insertions, one-item replacements) onto *theirs*."""
     base_ids = [_identity(item) for item in base]
-    my_hunks = _hunks(base_ids, [_identity(item) for item in mine])
-    their_hunks = _hunks(base_ids, [_identity(item) for item in theirs])
+    my_hunks = _hunks(base_ids, [_identity(item) for item in mine], budget)
+    their_hunks = _hunks(base_ids, [_identity(item) for item in theirs], budget)
 
     # Where base item i is in theirs: its position if they kept it (or replaced it one for one), else
     # the start of what they put in its place; len(theirs) past the end. Monotone in i.

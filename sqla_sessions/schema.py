@@ -18,8 +18,9 @@ NAMING_CONVENTION = {
 #: Payloads reach `max_payload_bytes` (256 KiB by default): MySQL's BLOB stops at 64 KiB.
 PAYLOAD_TYPE = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 #: MySQL compares strings case-insensitively by default; user ids "Bob" and "bob" must differ.
-USER_ID_TYPE = sa.String(255).with_variant(
-    mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+USER_ID_LENGTH = 255
+USER_ID_TYPE = sa.String(USER_ID_LENGTH).with_variant(
+    mysql.VARCHAR(USER_ID_LENGTH, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
 )
 
 USER_AGENT_LENGTH = 512

@@ -33,21 +33,26 @@ __all__ = [
 _DICT = "$dict"
 
 
-def _encode_set(value: set[Any] | frozenset[Any]) -> list[Any]:
+#: How deeply values may nest. Comparing and merging recurse too; a bound far below Python's
+#: recursion limit keeps every later read, comparison and merge of a stored value safe.
+MAX_DEPTH = 64
+
+
+def _encode_set(value: set[Any] | frozenset[Any], depth: int) -> list[Any]:
     # Set iteration order depends on hashing (randomised per process for str), so sort the encoded
     # items: equal sets must give equal raw forms, or every load would look like a change.
-    items = [encode_value(item) for item in value]
+    items = [encode_value(item, depth + 1) for item in value]
     return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
 
 
-_ENCODERS: dict[type, tuple[str, Callable[[Any], Any]]] = {
-    datetime: ("$dt", datetime.isoformat),
-    date: ("$d", date.isoformat),
-    time: ("$tm", time.isoformat),
-    Decimal: ("$dec", str),
-    uuid.UUID: ("$u", str),
-    bytes: ("$b", lambda b: base64.b64encode(b).decode("ascii")),
-    tuple: ("$t", lambda t: [encode_value(item) for item in t]),
+_ENCODERS: dict[type, tuple[str, Callable[[Any, int], Any]]] = {
+    datetime: ("$dt", lambda v, _: v.isoformat()),
+    date: ("$d", lambda v, _: v.isoformat()),
+    time: ("$tm", lambda v, _: v.isoformat()),
+    Decimal: ("$dec", lambda v, _: str(v)),
+    uuid.UUID: ("$u", lambda v, _: str(v)),
+    bytes: ("$b", lambda b, _: base64.b64encode(b).decode("ascii")),
+    tuple: ("$t", lambda t, depth: [encode_value(item, depth + 1) for item in t]),
     set: ("$s", _encode_set),
     frozenset: ("$fs", _encode_set),
 }
@@ -88,23 +93,25 @@ class UnsupportedValue(TypeError):
     """A value of a type the serializer refuses (carries the offending type for the message)."""
 
 
-def encode_value(value: Any) -> Any:
+def encode_value(value: Any, depth: int = 0) -> Any:
     """Return the raw (JSON-ready) form of *value*; raise `TypeError` for anything unsupported."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return value
+    if depth >= MAX_DEPTH:
+        raise UnsupportedValue(f"value nested more than {MAX_DEPTH} levels deep")
     if kind is float:
         if not math.isfinite(value):
             raise UnsupportedValue(f"non-finite float {value!r} (JSON has no NaN or Infinity)")
         return value
     if kind is list:
-        return [encode_value(item) for item in value]
+        return [encode_value(item, depth + 1) for item in value]
     if kind is dict:
         out: dict[str, Any] = {}
         for k, v in value.items():
             if type(k) is not str:
                 raise UnsupportedValue(f"dict key {k!r} of type {type(k).__name__} (only str keys round-trip)")
-            out[k] = encode_value(v)
+            out[k] = encode_value(v, depth + 1)
         if len(out) == 1 and next(iter(out)) in _DECODERS:
             return {_DICT: out}
         return out
@@ -112,7 +119,7 @@ def encode_value(value: Any) -> Any:
     if encoder is None:
         raise UnsupportedValue(f"value of type {kind.__module__}.{kind.__qualname__}")
     tag, convert = encoder
-    return {tag: convert(value)}
+    return {tag: convert(value, depth)}
 
 
 def decode_value(raw: Any) -> Any:

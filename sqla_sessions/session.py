@@ -23,7 +23,7 @@ from .errors import UNAVAILABLE_ERRORS, SessionInterrupted, StoreUnavailable
 from .ids import generate_session_id, generate_session_key, hash_session_id
 from .merge import NO_CHANGES, ChangeSet, Number, apply_changes
 from .records import Record, SaveAction
-from .schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH
+from .schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH, USER_ID_LENGTH
 from .serializer import decode_value, encode_entry, same_raw
 from .store_api import StoreApi
 from .unit import JOBS_KEY, Saved, UnitOfWork
@@ -64,6 +64,7 @@ class Session(StoreApi):
 
     __slots__ = (
         "_accessed",
+        "_assigned",
         "_async_store",
         "_base_user_id",
         "_cut_off",
@@ -98,6 +99,7 @@ class Session(StoreApi):
         self._live: dict[str, Any] = {}  # values set, or handed out and possibly mutated
         self._gone: set[str] = set()  # keys of _raw removed by this request
         self._deltas: dict[str, Number] = {}  # keys changed by increment/decrement only: their net delta
+        self._assigned: set[str] = set()  # keys set or deleted since the base: an increment of them is no delta
         self._user_id: str | None = None
         self._base_user_id: str | None = None
         self._id_changed = False
@@ -257,12 +259,14 @@ class Session(StoreApi):
         self._accessed = True
         self._live[key] = value
         self._gone.discard(key)
+        self._assigned.add(key)
         if self._deltas:
             self._deltas.pop(key, None)  # a plain assignment: the last write wins, not a delta
 
     def __delitem__(self, key: str) -> None:
         self._accessed = True
         found = self._live.pop(key, _MISSING) is not _MISSING
+        self._assigned.add(key)
         if self._deltas:
             self._deltas.pop(key, None)
         if key in self._raw and key not in self._gone:
@@ -311,10 +315,11 @@ class Session(StoreApi):
         Concurrent increments compose: a save that lost a race adds this request's net delta to the
         number stored now (a plain `session[key] = n` is a last-writer-wins assignment instead).
         """
-        counts_as_delta = key in self._deltas or (key not in self._live and key not in self._gone)
+        counts_as_delta = key not in self._assigned
         before = self._deltas.get(key, 0)
-        value = super().increment(key, amount)
+        value = super().increment(key, amount)  # assigns
         if counts_as_delta and type(amount) in (int, float) and type(value) in (int, float):
+            self._assigned.discard(key)
             self._deltas[key] = before + amount
         return value
 
@@ -383,6 +388,8 @@ class Session(StoreApi):
         if user_id is None:
             raise ValueError("login() needs a user id")
         user = str(user_id)
+        if not user or len(user) > USER_ID_LENGTH or "\x00" in user:
+            raise ValueError(f"a user id is 1 to {USER_ID_LENGTH} characters without NUL, not {user[:40]!r}")
         if self._user_id is not None and self._user_id != user:
             self.invalidate()
         self._user_id = user
@@ -463,13 +470,14 @@ class Session(StoreApi):
         self._live = live
         self._gone = {k for k in changes.removals if k in self._raw}
         self._deltas = {k: d for k, d in self._deltas.items() if k in live}
+        self._assigned &= live.keys() | self._gone
         if self._user_id == self._base_user_id:
             self._user_id = fresh._user_id
         self._base_user_id = fresh._base_user_id
 
     def _reset(self) -> None:
         self._loaded = None
-        self._raw, self._live, self._gone, self._deltas = {}, {}, set(), {}
+        self._raw, self._live, self._gone, self._deltas, self._assigned = {}, {}, set(), {}, set()
         self._user_id = self._base_user_id = None
         self._fork_id_hash = None
         self._cut_off = False
@@ -493,7 +501,8 @@ class Session(StoreApi):
             self._flash_aged = True
             self.age_flash_data()
         changes = self._changes()
-        if self._detached and (changes or self._user_id is not None or self._id_changed):
+        logging_in = self._user_id is not None and self._user_id != self._base_user_id
+        if self._detached and not logging_in and (changes or self._user_id is not None or self._id_changed):
             raise SessionInterrupted("the session ended while this request ran (see reload()); nothing was saved")
         loaded = self._loaded
         if changes is NO_CHANGES and loaded is not None and (self._id_changed or self._user_id != self._base_user_id):
@@ -550,6 +559,7 @@ class Session(StoreApi):
         self._raw = stored
         self._gone = set()
         self._deltas = {}
+        self._assigned = set()
         self._base_user_id = self._user_id = record.user_id
         self._id_changed = False
         self._cut_off = False

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
-
 from .config import SessionConfig
 from .cookies import CookieWriter, pick_session_id, session_cookie_values
 from .errors import UNAVAILABLE_ERRORS, PayloadTooLarge, SessionInterrupted, StoreUnavailable
@@ -32,9 +30,10 @@ from .ids import is_valid_session_id
 from .records import SaveAction
 from .session import Session
 
-#: The store cannot be reached: the database (any driver error), or no pooled connection within
-#: `pool_timeout`. Answered 503 with `Retry-After`.
-STORE_UNAVAILABLE = (StoreUnavailable, DBAPIError, *UNAVAILABLE_ERRORS)
+#: The store cannot be reached: a lost or refused connection, or no pooled connection within
+#: `pool_timeout`. Answered 503 with `Retry-After`. Other database errors (a missing table, a value
+#: the column refuses) are bugs to see: a 500 with its traceback, not an outage.
+STORE_UNAVAILABLE = (StoreUnavailable, *UNAVAILABLE_ERRORS)
 #: What a failed save may raise; `SessionCycle.conclude` turns each into a response.
 SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, *STORE_UNAVAILABLE)
 

@@ -65,11 +65,13 @@ def test_engine_options_follow_the_config() -> None:
     assert pg_args["client_encoding"] == "utf8" and pg_args["keepalives"] == 1 and pg_args["tcp_user_timeout"] > 0
     behind_pgbouncer = engine_options("postgresql://app@db:6432/app", config)["connect_args"]
     assert behind_pgbouncer["prepare_threshold"] is None  # "auto" turns prepares off on PgBouncer's port
+    unix_socket = engine_options("postgresql://app@/app?host=/run/pgbouncer&port=6432", config)["connect_args"]
+    assert unix_socket["prepare_threshold"] is None
     forced_on = engine_options("postgresql://app@db:6432/app", config.replace(prepared_statements="on"))
     assert "prepare_threshold" not in forced_on["connect_args"]
     mysql_args = engine_options("mysql+pymysql://root@db/app", config)["connect_args"]
     assert mysql_args["connect_timeout"] == 2 and mysql_args["charset"] == "utf8mb4"
-    assert mysql_args["read_timeout"] == mysql_args["write_timeout"] == 12  # connect + the longest lock wait
+    assert mysql_args["read_timeout"] == mysql_args["write_timeout"] == 32  # connect + the longest lock wait
     assert "pool_size" not in engine_options("sqlite://", config)  # one shared in-memory connection
 
 
@@ -153,7 +155,7 @@ def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(silen
         started = time.monotonic()
         response = post_through_asgi(_asgi_app, handler, headers=cookie)
         assert response.status_code == 503
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 20
     finally:
         handler.close()
 

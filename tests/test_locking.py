@@ -120,3 +120,26 @@ def test_blocking_matchers() -> None:
     def view() -> None: ...
 
     assert is_marked_blocking(view) and not is_marked_blocking(lambda: None)
+
+
+def test_a_holder_that_keeps_working_gives_its_lock_up_past_block_lock_seconds(make_handler: HandlerFactory) -> None:
+    """The database bounds an idle hold only; a request that keeps saving gives the lock up itself at
+    its first save past block_lock_seconds, and saves on as a non-blocking request (nothing lost)."""
+    handler = make_handler(block_wait_seconds=0.5, block_lock_seconds=0.4)
+    handler._clock = time.time  # leases and holds are timed: use the real clock
+    session_id = stored_id(handler)
+    held = BlockingSession.open(handler, session_id)
+    held.session.increment("n")
+    held.session.save(end_of_request=False)
+    time.sleep(0.5)
+    held.session["late"] = True
+    held.session.save(end_of_request=False)  # past the bound: the lock is given up here
+    assert not held.locked
+    other = BlockingSession.open(handler, session_id)  # at once, not after a wait
+    assert other.locked
+    other.session.increment("n")
+    other.finish()
+    held.session["end"] = True
+    held.finish()
+    held.release()
+    assert handler.load(session_id).all() == {"n": 2, "late": True, "end": True}

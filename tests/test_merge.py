@@ -71,6 +71,16 @@ def test_edits_of_different_items_never_wipe_the_others() -> None:
     assert merge(todo, edited, all_done) == [{"t": "milk", "done": True}, {"t": "rent (due 1st)", "done": False}]
 
 
+def test_long_lists_past_the_exact_diff_budget_still_merge_edit_by_edit() -> None:
+    base = [f"id{n}" for n in range(2000)]
+    capped_push = [*base[1:], "new"]  # drop the oldest, append the newest
+    removed = [item for item in base if item != "id1000"]
+    edited = [("EDITED" if item == "id1000" else item) for item in base]
+    assert merge(base, removed, capped_push) == [*base[1:1000], *base[1001:], "new"]
+    assert merge(base, edited, capped_push) == [*base[1:1000], "EDITED", *base[1001:], "new"]
+    assert merge(base, capped_push, removed) == [*base[1:1000], *base[1001:], "new"]
+
+
 def test_a_long_repetitive_list_merges_in_linear_time() -> None:
     base = ["same"] * 20_000  # a quadratic diff would take minutes here, under the row lock
     merged = merge(base, [*base, "mine"], ["theirs", *base])

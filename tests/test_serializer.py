@@ -112,3 +112,17 @@ def test_corrupt_tagged_values_raise_value_error(raw: Any) -> None:
 
 def test_dumps_is_compact_utf8() -> None:
     assert dumps_payload({"a": "é", "b": [1, 2]}) == '{"a":"é","b":[1,2]}'.encode()
+
+
+def test_values_nested_too_deeply_are_refused_naming_the_key() -> None:
+    from sqla_sessions.serializer import MAX_DEPTH, encode_entry
+
+    nested: dict[str, object] = {}
+    for _ in range(MAX_DEPTH + 1):
+        nested = {"prev": nested}
+    with pytest.raises(TypeError, match="'nav'.*nested more than"):
+        encode_entry("nav", nested)
+    shallow: dict[str, object] = {}
+    for _ in range(MAX_DEPTH - 1):
+        shallow = {"prev": shallow}
+    assert encode_entry("nav", shallow)

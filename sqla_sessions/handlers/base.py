@@ -360,7 +360,9 @@ class BaseHandler(ABC, Generic[C]):
 
             written = self._merge(conn, loaded.key, now, build, held=held)
             if written is None:
-                if unit.new_key is None:
+                if unit.new_key is None or not (unit.user_changed and unit.user_id is not None):
+                    # Only a login (credentials checked in this request) may start afresh; a change of
+                    # privilege without one must never bring back a session that was logged out or revoked.
                     gone = "the session was destroyed, expired or cut off by a login since it was loaded"
                     raise SessionInterrupted(f"{gone}; nothing was saved")
                 # A login whose previous session ended meanwhile (the same form submitted twice, a

@@ -35,7 +35,8 @@ def normalize_url(url: str | URL) -> URL:
 def prepared_statements_on(url: URL, setting: str) -> bool:
     """Whether server-side prepared statements are used for *url* ("auto": not on PgBouncer's port)."""
     if setting == "auto":
-        return url.port != PGBOUNCER_PORT
+        port = url.port or url.query.get("port")  # a unix socket names its port in the query
+        return str(port) != str(PGBOUNCER_PORT)
     return setting == "on"
 
 
@@ -75,7 +76,10 @@ def engine_options(url: str | URL, config: SessionConfig) -> dict[str, Any]:
             connect_args["charset"] = "utf8mb4"
         # pymysql waits for an answer forever otherwise (also for the server's greeting at connect).
         # The longest legitimate wait is a write queued behind a blocking request's row lock.
-        answer_within = math.ceil(config.connect_timeout + max(config.block_wait_seconds, config.block_lock_seconds))
+        # The longest legitimate wait is a write queued behind a blocking request's row lock, which its
+        # holder gives up at its first save past block_lock_seconds, or the database after that long idle.
+        longest_lock_wait = 2 * max(config.block_wait_seconds, config.block_lock_seconds) + 5
+        answer_within = math.ceil(config.connect_timeout + longest_lock_wait)
         connect_args.update(read_timeout=answer_within, write_timeout=answer_within)
     if connect_args:
         options["connect_args"] = connect_args

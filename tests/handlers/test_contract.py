@@ -712,3 +712,50 @@ def test_nested_values_handed_out_stay_watched_across_merges_and_reloads(handler
     stored = handler.load(session_id)
     assert stored["cart"] == {"items": ["apple", "pear", "plum"], "note": "gift"}
     assert stored["tags"] == ["x", "y"] and stored["coupon"] == "SPRING"
+
+
+def test_change_privilege_never_brings_back_a_revoked_session(handler: Handler) -> None:
+    session = handler.load(None)
+    session.login("alice")
+    session["cart"] = ["x"]
+    session.save()
+    in_flight = handler.load(session.id)
+    handler.revoke_user("alice")  # "log out everywhere", or a logout in another tab
+    in_flight.change_privilege()  # a sudo step that loaded the session before
+    with pytest.raises(SessionInterrupted):
+        in_flight.save()
+    assert handler.list_sessions("alice") == []
+
+
+def test_increments_after_a_mid_request_save_still_compose(handler: Handler) -> None:
+    session_id = new_stored(handler, n=5)
+    mine = handler.load(session_id)
+    mine.increment("n")
+    mine.save(end_of_request=False)
+    mine.increment("n")
+    theirs = handler.load(session_id)
+    theirs.increment("n", 10)
+    theirs.save()
+    mine.save()
+    assert handler.load(session_id)["n"] == 17
+
+
+def test_a_login_after_a_reload_that_found_the_session_gone_logs_in(handler: Handler) -> None:
+    session_id = new_stored(handler, cart=["a"])
+    first, second = handler.load(session_id), handler.load(session_id)
+    first.login("ada")
+    first.save()
+    second.reload()  # gone under its key: a fresh session
+    second.login("ada")  # which may log in, like any fresh session
+    assert second.save() is SaveAction.INSERTED
+    assert handler.load(second.id).user_id == "ada"
+
+
+def test_a_user_id_the_column_cannot_hold_is_refused_at_login(handler: Handler) -> None:
+    session = handler.load(None)
+    for bad in ("x" * 256, "nul\x00byte", ""):
+        with pytest.raises(ValueError, match="user id"):
+            session.login(bad)
+    session.login("x" * 255)
+    session.save()
+    assert handler.load(session.id).user_id == "x" * 255
