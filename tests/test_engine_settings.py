@@ -71,7 +71,8 @@ def test_engine_options_follow_the_config() -> None:
     assert "prepare_threshold" not in forced_on["connect_args"]
     mysql_args = engine_options("mysql+pymysql://root@db/app", config)["connect_args"]
     assert mysql_args["connect_timeout"] == 2 and mysql_args["charset"] == "utf8mb4"
-    assert mysql_args["read_timeout"] == mysql_args["write_timeout"] == 32  # connect + the longest lock wait
+    # connect_timeout + the longest legitimate lock wait (2 x the longer of the block bounds, + 5 s)
+    assert mysql_args["read_timeout"] == mysql_args["write_timeout"] == 27
     assert "pool_size" not in engine_options("sqlite://", config)  # one shared in-memory connection
 
 
