@@ -29,7 +29,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .config import SessionConfig
-from .errors import SessionInterrupted
+from .errors import LockTimeout, SessionInterrupted
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
 from .ids import is_valid_session_id
@@ -46,6 +46,19 @@ T = TypeVar("T")
 
 #: Threads for databases without an async driver; a request holds one only while a statement runs.
 THREADS = 32
+#: Blocking requests of one session that may queue in one process behind the one that waits for or
+#: holds its lock; more are answered `lock_timeout_status` (423) at once.
+MAX_QUEUED_PER_SESSION = 8
+
+
+class _Gate:
+    """The blocking requests of one session in this process: one at a time past the gate."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 def async_url(url: URL) -> URL | None:
@@ -75,6 +88,7 @@ class AsyncSessionStore:
         self._engine: AsyncEngine | None = None
         self._owns_engine = False
         self._threads: WorkerThreads | None = None
+        self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
         if not isinstance(handler, DatabaseHandler):
             return
         if async_engine == "auto":
@@ -139,8 +153,37 @@ class AsyncSessionStore:
         return await self.call(lambda: self.handler.revoke_user(user_id, except_key=except_key))
 
     async def open_blocking(self, session_id: str | None) -> AsyncBlockingSession:
-        """Lock the session for a blocking request (see `sqla_sessions.locking`); `LockTimeout` past the wait."""
-        return await AsyncBlockingSession.open(self, session_id)
+        """Lock the session for a blocking request (see `sqla_sessions.locking`); `LockTimeout` past the wait.
+
+        In one process, one blocking request per session waits for (or holds) the database lock; the
+        others queue here, holding no thread and no connection, and past `MAX_QUEUED_PER_SESSION` are
+        answered at once (`LockTimeout`: 423). So one browser firing a burst at a blocking route cannot
+        take the pool from everyone else.
+        """
+        if not is_valid_session_id(session_id):
+            return await AsyncBlockingSession.open(self, session_id)
+        assert session_id is not None
+        gate = self._gates.setdefault(session_id, _Gate())
+        if gate.users > MAX_QUEUED_PER_SESSION:  # the one past the gate, and a full queue
+            raise LockTimeout(1)
+        gate.users += 1
+        try:
+            async with asyncio.timeout(self.config.block_wait_seconds):
+                await gate.lock.acquire()
+        except TimeoutError:
+            self._leave(session_id, gate, locked=False)
+            raise LockTimeout(self.config.block_wait_seconds) from None
+        except BaseException:
+            self._leave(session_id, gate, locked=False)
+            raise
+        return await AsyncBlockingSession.open(self, session_id, on_done=lambda: self._leave(session_id, gate))
+
+    def _leave(self, session_id: str, gate: _Gate, *, locked: bool = True) -> None:
+        if locked:
+            gate.lock.release()
+        gate.users -= 1
+        if gate.users == 0 and self._gates.get(session_id) is gate:
+            del self._gates[session_id]
 
     async def aclose(self) -> None:
         """Dispose of what this store created (its AsyncEngine, its threads)."""
@@ -288,15 +331,20 @@ class AsyncBlockingSession:
         self._lock = lock
         self._conn: HeldConnection | None = None
         self._settling = False  # a cancelled finish() still running: it, not release(), ends the request
+        self._on_done: Callable[[], None] | None = None
 
     @classmethod
-    async def open(cls, store: AsyncSessionStore, session_id: str | None) -> AsyncBlockingSession:
+    async def open(
+        cls, store: AsyncSessionStore, session_id: str | None, *, on_done: Callable[[], None] | None = None
+    ) -> AsyncBlockingSession:
+        """*on_done* runs once, when the request's connection has been given back (however it ends)."""
         handler = store.handler
         if not is_valid_session_id(session_id):
             return cls(store, await store.load(session_id))
         assert session_id is not None
         lock = LockedRequest(handler, session_id)
         held = cls(store, Session(handler), lock)
+        held._on_done = on_done
         conn = held._conn = store.held_connection()
         try:
             await conn.open()
@@ -421,6 +469,9 @@ class AsyncBlockingSession:
         if conn is not None:
             lock = self._lock
             await conn.close(lock.abandon if lock is not None else None)
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
 
 _background: set[asyncio.Task[None]] = set()

@@ -79,6 +79,8 @@ SET_TAGS = frozenset(("$s", "$fs"))
 
 def same_raw(a: Any, b: Any) -> bool:
     """Strict equality of raw forms: `1`, `1.0` and `True` differ (they would come back as other types)."""
+    if a is b:
+        return True  # the same structure (a base compared with itself on the uncontended path)
     kind = type(a)
     if kind is not type(b):
         return False

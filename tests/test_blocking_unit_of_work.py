@@ -9,11 +9,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, Session, SessionConfig
 from sqla_sessions.aio import AsyncSessionStore
+from sqla_sessions.asgi import SessionMiddleware as AsgiMiddleware
 from sqla_sessions.handlers.engines import create_session_engine
 from sqla_sessions.locking import BlockingSession
 from tests.conftest import Backend, StatementCounter
@@ -366,3 +368,42 @@ def test_a_cancelled_final_save_after_a_lost_lock_still_writes_and_sends(pg_back
     # rewrite without the lock (0.3 s per save) is under way when the request is cancelled.
     assert cancel_during_finish(handler, session_id, edit, cancel_after=1.45) == ["job"]
     assert handler.load(session_id).all() == {"a": 1, "b": 2}
+
+
+def test_a_burst_on_a_blocking_route_does_not_starve_other_users(db_backend: Backend) -> None:
+    """One browser fires 30 requests at a blocking route: past one waiter and a short queue per session
+    they are answered 423 at once, holding no thread and no connection; other users are served."""
+    engine = create_session_engine(db_backend.url, autocommit=True, pool_size=6, max_overflow=0, pool_timeout=2)
+    handler = DatabaseHandler(engine, SessionConfig(block_wait_seconds=3, block_lock_seconds=5, lottery=(0, 1)))
+    burst_id, others = stored(handler, n=0), [stored(handler, n=0) for _ in range(10)]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/blocking":
+            await asyncio.sleep(0.2)  # a slow checkout step, holding the session's lock
+        scope["session"].increment("n")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = AsgiMiddleware(app, handler=handler, blocking=["/blocking"])
+
+    async def scenario() -> tuple[list[int], list[int], float]:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            burst = [client.post("/blocking", headers={"Cookie": f"session={burst_id}"}) for _ in range(30)]
+            burst_tasks = [asyncio.ensure_future(call) for call in burst]
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            plain = await asyncio.gather(*(client.post("/", headers={"Cookie": f"session={i}"}) for i in others))
+            elapsed = time.monotonic() - started
+            blocking = await asyncio.gather(*burst_tasks)
+        await middleware.aclose()
+        return [r.status_code for r in blocking], [r.status_code for r in plain], elapsed
+
+    try:
+        blocking, plain, elapsed = asyncio.run(scenario())
+        counted = handler.load(burst_id)["n"]
+    finally:
+        engine.dispose()
+    assert plain == [200] * 10 and elapsed < 2
+    assert set(blocking) <= {200, 423} and blocking.count(200) >= 2 and blocking.count(423) >= 10
+    assert counted == blocking.count(200)  # the ones answered 200 ran one at a time
