@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,7 +41,7 @@ class Failure(click.ClickException):
     """One line on stderr, exit status 1."""
 
     def show(self, file: Any = None) -> None:
-        err.print(f"[bold red]error:[/] {self.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False)
 
 
 def database_options(command: F) -> F:
@@ -150,13 +151,20 @@ def sessions(database_url: str, table: str, user_id: str) -> None:
     """List a user's live sessions (devices)."""
     handler = open_handler(database_url, table)
     infos = handler.list_sessions(user_id)
-    listing = Table(title=f"live sessions of user {user_id!r}")
+    # Everything a client or an operator typed is shown as text, never read as rich markup: a user
+    # agent of "[reverse blink]Bot" must not restyle the device list, nor "[/x]" crash it.
+    listing = Table(title=escape(f"live sessions of user {user_id!r}"))
     for column in ("key", "ip", "browser", "os", "created", "last active"):
         listing.add_column(column)
     for info in infos:
         browser, system = describe(info.user_agent)
         listing.add_row(
-            info.key, info.ip_address or "-", browser, system, _when(info.created_at), _when(info.last_activity)
+            escape(info.key),
+            escape(info.ip_address or "-"),
+            escape(browser),
+            escape(system),
+            _when(info.created_at),
+            _when(info.last_activity),
         )
     out.print(listing)
     out.print(f"{len(infos)} session(s)")
@@ -178,10 +186,10 @@ def revoke(database_url: str, table: str, key: str | None, user_id: str | None, 
     if key is not None:
         if not handler.revoke(key):
             raise Failure(f"no session with key {key!r}")
-        out.print(f"revoked session {key}")
+        out.print(escape(f"revoked session {key}"))
     else:
         count = handler.revoke_user(user_id, except_key=except_key)
-        out.print(f"revoked {count} session(s) of user {user_id!r}")
+        out.print(escape(f"revoked {count} session(s) of user {user_id!r}"))
 
 
 @main.command()

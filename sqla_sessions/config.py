@@ -109,6 +109,11 @@ class SessionConfig:
             "must satisfy 0 <= chances <= out_of, out_of > 0",
         )
         _check_int(self.touch_interval, "touch_interval", minimum=0)
+        _check(
+            self.touch_interval < self.lifetime * 60,
+            "touch_interval",
+            "must be shorter than lifetime (or sessions expire during continuous activity)",
+        )
         _check_int(self.max_payload_bytes, "max_payload_bytes", minimum=64)
         _check_int(self.gc_batch_size, "gc_batch_size", minimum=1)
         for name in ("block_lock_seconds", "block_wait_seconds"):

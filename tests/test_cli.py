@@ -131,3 +131,15 @@ def test_help_lists_every_command() -> None:
     result = run("--help")
     for command in ("migrate", "gc", "sessions", "revoke", "stats", "demo"):
         assert command in result.stdout
+
+
+def test_what_clients_and_operators_typed_is_shown_as_text_not_markup(sqlite_url: str) -> None:
+    seed(sqlite_url, "[bold]ada", 1, agent="[reverse blink]Bot")
+    runner = CliRunner()
+    listing = runner.invoke(main, ["sessions", "--user", "[bold]ada", "--database-url", sqlite_url])
+    assert listing.exit_code == 0, listing.output
+    assert "[bold]ada" in listing.output and "Traceback" not in listing.output
+    revoked = runner.invoke(main, ["revoke", "[/x]", "--database-url", sqlite_url])
+    assert revoked.exit_code != 0 and "[/x]" in revoked.output and "Traceback" not in revoked.output
+    by_user = runner.invoke(main, ["revoke", "--user", "[/x]", "--database-url", sqlite_url])
+    assert by_user.exit_code == 0 and "[/x]" in by_user.output

@@ -49,6 +49,7 @@ def test_engine_settings_have_defaults_that_never_churn_and_come_from_the_enviro
         ("connect_timeout", "5"),
         ("pool_recycle", -2),
         ("prepared_statements", "sometimes"),
+        ("touch_interval", 7200),
     ],  # fmt: skip
 )
 def test_invalid_engine_settings_name_the_field(field: str, value: object) -> None:
@@ -249,4 +250,17 @@ def test_an_unreachable_store_during_the_apps_own_save_is_a_503(pg_backend: Back
         assert session_id.is_new
     finally:
         held.close()
+        handler.close()
+
+
+def test_payloads_never_reach_error_messages_from_engines_we_create(pg_backend: Backend) -> None:
+    handler = DatabaseHandler(pg_backend.url, SessionConfig())
+    try:
+        session = handler.load(None)
+        session["card"] = "4111 1111 1111 1111"
+        session.user_agent = "Bot\x00"  # a value the server refuses: the statement fails
+        with pytest.raises(sa.exc.DBAPIError) as failed:
+            handler.save(session)
+        assert "4111" not in str(failed.value) and "hidden" in str(failed.value).lower()
+    finally:
         handler.close()

@@ -44,7 +44,8 @@ def engine_options(url: str | URL, config: SessionConfig) -> dict[str, Any]:
     """`create_engine` arguments for *url* from the config's engine settings (pool, timeouts, prepares)."""
     parsed = normalize_url(url)
     backend = parsed.get_backend_name()
-    options: dict[str, Any] = {}
+    # Bound parameters are session payloads (and CSRF tokens): never in an error message or a log.
+    options: dict[str, Any] = {"hide_parameters": True}
     if not (backend == "sqlite" and parsed.database in (None, "", ":memory:")):  # StaticPool: no sizing
         options.update(
             pool_size=config.pool_size,
