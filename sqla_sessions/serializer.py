@@ -36,6 +36,8 @@ _DICT = "$dict"
 #: How deeply values may nest. Comparing and merging recurse too; a bound far below Python's
 #: recursion limit keeps every later read, comparison and merge of a stored value safe.
 MAX_DEPTH = 64
+#: Ints longer than this cannot be written as JSON text (Python's 4,300-digit conversion limit).
+MAX_INT_BITS = 14_000
 
 
 def _encode_set(value: set[Any] | frozenset[Any], depth: int) -> list[Any]:
@@ -98,7 +100,11 @@ class UnsupportedValue(TypeError):
 def encode_value(value: Any, depth: int = 0) -> Any:
     """Return the raw (JSON-ready) form of *value*; raise `TypeError` for anything unsupported."""
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if value.bit_length() > MAX_INT_BITS:
+            raise UnsupportedValue("int of more than 4,000 digits (Python refuses to print it as JSON)")
         return value
     if depth >= MAX_DEPTH:
         raise UnsupportedValue(f"value nested more than {MAX_DEPTH} levels deep")

@@ -126,3 +126,13 @@ def test_values_nested_too_deeply_are_refused_naming_the_key() -> None:
     for _ in range(MAX_DEPTH - 1):
         shallow = {"prev": shallow}
     assert encode_entry("nav", shallow)
+
+
+def test_an_int_too_long_for_json_is_refused_naming_the_key_and_never_breaks_a_read() -> None:
+    from sqla_sessions.serializer import encode_entry, loads_payload
+
+    with pytest.raises(TypeError, match="'big'.*4,000 digits"):
+        encode_entry("big", 10**5000)
+    assert encode_entry("ok", 10**4000) == 10**4000
+    with pytest.raises(ValueError):  # a stored one (written by hand) reads as a corrupt payload
+        loads_payload(b'{"a": ' + b"9" * 5000 + b"}")
