@@ -33,7 +33,7 @@ from .errors import LockTimeout, SessionInterrupted
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
 from .ids import is_valid_session_id
-from .locking import LockedRequest, lost_lock, poll_delays
+from .locking import LOST_LOCK, LockedRequest, lost_lock, poll_delays
 from .records import SaveAction, SessionInfo
 from .session import Session
 from .threads import WorkerThreads
@@ -382,11 +382,7 @@ class AsyncBlockingSession:
         except Exception as exc:
             if not lost_lock(exc):
                 raise
-            # The database ended the lock's idle transaction: write this request's saves again.
-            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
-            lock.key = None
-            await self._close()
-            return await self.store.run_on_connection(lock.rewrite, session)
+            return await asyncio.shield(await self._save_again_without_lock(lock, session))
 
     async def load_by_key(self, key: str) -> Session | None:
         lock, conn = self._lock, self._conn
@@ -410,12 +406,8 @@ class AsyncBlockingSession:
             if not lost_lock(exc):
                 await self.release()  # roll back (or drop the lease): nothing of this request is stored
                 raise
-            lock.key = None
-            await self._close()
-            # The lock's transaction was rolled back by the database: write its saves again (see locking).
-            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
             session.bind(self.store.handler, self.store)
-            rewrite = asyncio.ensure_future(self.store.run_on_connection(lock.rewrite, session))
+            rewrite = await self._save_again_without_lock(lock, session)
             try:
                 action = await asyncio.shield(rewrite)
             except asyncio.CancelledError:
@@ -431,6 +423,15 @@ class AsyncBlockingSession:
         if session.has_saved_callbacks:
             await self.store.call(lambda: session.run_saved_callbacks(None))
         return action
+
+    async def _save_again_without_lock(self, lock: LockedRequest, session: Session) -> asyncio.Future[SaveAction]:
+        """The database ended the lock's transaction and rolled back its saves: write them again on a
+        connection of the store's (see `locking`). Returned as a running task: a cancellation of the
+        request must not stop it half-way."""
+        logger.warning(LOST_LOCK)
+        lock.key = None
+        await self._close()
+        return asyncio.ensure_future(self.store.run_on_connection(lock.rewrite, session))
 
     async def _settle(self, call: asyncio.Future[Any] | None) -> None:
         """After a cancelled `finish`: once its save has ended, finish what it left (as `finish` would)."""

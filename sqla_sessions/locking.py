@@ -54,6 +54,9 @@ MARKER = "__sqla_sessions_blocking__"
 #: What `blocking=` accepts: path globs, or a callable given the ASGI scope / WSGI environ.
 Blocking = Sequence[str] | Callable[[Any], bool] | None
 
+#: Logged when a blocking request's saves are written without its lock (the hold outlived its bound).
+LOST_LOCK = "blocking request held its session past block_lock_seconds; saved without the lock"
+
 FIRST_POLL = 0.005
 MAX_POLL = 0.05
 
@@ -132,7 +135,7 @@ class LockedRequest:
         if self.locked and time.monotonic() - self.acquired_at > handler.config.block_lock_seconds:
             # Held past block_lock_seconds by a request that kept working (the database bounds only
             # an idle hold): give the lock up, and save as a non-blocking request would.
-            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
+            logger.warning(LOST_LOCK)
             self.abandon(conn)
             if handler.lock_strategy is LockStrategy.ROW:
                 return self.rewrite(conn, session)  # the rollback undid this request's saves: all again
@@ -234,12 +237,7 @@ class BlockingSession:
         except BaseException as exc:
             if not lost_lock(exc):
                 raise
-            # The database ended the lock's idle transaction: write this request's saves again.
-            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
-            lock.key = None
-            self._close()
-            with self.handler.connect() as conn:
-                return lock.rewrite(conn, session)
+            return self._save_again_without_lock(lock, session)
 
     def load_by_key(self, key: str) -> Session | None:
         if self._lock is None or not self._lock.locked:
@@ -259,16 +257,9 @@ class BlockingSession:
             if not lost_lock(exc):
                 self.release()  # roll back (or drop the lease): nothing of this request is stored
                 raise
-            lock.key = None
-            self._close()
-            # The database ended our transaction (the hold outlived block_lock_seconds): the lock is
-            # gone and the saves made in it are rolled back, so write them again like a non-blocking
-            # request would, merging onto the current row.
-            logger.warning("blocking request held its session past block_lock_seconds; saved without the lock")
             session.bind(self.handler)
             try:
-                with self.handler.connect() as conn:
-                    action = lock.rewrite(conn, session)
+                action = self._save_again_without_lock(lock, session)
             except BaseException as error:
                 session.run_saved_callbacks(error)
                 raise
@@ -277,6 +268,15 @@ class BlockingSession:
             session.bind(self.handler)
         session.run_saved_callbacks(None)
         return action
+
+    def _save_again_without_lock(self, lock: LockedRequest, session: Session) -> SaveAction:
+        """The database ended the lock's transaction (idle past block_lock_seconds) and rolled back the
+        saves made in it: write them again as a non-blocking request would, merging onto the row."""
+        logger.warning(LOST_LOCK)
+        lock.key = None
+        self._close()
+        with self.handler.connect() as conn:
+            return lock.rewrite(conn, session)
 
     def release(self) -> None:
         """Release without saving (the app failed, the response is a 5xx, the client went away)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
@@ -456,15 +456,10 @@ class Session(StoreApi):
         # what another writer stored meanwhile is not later read as "removed by this request".
         changes = self._changes()
         merged = apply_changes(fresh._raw, changes) if changes else fresh._raw
-        live: dict[str, Any] = {}
-        for key, value in self._live.items():
-            if key not in merged:
-                continue
-            had = changes.updates[key] if key in changes.updates else self._raw.get(key, _MISSING)
-            if same_raw(merged[key], had) or _refill(value, merged[key]):
-                live[key] = value  # the object the app holds shows the merged value, and stays watched
-            elif key in changes.updates:
-                live[key] = decode_value(merged[key])
+        live = self._still_watched(merged, changes.updates)
+        for key in changes.updates:
+            if key in merged and key not in live:
+                live[key] = decode_value(merged[key])  # a change of this request, in its merged form
         self._loaded = fresh._loaded
         self._raw = fresh._raw
         self._live = live
@@ -543,19 +538,8 @@ class Session(StoreApi):
         self._loaded = record
         if saved.action is SaveAction.TOUCHED:
             return
-        written, stored, base = unit.changes.updates, saved.raw, self._raw
-        # Values handed out keep being watched (an app may hold `cart = session["cart"]` across a
-        # mid-request save): one whose stored form is what this request had stays as it is; one the
-        # save merged is refilled in place with the merged value; anything else is re-read lazily.
-        live: dict[str, Any] = {}
-        for key, value in self._live.items():
-            if key not in stored:
-                continue
-            raw = stored[key]
-            had = written[key] if key in written else base.get(key, _MISSING)
-            if same_raw(raw, had) or _refill(value, raw):
-                live[key] = value
-        self._live = live
+        stored = saved.raw
+        self._live = self._still_watched(stored, unit.changes.updates)
         self._raw = stored
         self._gone = set()
         self._deltas = {}
@@ -564,6 +548,22 @@ class Session(StoreApi):
         self._id_changed = False
         self._cut_off = False
         self._fork_id_hash = None
+
+    def _still_watched(self, stored: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:
+        """The handed-out values that stay watched once *stored* becomes the base.
+
+        An app may hold `cart = session["cart"]` across a save or a reload: a value whose stored
+        form is what this request had (*written*, else the old base) stays as it is; one that was
+        merged is refilled in place with the stored form; anything else is re-read lazily.
+        """
+        live: dict[str, Any] = {}
+        for key, value in self._live.items():
+            if key not in stored:
+                continue
+            had = written[key] if key in written else self._raw.get(key, _MISSING)
+            if same_raw(stored[key], had) or _refill(value, stored[key]):
+                live[key] = value
+        return live
 
     def on_saved(self, callback: Callable[[], None], label: str | None = None) -> None:
         """Run *callback* once this session has been saved (and committed); dropped if the save fails.
