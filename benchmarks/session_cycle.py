@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionConfig, upgrade
 from sqla_sessions.handlers.engines import create_session_engine
-from sqla_sessions.ids import hash_session_id
+from sqla_sessions.ids import session_key_of
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:
@@ -56,10 +56,10 @@ def run(url: str, seconds: float) -> list[tuple[str, float, float, float]]:
 
     dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     raw = psycopg.connect(dsn, autocommit=True)
-    id_hash = hash_session_id(session_id)
+    key = session_key_of(session_id)
     select = (
         f"SELECT key, id_hash, user_id, payload, version, created_at, last_activity, expires_at, ip_address, "
-        f"user_agent FROM {table} WHERE id_hash = %s AND expires_at > %s"
+        f"user_agent FROM {table} WHERE key = %s AND expires_at > %s"
     )
     update = (
         f"UPDATE {table} SET id_hash=%s, user_id=%s, ip_address=%s, user_agent=%s, payload=%s, version=%s, "
@@ -67,11 +67,11 @@ def run(url: str, seconds: float) -> list[tuple[str, float, float, float]]:
     )
 
     def raw_read() -> None:
-        raw.execute(select, (id_hash, int(time.time()))).fetchone()
+        raw.execute(select, (key, int(time.time()))).fetchone()
 
     def raw_write() -> None:
         now = int(time.time())
-        row = raw.execute(select, (id_hash, now)).fetchone()
+        row = raw.execute(select, (key, now)).fetchone()
         assert row is not None
         raw.execute(
             update, (row[1], row[2], row[8], row[9], row[3], row[4] + 1, row[5], now, now + 7200, row[0], row[4], now)
@@ -82,7 +82,7 @@ def run(url: str, seconds: float) -> list[tuple[str, float, float, float]]:
     int8, varchar, bytea = 20, 1043, 17
     floor.prepare(
         b"bench_select",
-        f"SELECT {columns} FROM {table} WHERE id_hash = $1 AND expires_at > $2".encode(),
+        f"SELECT {columns} FROM {table} WHERE key = $1 AND expires_at > $2".encode(),
         [varchar, int8],
     )
     floor.prepare(
@@ -93,13 +93,13 @@ def run(url: str, seconds: float) -> list[tuple[str, float, float, float]]:
         ).encode(),
         [varchar, varchar, varchar, varchar, bytea, int8, int8, int8, int8, varchar, int8, int8],
     )
-    binary_id_hash = id_hash.encode()
+    binary_key = key.encode()
 
     def int8_value(n: int) -> bytes:
         return n.to_bytes(8, "big", signed=True)
 
     def libpq_select(now: int) -> tuple[bytes | None, ...]:
-        result = floor.exec_prepared(b"bench_select", [binary_id_hash, int8_value(now)], [1, 1], 1)
+        result = floor.exec_prepared(b"bench_select", [binary_key, int8_value(now)], [1, 1], 1)
         assert result.ntuples == 1
         return tuple(result.get_value(0, i) for i in range(10))
 

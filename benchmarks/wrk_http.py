@@ -163,28 +163,36 @@ def main() -> None:
     table = f"bench_{uuid.uuid4().hex[:8]}"
     upgrade(args.pg, table=table)
     env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": args.pg, "SQLA_SESSIONS_TABLE": table}
-    apps: list[tuple[str, str, Path]] = [
-        ("cookie (Starlette)", "cookie_app", ROOT),
-        ("sqla_sessions", "sqla_app", ROOT),
-        ("sqla_sessions, defaults", "sqla_defaults_app", ROOT),
+    apps: list[tuple[str, str, Path, dict[str, str]]] = [
+        ("cookie (Starlette)", "cookie_app", ROOT, env),
+        ("sqla_sessions", "sqla_app", ROOT, env),
+        ("sqla_sessions, defaults", "sqla_defaults_app", ROOT, env),
     ]
+    tables = [table]
     worktree = None
     if args.compare:
         worktree = Path(tempfile.mkdtemp(prefix="sqla_sessions_rev_"))
         subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.compare], cwd=ROOT, check=True)
-        apps.append((f"sqla_sessions @ {args.compare}", "sqla_app", worktree))
-        apps.append((f"sqla_sessions, defaults @ {args.compare}", "sqla_defaults_app", worktree))
+        # The revision gets a table its own migrations made (its schema, its indexes).
+        tables.append(f"bench_{uuid.uuid4().hex[:8]}")
+        migrate = f"from sqla_sessions import upgrade; upgrade({args.pg!r}, table={tables[-1]!r})"
+        subprocess.run([sys.executable, "-c", migrate], cwd=worktree, check=True, env={**os.environ, "PYTHONPATH": "."})
+        old_env = {**env, "SQLA_SESSIONS_TABLE": tables[-1]}
+        apps.append((f"sqla_sessions @ {args.compare}", "sqla_app", worktree, old_env))
+        apps.append((f"sqla_sessions, defaults @ {args.compare}", "sqla_defaults_app", worktree, old_env))
     try:
         figures = {
-            name: measure(factory, env, code, args.connections, args.seconds, args.pg) for name, factory, code in apps
+            name: measure(factory, app_env, code, args.connections, args.seconds, args.pg)
+            for name, factory, code, app_env in apps
         }
     finally:
         if worktree is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
         engine = sa.create_engine(args.pg)
         with engine.begin() as conn:
-            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}"')
-            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "sqla_sessions_alembic_version_{table}"')
+            for name in tables:
+                conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
+                conn.exec_driver_sql(f'DROP TABLE IF EXISTS "sqla_sessions_alembic_version_{name}"')
         engine.dispose()
 
     baseline = figures["cookie (Starlette)"]

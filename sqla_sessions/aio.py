@@ -89,6 +89,7 @@ class AsyncSessionStore:
         self._owns_engine = False
         self._threads: WorkerThreads | None = None
         self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
+        self._closing: set[asyncio.Future[None]] = set()  # held connections cancelled requests still give back
         if not isinstance(handler, DatabaseHandler):
             return
         if async_engine == "auto":
@@ -186,7 +187,10 @@ class AsyncSessionStore:
             del self._gates[session_id]
 
     async def aclose(self) -> None:
-        """Dispose of what this store created (its AsyncEngine, its threads)."""
+        """Dispose of what this store created (its AsyncEngine, its threads), once the connections that
+        cancelled requests are still giving back are back (bounded by `pool_timeout`)."""
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=self.config.pool_timeout)
         if self._engine is not None and self._owns_engine:
             await self._engine.dispose()
         if self._threads is not None:
@@ -194,7 +198,7 @@ class AsyncSessionStore:
 
     def held_connection(self) -> HeldConnection:
         """A connection of whichever kind this store uses, to keep for a whole (blocking) request."""
-        return HeldConnection(self._engine, self._threads, self.handler)
+        return HeldConnection(self._engine, self._threads, self.handler, closing=self._closing)
 
     async def run_on_connection(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(connection, *args)` on a connection of the right kind."""
@@ -232,7 +236,16 @@ class HeldConnection:
     behind on a pooled connection.
     """
 
-    def __init__(self, engine: AsyncEngine | None, threads: WorkerThreads | None, handler: BaseHandler[Any]) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine | None,
+        threads: WorkerThreads | None,
+        handler: BaseHandler[Any],
+        *,
+        closing: set[asyncio.Future[None]] | None = None,
+    ) -> None:
+        """*closing*: where a close still running is kept (the store waits for it before it shuts down)."""
+        self._closing = closing
         self._engine = engine
         self._threads = threads
         self._handler = handler
@@ -266,7 +279,11 @@ class HeldConnection:
 
         Shielded: a second cancellation cannot leave the connection half closed.
         """
-        await asyncio.shield(asyncio.ensure_future(self._close(last)))
+        closing = asyncio.ensure_future(self._close(last))
+        if self._closing is not None:
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        await asyncio.shield(closing)
 
     async def _close(self, last: Callable[[Any], None] | None) -> None:
         inflight = self._inflight

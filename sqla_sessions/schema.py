@@ -31,13 +31,14 @@ IP_ADDRESS_LENGTH = 45
 def sessions_table(name: str = "sessions") -> sa.Table:
     """Return the sessions `Table` called *name*, on its own `MetaData` (one per name, cached)."""
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
-    # key: stable server-side key (never in a cookie); id_hash: SHA-256 of the session id;
+    # key: the row's stable key, the first part of the session id `<key>.<secret>`; id_hash: SHA-256 of
+    # the secret (compared after the primary-key lookup, never looked up: no index of its own);
     # times are unix seconds in 64-bit integers; expires_at folds idle and absolute expiry together.
     table = sa.Table(
         name,
         metadata,
         sa.Column("key", sa.String(32), primary_key=True),
-        sa.Column("id_hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("id_hash", sa.String(64), nullable=False),
         sa.Column("user_id", USER_ID_TYPE, nullable=True),
         sa.Column("ip_address", sa.String(IP_ADDRESS_LENGTH), nullable=True),
         sa.Column("user_agent", sa.String(USER_AGENT_LENGTH), nullable=True),

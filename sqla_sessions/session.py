@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from .errors import UNAVAILABLE_ERRORS, SessionInterrupted, StoreUnavailable
-from .ids import generate_session_id, generate_session_key, hash_session_id
+from .ids import generate_session_key, new_session_id, secret_hash, session_key_of
 from .merge import NO_CHANGES, ChangeSet, Number, apply_changes
 from .records import Record, SaveAction
 from .schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH, USER_ID_LENGTH
@@ -67,7 +67,6 @@ class Session(StoreApi):
         "_assigned",
         "_async_store",
         "_base_user_id",
-        "_cut_off",
         "_deltas",
         "_destroy_key",
         "_detached",
@@ -103,7 +102,6 @@ class Session(StoreApi):
         self._user_id: str | None = None
         self._base_user_id: str | None = None
         self._id_changed = False
-        self._cut_off = False  # a change of privilege: the row moves to a new key at save
         self._fork_id_hash: str | None = None  # regenerate(destroy=False): the old id keeps a copy
         self._destroy_key: str | None = None  # invalidate(): the row to delete at save
         self._detached = False  # reload() found the session gone: reads give a fresh one, saves are refused
@@ -142,15 +140,17 @@ class Session(StoreApi):
         if self._id is None:
             if self._loaded is not None:
                 raise RuntimeError("this session was loaded by its key (background job): its cookie id is unknown")
-            self._id = generate_session_id()
+            self._id = new_session_id(generate_session_key())
         return self._id
 
     @property
     def key(self) -> str | None:
         """The server-side key background jobs address; None until the session is first stored.
 
-        It changes only at a change of privilege (`login()`, `change_privilege()`), which cuts off
-        everything that addressed the session by its previous key.
+        It is the first part of the session id, so the cookie names the row. It changes at a change of
+        privilege (`login()`, `change_privilege()`), which cuts off everything that addressed the
+        session by its previous key, and at `regenerate(destroy=False)`, which leaves the previous key
+        to the previous id's copy.
         """
         return None if self._loaded is None else self._loaded.key
 
@@ -348,16 +348,35 @@ class Session(StoreApi):
     def regenerate(self, destroy: bool = True) -> None:
         """Give the session a new id (and a new CSRF token), keeping its data and its key.
 
-        With *destroy* (the default) the old id stops working at save. With `destroy=False` the old
-        id keeps a copy of the session as it was stored, as Laravel's `migrate(false)` does. Requests
-        and jobs that hold the session by its key still reach it: for a change of privilege use
-        `change_privilege()` (which `login()` calls).
+        With *destroy* (the default) the old id stops working at save; requests and jobs that hold
+        the session by its key still reach it (for a change of privilege use `change_privilege()`,
+        which `login()` calls). With `destroy=False` the old id keeps a copy of the session as it was
+        stored, as Laravel's `migrate(false)` does: the copy keeps the key the old id names (jobs
+        enqueued before write to it) and this session moves to a new key.
         """
-        if not destroy and self._loaded is not None and self._fork_id_hash is None and self._id is not None:
-            self._fork_id_hash = hash_session_id(self._id)
-        self._id = generate_session_id()
+        fork = not destroy and self._loaded is not None and self._fork_id_hash is None and self._id is not None
+        if fork:
+            assert self._id is not None
+            self._fork_id_hash = secret_hash(self._id)
+        self._mint_id(new_key=fork)
         self._id_changed = True
         self.regenerate_token()
+
+    def _mint_id(self, *, new_key: bool) -> None:
+        """A new id (a new secret) naming the row this session will be stored at.
+
+        The cookie names the row, so the row moves when the key does: at a change of privilege, and
+        at a fork (the previous id's copy stays at the key that id names).
+        """
+        if new_key:
+            key = generate_session_key()
+        elif self._id is not None:
+            key = session_key_of(self._id)
+        elif self._loaded is not None:
+            key = self._loaded.key
+        else:
+            key = generate_session_key()
+        self._id = new_session_id(key)
 
     def change_privilege(self) -> None:
         """Mark a change of privilege (sudo mode, a new role): regenerate, and cut off the previous session.
@@ -367,8 +386,9 @@ class Session(StoreApi):
         are refused with `SessionInterrupted`, their reloads give a fresh session, their jobs are
         dropped.
         """
-        self.regenerate()
-        self._cut_off = self._loaded is not None
+        self._mint_id(new_key=True)
+        self._id_changed = True
+        self.regenerate_token()
         self._generation += 1
 
     def invalidate(self) -> None:
@@ -376,7 +396,7 @@ class Session(StoreApi):
         if self._loaded is not None:
             self._destroy_key = self._loaded.key
         self._reset()
-        self._id = generate_session_id()
+        self._mint_id(new_key=True)
         self._id_changed = True
         self._generation += 1
 
@@ -449,7 +469,7 @@ class Session(StoreApi):
             # alone: the browser may hold a newer one).
             logger.warning("reload: the session is gone (logged out, revoked, expired or cut off); starting afresh")
             self._reset()
-            self._id = generate_session_id()
+            self._mint_id(new_key=True)
             self._detached = True
             return
         # This request's unsaved changes, three-way merged onto the fresh payload (as a save would), so
@@ -475,7 +495,6 @@ class Session(StoreApi):
         self._raw, self._live, self._gone, self._deltas, self._assigned = {}, {}, set(), {}, set()
         self._user_id = self._base_user_id = None
         self._fork_id_hash = None
-        self._cut_off = False
         self._accessed = True
 
     def _require_store(self) -> SessionStore:
@@ -505,12 +524,11 @@ class Session(StoreApi):
         new_id_hash = new_key = None
         if loaded is None:
             if changes or self._user_id is not None:  # a new session gets a row only when it has something to hold
-                new_id_hash, new_key = hash_session_id(self.id), generate_session_key()
-        else:
-            if self._id_changed:
-                new_id_hash = hash_session_id(self.id)
-            if self._cut_off:
-                new_key = generate_session_key()
+                new_id_hash, new_key = secret_hash(self.id), session_key_of(self.id)
+        elif self._id_changed and self._id is not None:
+            new_id_hash = secret_hash(self._id)
+            if session_key_of(self._id) != loaded.key:  # a change of privilege or a fork: the row moves
+                new_key = session_key_of(self._id)
         ip, agent = self.ip_address, self.user_agent
         return UnitOfWork(
             changes=changes,
@@ -546,7 +564,6 @@ class Session(StoreApi):
         self._assigned = set()
         self._base_user_id = self._user_id = record.user_id
         self._id_changed = False
-        self._cut_off = False
         self._fork_id_hash = None
 
     def _still_watched(self, stored: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,15 +31,16 @@ class UnitOfWork(NamedTuple):
     loaded: Record | None
     """The row the session was loaded from (None: the session is not stored yet)."""
     new_id_hash: str | None
-    """Hash of the id this request gave the session (a new session's, or after regenerate); None: unchanged."""
+    """Hash of the secret of the id this request gave the session (a new session's, or after regenerate);
+    None: unchanged."""
     user_id: str | None
     user_changed: bool
     new_key: str | None
-    """The key of a row stored for the first time, or, at a change of privilege (login), the key the
-    row moves to, so nothing holding the old one reaches it. Chosen when the unit is made, so a unit
-    written again (after a lost lock) writes the same row."""
+    """The key of a row stored for the first time, or the key the row moves to: at a change of privilege
+    (login), so nothing holding the old one reaches it, and at a fork. It is the key the session id
+    names, chosen when the unit is made, so a unit written again (after a lost lock) writes the same row."""
     fork_id_hash: str | None
-    """`regenerate(destroy=False)`: the previous id keeps a copy of the session as loaded."""
+    """`regenerate(destroy=False)`: the previous id keeps a copy of the session as loaded, at the loaded key."""
     destroy_key: str | None
     """`invalidate()`: the row to delete."""
     ip_address: str | None

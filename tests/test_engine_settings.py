@@ -152,7 +152,7 @@ def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(silen
     url = f"{scheme}://app@127.0.0.1:{silent_server}/app"
     config = SessionConfig(connect_timeout=2, block_wait_seconds=2, block_lock_seconds=2, lottery=(0, 1))
     handler = DatabaseHandler(url, config)
-    cookie = {"Cookie": "session=" + "A" * 40}  # a well-formed cookie: the load must ask the database
+    cookie = {"Cookie": "session=" + "a" * 32 + "." + "A" * 40}  # a well-formed cookie: the load must ask the database
     try:
         started = time.monotonic()
         response = post_through_asgi(_asgi_app, handler, headers=cookie)
@@ -245,7 +245,7 @@ def test_an_unreachable_store_during_the_apps_own_save_is_a_503(pg_backend: Back
             return "ok"
 
         client = flask_app.test_client()
-        client.set_cookie("session", "A" * 40)
+        client.set_cookie("session", "a" * 32 + "." + "A" * 40)
         assert client.post("/").status_code == 503  # the load found the store unreachable
         assert session_id.is_new
     finally:

@@ -80,24 +80,50 @@ def test_release_without_saving_discards_changes_and_frees_the_session(real_cloc
 
 
 def test_nothing_to_lock_gives_a_fresh_session(real_clock_handler: BaseHandler[Any]) -> None:
-    for cookie in (None, "garbage", "A" * 40):
+    for cookie in (None, "garbage", "a" * 32 + "." + "A" * 40):
         held = BlockingSession.open(real_clock_handler, cookie)
         assert not held.locked and held.session.is_new
         held.session["x"] = 1
         assert held.finish() is SaveAction.INSERTED
 
 
-def test_a_hold_past_block_lock_seconds_is_ended_by_postgresql_and_the_save_still_lands(
-    make_handler: HandlerFactory, backend_name: str, caplog: pytest.LogCaptureFixture
+def test_a_wrong_secret_locks_nothing(real_clock_handler: BaseHandler[Any]) -> None:
+    handler = real_clock_handler
+    session_id = stored_id(handler)
+    key, secret = session_id.split(".")
+    forged = BlockingSession.open(handler, f"{key}.{secret[::-1] if secret[::-1] != secret else 'A' * 40}")
+    assert not forged.locked and forged.session.is_new and "n" not in forged.session
+    started = time.monotonic()
+    owner = BlockingSession.open(handler, session_id)  # not kept waiting by the forged request
+    assert owner.locked and time.monotonic() - started < 0.4
+    owner.session.increment("n")
+    owner.finish()
+    forged.session["planted"] = 1
+    forged.finish()
+    assert forged.session.key != key and handler.load(session_id).all() == {"n": 1}
+
+
+@pytest.mark.parametrize("mysql_bound", ["idle_transaction_timeout", "wait_timeout"])
+def test_a_hold_past_block_lock_seconds_is_ended_by_the_database_and_the_save_still_lands(
+    make_handler: HandlerFactory,
+    backend_name: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    mysql_bound: str,
 ) -> None:
-    if backend_name != "postgresql":
-        pytest.skip("idle_in_transaction_session_timeout is PostgreSQL's")
+    """PostgreSQL: idle_in_transaction_session_timeout. MariaDB: idle_transaction_timeout; MySQL's
+    wait_timeout (it has no idle_transaction_timeout), which MariaDB has too, so both run here."""
+    if backend_name not in ("postgresql", "mariadb") or (
+        backend_name == "postgresql" and mysql_bound == "wait_timeout"
+    ):
+        pytest.skip("SQLite holds leases, not locks; PostgreSQL runs once")
     handler = make_handler(block_lock_seconds=0.5)
     assert isinstance(handler, DatabaseHandler)
+    monkeypatch.setattr(handler, "_mysql_hold_variable", lambda conn: mysql_bound)
     handler._clock = time.time
     session_id = stored_id(handler)
     held = BlockingSession.open(handler, session_id)
-    time.sleep(1.2)  # the database ends the idle transaction and releases the lock
+    time.sleep(1.2 if backend_name == "postgresql" else 2.5)  # the database ends the idle hold, releasing the lock
     other = BlockingSession.open(handler, session_id)  # not blocked by a stale lock
     other.release()
     held.session["late"] = True
@@ -105,6 +131,11 @@ def test_a_hold_past_block_lock_seconds_is_ended_by_postgresql_and_the_save_stil
         held.finish()
     assert "past block_lock_seconds" in caplog.text
     assert handler.load(session_id)["late"] is True
+    if backend_name == "mariadb":  # the bound ended with the lock: a pooled connection keeps the server's
+        with handler.engine.connect() as conn:
+            for _ in range(3):
+                session_value = conn.exec_driver_sql(f"SELECT @@SESSION.{mysql_bound} = @@GLOBAL.{mysql_bound}")
+                assert session_value.scalar() == 1
 
 
 def test_blocking_matchers() -> None:

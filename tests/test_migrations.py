@@ -34,7 +34,8 @@ def test_upgrade_check_downgrade_upgrade(db_backend: Backend) -> None:
     inspector = sa.inspect(engine)
     index_columns = {tuple(ix["column_names"]) for ix in inspector.get_indexes(table)}
     assert {("user_id", "last_activity"), ("expires_at",)} <= index_columns
-    # id_hash is unique: a second row with the same hash is refused by the database itself.
+    # The key (what a cookie names) is the primary key; the secret's hash needs no index of its own.
+    assert not [u for u in inspector.get_unique_constraints(table) if u["column_names"] == ["id_hash"]]
     migrated = sa.Table(table, sa.MetaData(), autoload_with=engine)
     row = {
         "key": "a" * 32,
@@ -48,13 +49,34 @@ def test_upgrade_check_downgrade_upgrade(db_backend: Backend) -> None:
     with engine.begin() as conn:
         conn.execute(migrated.insert(), row)
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
-        conn.execute(migrated.insert(), {**row, "key": "b" * 32})
+        conn.execute(migrated.insert(), {**row, "id_hash": "e" * 64})
 
     downgrade(engine, table=table)
     assert table not in _tables(engine)
     upgrade(engine, table=table)
     assert table in _tables(engine)
     command.check(alembic_config(engine, table=table))
+    downgrade(engine, table=table)
+
+
+def test_split_tokens_drop_the_sessions_old_cookies_reach_and_the_id_hash_index(db_backend: Backend) -> None:
+    engine = db_backend.engine
+    table = f"mig_{uuid.uuid4().hex[:8]}"
+    upgrade(engine, table=table, revision="sqla_sessions_0002")
+    old = sa.Table(table, sa.MetaData(), autoload_with=engine)
+    row = {"id_hash": "f" * 64, "payload": b"{}", "version": 1, "created_at": 0, "last_activity": 0, "expires_at": 9}
+    with engine.begin() as conn:
+        conn.execute(old.insert(), {**row, "key": "a" * 32})
+    upgrade(engine, table=table)
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(old)).scalar_one() == 0
+        conn.execute(old.insert(), [{**row, "key": "a" * 32}, {**row, "key": "b" * 32}])  # one hash, two rows
+    downgrade(engine, table=table, revision="sqla_sessions_0002")
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(old)).scalar_one() == 0
+        conn.execute(old.insert(), {**row, "key": "a" * 32})
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(old.insert(), {**row, "key": "b" * 32})  # 0.1's lookup needs the hash unique again
     downgrade(engine, table=table)
 
 
@@ -78,7 +100,7 @@ def test_the_host_apps_alembic_version_is_untouched(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["host_rev_1"]
         assert conn.exec_driver_sql(f"SELECT version_num FROM {DEFAULT_VERSION_TABLE}").scalar_one() == (
-            "sqla_sessions_0002"
+            "sqla_sessions_0003"
         )
     engine.dispose()
 

@@ -107,9 +107,9 @@ def test_the_same_counts_without_the_fast_path(db_backend: Backend, clock: FakeC
 def test_a_driver_error_on_the_fast_path_is_retried_through_sqlalchemy(db_backend: Backend, clock: FakeClock) -> None:
     handler = _handler(db_backend, clock)
     session_id = _stored_id(handler)
-    handler._fast_by_hash.sql = "SELEC this is not sql"  # the driver raises; SQLAlchemy's path answers
-    if handler._fast_by_hash.libpq is not None:  # PostgreSQL: the libpq statement too
-        handler._fast_by_hash.libpq.sql, handler._fast_by_hash.libpq.name = b"SELEC oops", b"broken_select"
+    handler._fast_by_key.sql = "SELEC this is not sql"  # the driver raises; SQLAlchemy's path answers
+    if handler._fast_by_key.libpq is not None:  # PostgreSQL: the libpq statement too
+        handler._fast_by_key.libpq.sql, handler._fast_by_key.libpq.name = b"SELEC oops", b"broken_select"
     assert handler.load(session_id)["counter"] == 0
     handler._fast_update.sql = "UPDATE nothing at all"
     if handler._fast_update.libpq is not None:
@@ -118,3 +118,51 @@ def test_a_driver_error_on_the_fast_path_is_retried_through_sqlalchemy(db_backen
     session["counter"] = 5
     assert session.save() is SaveAction.UPDATED
     assert handler.load(session_id)["counter"] == 5
+
+
+def test_every_per_request_statement_addresses_one_row_by_its_key(db_backend: Backend, clock: FakeClock) -> None:
+    """Split-token ids: load, save, touch, lost race, login and logout all name the row by its primary
+    key (what a sharded PostgreSQL routes by); none looks a session up by its secret's hash."""
+    handler = _handler(db_backend, clock)
+    with StatementCounter(db_backend.engine) as counter:
+        session_id = _stored_id(handler)
+        first, second = handler.load(session_id), handler.load(session_id)
+        first.increment("counter")
+        first.save()
+        second.increment("counter")
+        second.save()  # a lost race: the locked merge
+        clock.advance(handler.config.touch_interval + 1)
+        handler.load(session_id).save()  # a due touch
+        login = handler.load(session_id)
+        login.login("ada")
+        login.save()
+        out = handler.load(login.id)
+        out.logout()
+        out.save()
+    assert handler.load(login.id).is_new
+    for statement in counter.statements:
+        sql = " ".join(statement.split()).lower()
+        if sql.split(" ", 1)[0] in ("begin", "commit", "rollback", "savepoint", "release") or sql.startswith("set "):
+            continue
+        if sql.startswith("insert"):
+            continue  # a new row names its key in its values
+        assert " where " in sql, sql
+        where = sql.split(" where ", 1)[1]
+        assert "key" in where, sql
+        assert "id_hash" not in where, sql
+
+
+def test_the_load_is_a_primary_key_lookup(db_backend: Backend, clock: FakeClock) -> None:
+    if db_backend.name != "postgresql":
+        return
+    handler = _handler(db_backend, clock)
+    session_id = _stored_id(handler)
+    with StatementCounter(db_backend.engine) as counter:
+        handler.load(session_id)
+    statements = counter.statements
+    key = session_id.split(".")[0]
+    with db_backend.engine.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: ask which index the planner would use
+        sql = statements[0].replace("%(b_key)s", f"'{key}'").replace("%(now)s", "0")
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+    assert "pk_sessions" in plan, plan

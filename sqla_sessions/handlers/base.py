@@ -22,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 from ..codec import CorruptPayload, PayloadCodec
 from ..config import SessionConfig
 from ..errors import SessionInterrupted
-from ..ids import generate_session_key, hash_session_id, is_valid_session_id, is_valid_session_key
+from ..ids import is_valid_session_id, is_valid_session_key, secret_hash, secret_matches, session_key_of
 from ..merge import apply_changes
 from ..records import Record, SaveAction, SessionInfo, StoreStats
 from ..session import Session
@@ -121,8 +121,8 @@ class BaseHandler(ABC, Generic[C]):
         """Open a connection for one operation (each primitive on it is atomic by itself)."""
 
     @abstractmethod
-    def _fetch(self, conn: C, *, id_hash: str | None = None, key: str | None = None, now: int) -> Record | None:
-        """Return the unexpired row with this id hash or key."""
+    def _fetch(self, conn: C, key: str, now: int) -> Record | None:
+        """Return the unexpired row with this key."""
 
     @abstractmethod
     def _insert(self, conn: C, record: Record) -> None:
@@ -171,8 +171,8 @@ class BaseHandler(ABC, Generic[C]):
     lock_strategy: LockStrategy = LockStrategy.LEASE
 
     @abstractmethod
-    def _acquire(self, conn: C, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
-        """Lock the live row with this id hash for a blocking request.
+    def _acquire(self, conn: C, key: str, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
+        """Lock the live row with this key and secret hash for a blocking request (a wrong secret locks nothing).
 
         A row lock waits in the database up to `block_wait_seconds` and raises `LockTimeout` past it;
         on failure nothing is left open on *conn*.
@@ -284,8 +284,8 @@ class BaseHandler(ABC, Generic[C]):
         return None
 
     def load_on(self, conn: C, session_id: str) -> Session:
-        record = self._fetch(conn, id_hash=hash_session_id(session_id), now=self.now())
-        if record is None:
+        record = self._fetch(conn, session_key_of(session_id), self.now())
+        if record is None or not secret_matches(session_id, record.id_hash):
             logger.warning("unknown or expired session id; starting a new session")
             return Session(self)
         raw = self._decode(record)
@@ -294,7 +294,7 @@ class BaseHandler(ABC, Generic[C]):
         return Session.from_record(self, session_id, record, raw)
 
     def load_by_key_on(self, conn: C, key: str) -> Session | None:
-        record = self._fetch(conn, key=key, now=self.now())
+        record = self._fetch(conn, key, self.now())
         if record is None:
             return None
         raw = self._decode(record)
@@ -373,15 +373,16 @@ class BaseHandler(ABC, Generic[C]):
                 self._insert(conn, record)
                 return Saved(SaveAction.INSERTED, record, raw, True)
         if unit.fork_id_hash is not None:
-            # The previous id keeps a copy, unless a concurrent request forked it already.
-            fork = fork_row(unit, key=generate_session_key(), now=now, expiry=self.expiry, dumps=self.codec.dumps)
+            # The previous id keeps a copy at the key it names (this session moved to a new one),
+            # unless a concurrent request forked it already.
+            fork = fork_row(unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps)
             self._insert_if_absent(conn, fork)
         record, raw = written
         return Saved(action, record, raw, record.expires_at != loaded.expires_at)
 
     def acquire_on(self, conn: C, session_id: str, owner: str) -> tuple[LockState, Session | None]:
         """One attempt to lock a session for a blocking request (see `sqla_sessions.locking`)."""
-        state, record = self._acquire(conn, hash_session_id(session_id), owner, self.now())
+        state, record = self._acquire(conn, session_key_of(session_id), secret_hash(session_id), owner, self.now())
         if record is None:
             return state, None
         raw = self._decode(record)

@@ -80,7 +80,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._build_statements()
         self._fast_path = fast_path
         dialect_ = self.engine.dialect
-        self._fast_by_hash = FastStatement(self._select_by_hash, dialect_)
+        self._fast_by_key = FastStatement(self._select_by_key, dialect_)
         self._fast_update = FastStatement(self._update_if_version, dialect_)
         self._fast_insert = FastStatement(self._insert_row, dialect_)
         self._fast_touch = FastStatement(self._touch_row, dialect_)
@@ -95,7 +95,6 @@ class DatabaseHandler(BaseHandler[Connection]):
         cols = [t.c[name] for name in _COLUMNS]
         now = sa.bindparam("now", type_=sa.BigInteger)
         key = sa.bindparam("b_key", type_=t.c.key.type)
-        self._select_by_hash = sa.select(*cols).where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now)
         self._select_by_key = sa.select(*cols).where(t.c.key == key, t.c.expires_at > now)
         self._select_for_update = sa.select(*cols).where(t.c.key == key).with_for_update()
         # Explicit columns: the lease columns stay NULL, and the compiled SQL names exactly these binds.
@@ -124,9 +123,12 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._delete_user_rows = sa.delete(t).where(t.c.user_id == user)
         self._delete_user_except = sa.delete(t).where(t.c.user_id == user, t.c.key != key)
 
-        # Blocking sessions: a row lock (PostgreSQL, MariaDB/MySQL) or a lease (SQLite).
-        self._select_by_hash_for_update = (
-            sa.select(*cols).where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now).with_for_update()
+        # Blocking sessions: a row lock (PostgreSQL, MariaDB/MySQL) or a lease (SQLite). The secret's hash
+        # is in the WHERE clause so a wrong secret locks nothing; comparing it in SQL leaks no timing worth
+        # having: both sides are SHA-256 digests, and the bearer of a guess cannot steer a digest's bytes.
+        id_hash = sa.bindparam("b_id_hash", type_=t.c.id_hash.type)
+        self._select_by_id_for_update = (
+            sa.select(*cols).where(t.c.key == key, t.c.id_hash == id_hash, t.c.expires_at > now).with_for_update()
         )
         self._set_pg_timeouts = sa.select(
             sa.func.set_config("lock_timeout", sa.bindparam("wait"), True),
@@ -136,11 +138,11 @@ class DatabaseHandler(BaseHandler[Connection]):
         free = sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= sa.bindparam("now_ms", type_=sa.BigInteger))
         self._take_lease = (
             sa.update(t)
-            .where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now, free)
+            .where(t.c.key == key, t.c.id_hash == id_hash, t.c.expires_at > now, free)
             .values(lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until", type_=sa.BigInteger))
             .returning(*cols)
         )
-        self._exists_by_hash = sa.select(t.c.key).where(t.c.id_hash == sa.bindparam("b_id_hash"), t.c.expires_at > now)
+        self._exists_by_id = sa.select(t.c.key).where(t.c.key == key, t.c.id_hash == id_hash, t.c.expires_at > now)
         self._drop_lease = (
             sa.update(t)
             .where(t.c.key == key, t.c.lease_owner == sa.bindparam("owner"))
@@ -175,17 +177,12 @@ class DatabaseHandler(BaseHandler[Connection]):
         with self._autocommit.connect() as conn:
             yield conn
 
-    def _fetch(
-        self, conn: Connection, *, id_hash: str | None = None, key: str | None = None, now: int
-    ) -> Record | None:
-        if id_hash is not None:
-            params = {"b_id_hash": id_hash, "now": now}
-            if self._fast_path:
-                row = fetch_one(conn, self._fast_by_hash, params)
-            else:
-                row = conn.execute(self._select_by_hash, params).first()
+    def _fetch(self, conn: Connection, key: str, now: int) -> Record | None:
+        params = {"b_key": key, "now": now}
+        if self._fast_path:
+            row = fetch_one(conn, self._fast_by_key, params)
         else:
-            row = conn.execute(self._select_by_key, {"b_key": key, "now": now}).first()
+            row = conn.execute(self._select_by_key, params).first()
         return None if row is None else _record(row)
 
     def _insert(self, conn: Connection, record: Record) -> None:
@@ -303,30 +300,32 @@ class DatabaseHandler(BaseHandler[Connection]):
             return None
         return None if size is None else int(size)
 
-    def _acquire(self, conn: Connection, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
+    def _acquire(
+        self, conn: Connection, key: str, id_hash: str, owner: str, now: int
+    ) -> tuple[LockState, Record | None]:
         if self.lock_strategy is LockStrategy.LEASE:
             now_ms = int(self.clock() * 1000)
             until = now_ms + int(self.config.block_lock_seconds * 1000)
-            params = {"b_id_hash": id_hash, "now": now, "now_ms": now_ms, "owner": owner, "until": until}
+            params = {"b_key": key, "b_id_hash": id_hash, "now": now, "now_ms": now_ms, "owner": owner, "until": until}
             row = conn.execute(self._take_lease, params).first()
             if row is not None:
                 return LockState.LOCKED, _record(row)
-            exists = conn.execute(self._exists_by_hash, {"b_id_hash": id_hash, "now": now}).first()
+            exists = conn.execute(self._exists_by_id, {"b_key": key, "b_id_hash": id_hash, "now": now}).first()
             return (LockState.BUSY if exists else LockState.MISSING), None
         wait, hold = self.config.block_wait_seconds, self.config.block_lock_seconds
         try:
             if self._dialect == "mysql":
-                # Session variables (seconds), reset in _release; MariaDB kills a connection idle in a
-                # transaction past idle_transaction_timeout, releasing its locks.
+                # Session variables (whole seconds), reset when the lock ends.
                 conn.exec_driver_sql(
                     f"SET SESSION innodb_lock_wait_timeout = {max(1, round(wait))}, "
-                    f"idle_transaction_timeout = {max(1, round(hold))}"
+                    f"{self._mysql_hold_variable(conn)} = {max(1, round(hold))}"
                 )
             conn.exec_driver_sql("BEGIN")
             if self._dialect == "postgresql":
                 # Both die with the transaction: the wait and the hold are bounded by the database itself.
                 conn.execute(self._set_pg_timeouts, {"wait": f"{int(wait * 1000)}ms", "hold": f"{int(hold * 1000)}ms"})
-            row = conn.execute(self._select_by_hash_for_update, {"b_id_hash": id_hash, "now": now}).first()
+            params = {"b_key": key, "b_id_hash": id_hash, "now": now}
+            row = conn.execute(self._select_by_id_for_update, params).first()
         except BaseException as exc:  # also a cancellation: nothing may stay open on a pooled connection
             self._end_transaction(conn, commit=False)
             if isinstance(exc, sa.exc.DBAPIError) and is_lock_timeout(exc):
@@ -348,11 +347,23 @@ class DatabaseHandler(BaseHandler[Connection]):
         try:
             conn.exec_driver_sql("COMMIT" if commit else "ROLLBACK")
         finally:
-            if self._dialect == "mysql":
+            # A connection the server ended (the hold outlived its bound) is discarded by the pool: there
+            # is nothing to reset, and trying would hide why the transaction ended.
+            if self._dialect == "mysql" and not conn.invalidated:
                 with suppress(sa.exc.DBAPIError):
                     conn.exec_driver_sql(
-                        "SET SESSION innodb_lock_wait_timeout = DEFAULT, idle_transaction_timeout = DEFAULT"
+                        f"SET SESSION innodb_lock_wait_timeout = DEFAULT, {self._mysql_hold_variable(conn)} = DEFAULT"
                     )
+
+    def _mysql_hold_variable(self, conn: Connection) -> str:
+        """The session variable that bounds a blocking request's hold on MySQL and MariaDB.
+
+        MariaDB ends a connection idle in a transaction past `idle_transaction_timeout`. MySQL has no
+        such variable, but ends any connection idle past `wait_timeout`: set for this connection only,
+        while it holds the lock, it bounds the hold the same way (the server closes the connection,
+        which rolls back and releases the row lock). Either way a crashed holder's lock cannot go stale.
+        """
+        return "idle_transaction_timeout" if conn.dialect.is_mariadb else "wait_timeout"
 
     @contextmanager
     def _transaction(self, conn: Connection, *, held: bool) -> Iterator[None]:

@@ -19,14 +19,13 @@ class MemoryHandler(BaseHandler[None]):
     def __init__(self, config: SessionConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(config, clock=clock)
         self._rows: dict[str, Record] = {}
-        self._by_hash: dict[str, str] = {}
         self._lock = threading.RLock()
         self._leases: dict[str, tuple[str, int]] = {}  # key -> (owner, until in milliseconds)
 
     def with_config(self, config: SessionConfig) -> MemoryHandler:
         """Return a handler with another config over the same stored sessions (e.g. new encryption keys)."""
         other = MemoryHandler(config, clock=self._clock)
-        other._rows, other._by_hash, other._lock, other._leases = self._rows, self._by_hash, self._lock, self._leases
+        other._rows, other._lock, other._leases = self._rows, self._lock, self._leases
         return other
 
     def __len__(self) -> int:
@@ -37,22 +36,20 @@ class MemoryHandler(BaseHandler[None]):
     def connect(self) -> Iterator[None]:
         yield None
 
-    def _fetch(self, conn: None, *, id_hash: str | None = None, key: str | None = None, now: int) -> Record | None:
+    def _fetch(self, conn: None, key: str, now: int) -> Record | None:
         with self._lock:
-            if key is None and id_hash is not None:
-                key = self._by_hash.get(id_hash)
-            row = self._rows.get(key) if key is not None else None
+            row = self._rows.get(key)
             return dataclasses.replace(row) if row is not None and row.expires_at > now else None
 
     def _insert(self, conn: None, record: Record) -> None:
         with self._lock:
-            if record.key in self._rows or record.id_hash in self._by_hash:
-                raise KeyError("duplicate session key or id hash")
+            if record.key in self._rows:
+                raise KeyError("duplicate session key")
             self._put(record)
 
     def _insert_if_absent(self, conn: None, record: Record) -> bool:
         with self._lock:
-            if record.key in self._rows or record.id_hash in self._by_hash:
+            if record.key in self._rows:
                 return False
             self._put(record)
             return True
@@ -89,10 +86,7 @@ class MemoryHandler(BaseHandler[None]):
         with self._lock:
             row = self._rows.pop(key, None)
             self._leases.pop(key, None)
-            if row is None:
-                return False
-            self._by_hash.pop(row.id_hash, None)
-            return True
+            return row is not None
 
     def _delete_expired(self, conn: None, now: int, limit: int) -> int:
         with self._lock:
@@ -119,10 +113,10 @@ class MemoryHandler(BaseHandler[None]):
             users = {r.user_id for r in live if r.user_id is not None}
             return StoreStats(len(live), len(self._rows) - len(live), len(users), None)
 
-    def _acquire(self, conn: None, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
+    def _acquire(self, conn: None, key: str, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
         with self._lock:
-            row = self._fetch(conn, id_hash=id_hash, now=now)
-            if row is None:
+            row = self._fetch(conn, key, now)
+            if row is None or row.id_hash != id_hash:
                 return LockState.MISSING, None
             now_ms = int(self.clock() * 1000)
             lease = self._leases.get(row.key)
@@ -137,10 +131,4 @@ class MemoryHandler(BaseHandler[None]):
                 del self._leases[key]
 
     def _put(self, record: Record) -> None:
-        old = self._rows.get(record.key)
-        if old is not None and old.id_hash != record.id_hash:
-            self._by_hash.pop(old.id_hash, None)
-        if self._by_hash.get(record.id_hash, record.key) != record.key:
-            raise KeyError("duplicate id hash")
         self._rows[record.key] = dataclasses.replace(record)
-        self._by_hash[record.id_hash] = record.key

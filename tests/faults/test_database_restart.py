@@ -96,12 +96,12 @@ def test_a_database_restart_under_load(framework: str, tmp_root: Path) -> None:
     assert max(elapsed for _, elapsed in failures) < 5.0  # answered quickly, no hang
     assert recovered_at, "service must resume by itself"
     # Every write that was acknowledged with a 200 is in the database.
-    from sqla_sessions.ids import hash_session_id
+    from sqla_sessions.ids import session_key_of
 
     for cookie, keys in acknowledged.items():
         with backend.engine.connect() as conn:
             payload = conn.exec_driver_sql(
-                "SELECT payload FROM sessions WHERE id_hash = %(h)s", {"h": hash_session_id(cookie)}
+                "SELECT payload FROM sessions WHERE key = %(k)s", {"k": session_key_of(cookie)}
             ).scalar_one()
         stored = bytes(payload)
         missing = [key for key in keys if f'"{key}"'.encode() not in stored]

@@ -26,7 +26,7 @@ from sqla_sessions.codec import CorruptPayload, PayloadCodec
 from sqla_sessions.config import SessionConfig
 from sqla_sessions.cookies import pick_session_id, session_cookie_values
 from sqla_sessions.csrf import token_from_body
-from sqla_sessions.ids import generate_session_id
+from sqla_sessions.ids import generate_session_key, new_session_id
 from sqla_sessions.serializer import decode_value, encode_value
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY"
@@ -55,9 +55,12 @@ def seeds() -> dict[str, list[bytes]]:
     plain = PayloadCodec(SessionConfig())
     sealed = PayloadCodec(SessionConfig(encryption_keys=(KEY,)))
     raw = {"cart": encode_value([1, (2, 3), {"x": {4, 5}}]), "when": encode_value(time.time())}
-    token = generate_session_id()
+    token = new_session_id(generate_session_key())
     return {
-        "cookie": [f"session={generate_session_id()}; theme=dark".encode(), b"session=a; session=b; x"],
+        "cookie": [
+            f"session={new_session_id(generate_session_key())}; theme=dark".encode(),
+            b"session=a; session=b; x",
+        ],
         "payload": [plain.dumps(raw, SESSION_KEY), sealed.dumps(raw, SESSION_KEY)],
         "form": [
             f"_token={token}&q=1".encode(),

@@ -47,20 +47,47 @@ def test_first_write_creates_one_row_and_reloads(handler: Handler) -> None:
     assert again["cart"] == ["apple"]
 
 
-def test_only_a_sha256_of_the_id_is_stored(handler: Handler) -> None:
+def test_the_id_names_the_row_and_only_a_sha256_of_its_secret_is_stored(handler: Handler) -> None:
     if not isinstance(handler, DatabaseHandler):
         pytest.skip("inspects the SQL table")
     session_id = new_stored(handler, secret="x")
+    key, secret = session_id.split(".")
     with handler.engine.connect() as conn:
         rows = conn.execute(sa.select(handler.table)).mappings().all()
     assert len(rows) == 1
-    assert rows[0]["id_hash"] == hashlib.sha256(session_id.encode()).hexdigest()
-    assert all(session_id not in str(value) for value in rows[0].values())
+    assert rows[0]["key"] == key == handler.load(session_id).key
+    assert rows[0]["id_hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert all(secret not in str(value) for value in rows[0].values())
+
+
+def test_a_known_key_with_a_wrong_secret_reaches_nothing(handler: Handler) -> None:
+    session_id = new_stored(handler, secret="x")
+    key, secret = session_id.split(".")
+    for forged in (f"{key}.{'A' * 40}", f"{key}.{secret[:-1]}{'B' if secret[-1] != 'B' else 'C'}"):
+        session = handler.load(forged)
+        assert session.is_new and "secret" not in session
+        session["planted"] = 1
+        session.save()
+        assert session.key != key  # never adopted: a new row of its own
+    assert handler.load(session_id).all() == {"secret": "x"}
 
 
 @pytest.mark.parametrize(
     "cookie",
-    ["short", "x" * 41, "a" * 39 + "!", "../../etc/passwd", "é" * 40, " " * 40, "\x00" * 40],
+    [
+        "short",
+        "x" * 41,
+        "a" * 39 + "!",
+        "../../etc/passwd",
+        "é" * 40,
+        " " * 40,
+        "\x00" * 40,
+        "A" * 40,  # the shape of ids before split tokens (0.1)
+        "0" * 32 + "." + "a" * 39,
+        "0" * 31 + "G." + "a" * 40,
+        "0" * 32 + ":" + "a" * 40,
+        "0" * 32 + "." + "a" * 40 + "\n",
+    ],
 )
 def test_malformed_id_gives_a_fresh_session_and_a_warning(
     handler: Handler, cookie: str, caplog: pytest.LogCaptureFixture
@@ -74,12 +101,12 @@ def test_malformed_id_gives_a_fresh_session_and_a_warning(
 
 
 def test_unknown_well_formed_id_is_never_adopted(handler: Handler, caplog: pytest.LogCaptureFixture) -> None:
-    planted = "A" * 40
+    planted = "a" * 32 + "." + "A" * 40
     with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
         session = handler.load(planted)
     session["x"] = 1
     session.save()
-    assert session.id != planted
+    assert session.id != planted and session.key != planted[:32]  # neither half is adopted
     assert handler.load(planted).is_new
     assert planted not in caplog.text
 

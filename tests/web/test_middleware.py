@@ -148,7 +148,7 @@ def test_an_oversized_session_answers_500_and_keeps_the_stored_session(
 def test_an_unreachable_database_answers_503_quickly() -> None:
     handler = DatabaseHandler("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2", SessionConfig())
     app = AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=handler)
-    response = call(app, cookie="A" * 40)
+    response = call(app, cookie="a" * 32 + "." + "A" * 40)
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -156,7 +156,8 @@ def test_an_unreachable_database_answers_503_quickly() -> None:
 
     status: list[str] = []
     body = WsgiMiddleware(wsgi, handler=handler)(
-        {"REQUEST_METHOD": "GET", "HTTP_COOKIE": "session=" + "A" * 40}, lambda s, h, e=None: status.append(s)
+        {"REQUEST_METHOD": "GET", "HTTP_COOKIE": "session=" + "a" * 32 + "." + "A" * 40},
+        lambda s, h, e=None: status.append(s),
     )
     assert status == ["503 Service Unavailable"] and b"".join(body)
 
@@ -392,7 +393,7 @@ def test_lifespan_shutdown_closes_what_the_middleware_created(tmp_path: Path) ->
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert handler.engine.pool.checkedin() == 0  # the engine it built is disposed
     with pytest.raises(RuntimeError, match="closed"):
-        asyncio.run(middleware.store.load("x" * 40))  # and its worker threads are gone
+        asyncio.run(middleware.store.load("b" * 32 + "." + "x" * 40))  # and its worker threads are gone
 
 
 def test_a_handler_passed_in_stays_open_after_lifespan_shutdown(memory: MemoryHandler) -> None:

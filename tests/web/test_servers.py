@@ -170,11 +170,11 @@ def test_a_request_that_writes_nothing_creates_no_row_and_no_cookie(srv: Server)
     [
         "session=garbage",
         "session=" + "A" * 8192,
-        "session=" + "A" * 40,  # well-formed, unknown
-        "session=" + "A" * 40 + "; session=" + "B" * 40,  # duplicated
+        "session=" + "a" * 32 + "." + "A" * 40,  # well-formed, unknown
+        "session=" + "a" * 32 + "." + "A" * 40 + "; session=" + "b" * 32 + "." + "B" * 40,  # duplicated
         "session=%00%0d%0a; other=1",
         "=;;;session",
-        'session="' + "C" * 40 + '"',
+        'session="' + "c" * 32 + "." + "C" * 40 + '"',
     ],
     ids=["malformed", "oversized-8k", "unknown", "duplicated", "control-chars", "broken-syntax", "quoted"],
 )
