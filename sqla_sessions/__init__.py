@@ -1,5 +1,7 @@
 """Server-side HTTP sessions on SQLAlchemy 2 that never lose a concurrent write."""
 
+from typing import TYPE_CHECKING, Any
+
 from .config import SessionConfig
 from .errors import (
     ConfigurationError,
@@ -10,11 +12,23 @@ from .errors import (
     StoreUnavailable,
 )
 from .handlers import DatabaseHandler, MemoryHandler, SessionHandler
-from .migrate import downgrade, upgrade
 from .records import SaveAction, SessionInfo
 from .session import Session
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+if TYPE_CHECKING:
+    from .migrate import downgrade, upgrade
+
+
+def __getattr__(name: str) -> Any:
+    # Alembic is imported only by what migrates: a web or worker process that never does pays
+    # nothing for it at import (a third of a second, and Alembic's plugin log lines).
+    if name in ("upgrade", "downgrade"):
+        from . import migrate
+
+        return getattr(migrate, name)
+    raise AttributeError(f"module 'sqla_sessions' has no attribute {name!r}")
 
 __all__ = [
     "ConfigurationError",

@@ -363,7 +363,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         while it holds the lock, it bounds the hold the same way (the server closes the connection,
         which rolls back and releases the row lock). Either way a crashed holder's lock cannot go stale.
         """
-        return "idle_transaction_timeout" if conn.dialect.is_mariadb else "wait_timeout"
+        return "idle_transaction_timeout" if getattr(conn.dialect, "is_mariadb", False) else "wait_timeout"
 
     @contextmanager
     def _transaction(self, conn: Connection, *, held: bool) -> Iterator[None]:
