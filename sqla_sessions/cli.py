@@ -1,7 +1,8 @@
 """`sqla-sessions` (also `python -m sqla_sessions`): migrate, gc, sessions, revoke, stats, demo.
 
 Every command takes `--database-url` (default: `SQLA_SESSIONS_DATABASE_URL`, then the embedded
-SQLite default) and `--table` (default: `SQLA_SESSIONS_TABLE`, then `sessions`). Bad input — a
+SQLite default, with a warning) and `--table` (default: `SQLA_SESSIONS_TABLE`, then `sessions`),
+before or after the command's name; the database used is said on stderr. Bad input — a
 malformed URL, an unreachable database, a missing table — is one clear line on stderr and exit
 status 1, never a traceback.
 """
@@ -9,6 +10,8 @@ status 1, never a traceback.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,6 +33,7 @@ from .useragents import describe
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_URL = SessionConfig().database_url
+DEMO_URL = "sqlite:///sqla_sessions_demo.db"
 
 out = Console()
 if not out.is_terminal:  # piped or redirected: do not squeeze tables into 80 columns
@@ -44,19 +48,56 @@ class Failure(click.ClickException):
         err.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False)
 
 
+def _masked(url: str) -> str:
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
 def database_options(command: F) -> F:
-    """`--database-url` and `--table` on every command, with their environment defaults."""
+    """`--database-url` and `--table`, accepted on the group (before the command) and on the command.
+
+    The command's own option wins, then the group's, then the environment, then the default; --help
+    shows what will be used.
+    """
     command = click.option(
-        "--table", envvar="SQLA_SESSIONS_TABLE", default="sessions", show_default=True, help="Sessions table."
+        "--table",
+        default=None,
+        show_default=_env("SQLA_SESSIONS_TABLE") or "sessions",
+        help="Sessions table (env SQLA_SESSIONS_TABLE).",
     )(command)
     command = click.option(
         "--database-url",
-        envvar="SQLA_SESSIONS_DATABASE_URL",
-        default=DEFAULT_URL,
-        show_default=True,
+        default=None,
+        show_default=_masked(_env("SQLA_SESSIONS_DATABASE_URL") or DEFAULT_URL),
         help="SQLAlchemy URL (env SQLA_SESSIONS_DATABASE_URL).",
     )(command)
     return command
+
+
+def _resolve(
+    database_url: str | None, table: str | None, *, default_url: str = DEFAULT_URL, warn_default: bool = True
+) -> tuple[str, str]:
+    """The database and table a command uses; said on stderr (password masked), with a warning for
+    the embedded SQLite default, so nobody works on `./sessions.db` by accident."""
+    given = click.get_current_context().find_root().params
+    url = database_url or given.get("database_url") or _env("SQLA_SESSIONS_DATABASE_URL")
+    chosen_table = table or given.get("table") or _env("SQLA_SESSIONS_TABLE") or "sessions"
+    if url is None and warn_default:
+        url = default_url
+        err.print(
+            f"[yellow]warning:[/] no --database-url and no SQLA_SESSIONS_DATABASE_URL: using {escape(_masked(url))}",
+            highlight=False,
+        )
+    else:
+        url = url or default_url
+        err.print(f"database: {escape(_masked(url))}, table {escape(chosen_table)}", highlight=False)
+    return url, chosen_table
 
 
 def friendly_errors(command: F) -> F:
@@ -89,14 +130,18 @@ def open_handler(database_url: str, table: str, **config: Any) -> DatabaseHandle
     with engine.connect() as conn:  # reach the database first, so "unreachable" is told apart
         if not sa.inspect(conn).has_table(table):
             engine.dispose()
-            raise Failure(f"table {table!r} does not exist in this database: run `sqla-sessions migrate` first")
+            raise Failure(f"table {table!r} not found in {_masked(database_url)}: run `sqla-sessions migrate`")
     return DatabaseHandler(engine, cfg)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sqla-sessions")
-def main() -> None:
-    """Server-side sessions on SQLAlchemy: schema, clean-up, devices, statistics, and a demo."""
+@database_options
+def main(database_url: str | None, table: str | None) -> None:
+    """Server-side sessions on SQLAlchemy: schema, clean-up, devices, statistics, and a demo.
+
+    --database-url and --table go before or after the command.
+    """
 
 
 @main.command()
@@ -104,8 +149,9 @@ def main() -> None:
 @click.option("--sql", is_flag=True, help="Print the DDL instead of running it.")
 @click.option("--revision", default="head", show_default=True)
 @friendly_errors
-def migrate(database_url: str, table: str, sql: bool, revision: str) -> None:
+def migrate(database_url: str | None, table: str | None, sql: bool, revision: str) -> None:
     """Create or upgrade the sessions table (Alembic, own version table)."""
+    database_url, table = _resolve(database_url, table)
     if not sql:
         with create_session_engine(database_url).connect():
             pass  # fail fast and clearly if the database is unreachable
@@ -119,8 +165,9 @@ def migrate(database_url: str, table: str, sql: bool, revision: str) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Count the expired sessions; delete nothing.")
 @friendly_errors
-def gc(database_url: str, table: str, batch_size: int, dry_run: bool) -> None:
+def gc(database_url: str | None, table: str | None, batch_size: int, dry_run: bool) -> None:
     """Delete expired sessions in bounded batches."""
+    database_url, table = _resolve(database_url, table)
     handler = open_handler(database_url, table)
     expired = handler.stats().expired
     if dry_run:
@@ -147,8 +194,9 @@ def gc(database_url: str, table: str, batch_size: int, dry_run: bool) -> None:
 @database_options
 @click.option("--user", "user_id", required=True, help="The user id whose live sessions to list.")
 @friendly_errors
-def sessions(database_url: str, table: str, user_id: str) -> None:
+def sessions(database_url: str | None, table: str | None, user_id: str) -> None:
     """List a user's live sessions (devices)."""
+    database_url, table = _resolve(database_url, table)
     handler = open_handler(database_url, table)
     infos = handler.list_sessions(user_id)
     # Everything a client or an operator typed is shown as text, never read as rich markup: a user
@@ -176,8 +224,11 @@ def sessions(database_url: str, table: str, user_id: str) -> None:
 @click.option("--user", "user_id", help="Revoke every session of this user.")
 @click.option("--except", "except_key", help="With --user: keep this session.")
 @friendly_errors
-def revoke(database_url: str, table: str, key: str | None, user_id: str | None, except_key: str | None) -> None:
+def revoke(
+    database_url: str | None, table: str | None, key: str | None, user_id: str | None, except_key: str | None
+) -> None:
     """Log out one session (KEY) or all of a user's sessions (--user ID [--except KEY])."""
+    database_url, table = _resolve(database_url, table)
     if (key is None) == (user_id is None):
         raise click.UsageError("give either a session KEY or --user ID")
     if except_key is not None and user_id is None:
@@ -195,8 +246,9 @@ def revoke(database_url: str, table: str, key: str | None, user_id: str | None, 
 @main.command()
 @database_options
 @friendly_errors
-def stats(database_url: str, table: str) -> None:
+def stats(database_url: str | None, table: str | None) -> None:
     """Live and expired sessions, users, and the table's size."""
+    database_url, table = _resolve(database_url, table)
     handler = open_handler(database_url, table)
     numbers = handler.stats()
     listing = Table(show_header=False)
@@ -210,23 +262,25 @@ def stats(database_url: str, table: str) -> None:
 @main.command()
 @click.option(
     "--database-url",
-    envvar="SQLA_SESSIONS_DATABASE_URL",
-    default="sqlite:///sqla_sessions_demo.db",
-    show_default=True,
+    default=None,
+    show_default=_masked(_env("SQLA_SESSIONS_DATABASE_URL") or DEMO_URL),
     help="SQLAlchemy URL (env SQLA_SESSIONS_DATABASE_URL).",
 )
-@click.option("--table", envvar="SQLA_SESSIONS_TABLE", default="sessions", show_default=True)
+@click.option("--table", default=None, show_default=_env("SQLA_SESSIONS_TABLE") or "sessions")
 @click.option("--broker", help="redis://… or amqp://…: real dramatiq worker processes (default: in-process).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True, help="With --broker.")
 @friendly_errors
-def demo(database_url: str, table: str, broker: str | None, host: str, port: int, workers: int) -> None:
+def demo(database_url: str | None, table: str | None, broker: str | None, host: str, port: int, workers: int) -> None:
     """Run the demo app (login, background job, flash, devices, race, blocking) under uvicorn."""
     try:
         from .demo.server import serve
     except ImportError as exc:
         raise Failure(f"the demo needs its extra: pip install 'sqla-sessions[demo]' ({exc})") from None
+    if importlib.util.find_spec("python_multipart") is None:  # the login form; without it every POST is a 500
+        raise Failure("the demo needs its extra: pip install 'sqla-sessions[demo]' (python-multipart is missing)")
+    database_url, table = _resolve(database_url, table, default_url=DEMO_URL, warn_default=False)
     serve(database_url=database_url, table=table, broker_url=broker, host=host, port=port, workers=workers)
 
 

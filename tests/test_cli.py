@@ -108,13 +108,45 @@ def test_environment_supplies_the_url(sqlite_url: str) -> None:
 def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
     result = run(*args)
     assert result.returncode == 1
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    said, error = result.stderr.strip().splitlines()  # which database, then the one line that went wrong
+    assert said.startswith("database: ") and message in error
+    assert "Traceback" not in result.stderr
 
 
 def test_a_missing_table_says_to_migrate(tmp_path: Path) -> None:
-    result = run("stats", "--database-url", f"sqlite:///{tmp_path / 'empty.db'}")
-    assert result.returncode == 1 and "run `sqla-sessions migrate` first" in result.stderr
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = run("stats", "--database-url", url)
+    assert result.returncode == 1
+    assert f"table 'sessions' not found in {url}: run `sqla-sessions migrate`" in result.stderr
+
+
+def test_options_go_before_or_after_the_command(sqlite_url: str) -> None:
+    seed(sqlite_url, "ann", 2)
+    before = run("--database-url", sqlite_url, "sessions", "--user", "ann")
+    after = run("sessions", "--user", "ann", "--database-url", sqlite_url)
+    assert before.returncode == after.returncode == 0, before.stderr
+    assert "2 session(s)" in before.stdout and "2 session(s)" in after.stdout
+    # The command's own option wins over the group's; the environment comes last.
+    wrong = "sqlite:////nonexistent/dir/x.db"
+    both = run("--database-url", wrong, "sessions", "--user", "ann", "--database-url", sqlite_url)
+    assert both.returncode == 0 and "2 session(s)" in both.stdout
+    env = run("--table", "sessions", "stats", env={"SQLA_SESSIONS_DATABASE_URL": sqlite_url})
+    assert env.returncode == 0 and f"database: {sqlite_url}, table sessions" in env.stderr
+
+
+def test_the_database_used_is_said_with_its_password_masked_and_the_sqlite_default_warned(tmp_path: Path) -> None:
+    secret_url = "postgresql+psycopg://app:hunter2@127.0.0.1:1/app?connect_timeout=1"
+    result = run("stats", "--database-url", secret_url)
+    assert "app:***@127.0.0.1:1/app" in result.stderr and "hunter2" not in result.stderr
+    shown = run("stats", "--help", env={"SQLA_SESSIONS_DATABASE_URL": secret_url})
+    assert "app:***@127.0.0.1:1/app" in shown.stdout and "hunter2" not in shown.stdout  # what will be used
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SQLA_SESSIONS_")}
+    default = subprocess.run(
+        [sys.executable, "-m", "sqla_sessions", "stats"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert "warning: no --database-url and no SQLA_SESSIONS_DATABASE_URL: using sqlite:///sessions.db" in (
+        default.stderr
+    )
 
 
 def test_migrate_on_postgresql_and_print_sql(tmp_root: Path) -> None:
