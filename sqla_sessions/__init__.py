@@ -30,6 +30,7 @@ def __getattr__(name: str) -> Any:
         return getattr(migrate, name)
     raise AttributeError(f"module 'sqla_sessions' has no attribute {name!r}")
 
+
 __all__ = [
     "ConfigurationError",
     "DatabaseHandler",

@@ -20,19 +20,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .aio import AsyncBlockingSession, AsyncSessionStore
 from .config import SessionConfig
-from .errors import LockTimeout, StoreUnavailable
+from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, blocking_matcher
 from .records import SaveAction
 from .session import Session
 from .web import (
     SAVE_ERRORS,
-    STORE_UNAVAILABLE,
+    STORE_ERRORS,
     Headers,
     RequestInfo,
     SessionCycle,
+    describe_store,
     http_reason,
     resolve_handler,
+    store_failure,
     sweep_batches,
 )
 
@@ -77,7 +79,7 @@ class SessionMiddleware:
         config, handler = resolve_handler(config, handler)
         self.config, self.handler = config, handler
         self.store = AsyncSessionStore(handler, async_engine=async_engine)
-        self.cycle = SessionCycle(self.config, handler.now)
+        self.cycle = SessionCycle(self.config, handler.now, describe_store(handler, self.config))
         self._blocking = blocking_matcher(blocking, lambda scope: scope.get("path", ""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,9 +124,11 @@ class SessionMiddleware:
             logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
             await _send_error(send, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
             return
-        except STORE_UNAVAILABLE:
-            logger.exception("session store unreachable; answering 503")
-            await _send_error(send, 503, retry_after=RETRY_AFTER)
+        except STORE_ERRORS as exc:
+            status = store_failure(exc, self.cycle.store)
+            if status is None:
+                raise
+            await _send_error(send, status, retry_after=RETRY_AFTER)
             return
         self.cycle.attach_client(session, info)
         save = held.finish if held is not None else partial(self.store.save, session, end_of_request=True)
@@ -149,12 +153,11 @@ class SessionMiddleware:
 
         try:
             await self.app({**scope, "session": session, STORE_KEY: self.store}, receive, send_with_session)
-        except StoreUnavailable:
-            # The app's own save or reload could not reach the store (and the app let it through).
+        except (StoreUnavailable, StoreMisconfigured) as exc:
+            # The app's own save or reload failed on the store (and the app let it through).
             if started:
                 raise
-            logger.exception("session store unreachable during the request; answering 503")
-            await _send_error(send, 503, retry_after=RETRY_AFTER)
+            await _send_error(send, store_failure(exc, self.cycle.store) or 500, retry_after=RETRY_AFTER)
         finally:
             if held is not None:
                 await held.release()  # no-op after the save; a rollback if the app failed or sent a 5xx
@@ -184,8 +187,9 @@ class SessionMiddleware:
         info = request_info(scope)
         try:
             session = await self.store.load(self.cycle.session_id(info))
-        except STORE_UNAVAILABLE:
-            logger.exception("session store unreachable; closing the websocket")
+        except STORE_ERRORS as exc:
+            if store_failure(exc, self.cycle.store) is None:
+                raise
             await send({"type": "websocket.close", "code": 1011})
             return
         await self.app({**scope, "session": session}, receive, send)

@@ -22,11 +22,15 @@ _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 6265 token
 _AES_KEY_SIZES = (16, 24, 32)
 
 
+#: The embedded default: a SQLite file in the working directory (the demo's, and a first try's).
+DEFAULT_DATABASE_URL = "sqlite:///sessions.db"
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     """Session settings; Laravel's `config/session.php` in Python names. Invalid values raise `ValueError`."""
 
-    database_url: str = "sqlite:///sessions.db"
+    database_url: str = DEFAULT_DATABASE_URL
     table: str = "sessions"
     lifetime: int = 120
     """Idle lifetime in minutes (sliding)."""
@@ -69,6 +73,9 @@ class SessionConfig:
     connect_timeout: float = 5
     """Seconds to establish a database connection (an unreachable host answers 503 instead of hanging)."""
     prepared_statements: PreparedStatements = "auto"
+    check_on_startup: bool = False
+    """The middlewares (when they build the handler) and the Dramatiq worker call `handler.check()` as
+    they start: a missing table or a refused role stops the process with one line, not every request."""
     """Server-side prepared statements on PostgreSQL: "on", "off" (PgBouncer < 1.21 in transaction mode,
     or one without `max_prepared_statements`), "auto" (off when the URL's port is PgBouncer's 6432)."""
 

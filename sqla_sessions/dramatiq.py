@@ -84,7 +84,10 @@ def default_handler() -> BaseHandler[Any]:
     with _default_lock:
         if _default is None:
             config = SessionConfig.from_env()
-            _default = DatabaseHandler(config.database_url, config)
+            handler = DatabaseHandler(config.database_url, config)
+            if config.check_on_startup:
+                handler.check()  # raises with one line saying what to fix; the next message tries again
+            _default = handler
         elif _default_pid != os.getpid() and isinstance(_default, DatabaseHandler):
             # Configured before a fork: never share the parent's pooled connections.
             _default.engine.dispose(close=False)

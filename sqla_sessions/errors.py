@@ -6,13 +6,14 @@ SessionError
 ├── PayloadTooLarge
 ├── LockTimeout
 ├── SessionInterrupted
-└── StoreUnavailable
+├── StoreUnavailable
+└── StoreMisconfigured
 ```
 """
 
 from __future__ import annotations
 
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 #: What an unreachable store raises from SQLAlchemy: a lost or refused connection, or no pooled
@@ -56,3 +57,59 @@ class SessionInterrupted(SessionError):
 class StoreUnavailable(SessionError):
     """Raised by `session.save()`/`reload()` (and their async forms) called by the app when the store
     cannot be reached; the middlewares answer 503 with `Retry-After` for it, as for their own saves."""
+
+
+class StoreMisconfigured(SessionError):
+    """The database answers, but what the config names is not there or is refused: the table (not
+    migrated), the database, the schema, the role or its password, a grant. No retry helps: the
+    middlewares answer 500 and log one line saying what to fix, not 503."""
+
+
+# PostgreSQL SQLSTATEs: undefined table, invalid schema, unknown database, role/password refused, no grant.
+_PG_MISCONFIGURED = {
+    "42P01": "table not found",
+    "3F000": "schema not found",
+    "3D000": "database not found",
+    "28000": "role refused",
+    "28P01": "password refused",
+    "42501": "permission denied",
+}
+# MySQL/MariaDB error numbers: no such table, unknown database, access denied (user, database, command).
+_MYSQL_MISCONFIGURED = {
+    1146: "table not found",
+    1049: "database not found",
+    1045: "role or password refused",
+    1044: "permission denied",
+    1142: "permission denied",
+}
+# Connection-time refusals carry no SQLSTATE in every driver: their server message tells.
+_MESSAGES = (
+    ("no such table", "table not found"),
+    ("does not exist", "not found"),
+    ("password authentication failed", "password refused"),
+    ("access denied", "role or password refused"),
+    ("permission denied", "permission denied"),
+)
+
+
+def misconfiguration(exc: BaseException) -> str | None:
+    """What is misconfigured when *exc* (a SQLAlchemy or driver error, or one raised from it) says the
+    database refuses what the config names; None for anything else (an outage, a bug)."""
+    error: BaseException | None = exc
+    while error is not None and not isinstance(error, DBAPIError):
+        error = error.__cause__
+    if error is None:
+        return None
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _PG_MISCONFIGURED:
+        return _PG_MISCONFIGURED[sqlstate]
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _MYSQL_MISCONFIGURED:
+        return _MYSQL_MISCONFIGURED[args[0]]
+    text = str(orig).lower()
+    if sqlstate is None and not (args and isinstance(args[0], int) and args[0] >= 2000):  # 2xxx: client errors
+        for marker, what in _MESSAGES:
+            if marker in text:
+                return what
+    return None

@@ -29,11 +29,11 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 from werkzeug.exceptions import HTTPException
 
 from .config import SessionConfig
-from .errors import LockTimeout, StoreUnavailable
+from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .session import Session
-from .web import STORE_UNAVAILABLE, SessionCycle, http_reason, resolve_handler, sweep_batches
+from .web import STORE_ERRORS, SessionCycle, describe_store, http_reason, resolve_handler, store_failure, sweep_batches
 from .wsgi import RETRY_AFTER, finish_response, request_info
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 _HELD = "sqla_sessions.held"
 _PRESENTED = "sqla_sessions.presented_id"
 _INFO = "sqla_sessions.request_info"
-_UNANSWERED = "sqla_sessions.unanswered"  # a LockTimeout or an unreachable store at opening
+_UNANSWERED = "sqla_sessions.unanswered"  # at opening: a LockTimeout, or the status a failed store call gets
 logger = logging.getLogger("sqla_sessions")
 
 
@@ -51,7 +51,7 @@ class SqlaSessionInterface(SessionInterface):
 
     def __init__(self, handler: BaseHandler[Any], blocking: Blocking = None) -> None:
         self.handler = handler
-        self.cycle = SessionCycle(handler.config, handler.now)
+        self.cycle = SessionCycle(handler.config, handler.now, describe_store(handler, handler.config))
         self._blocking = blocking_matcher(blocking, lambda environ: environ.get("PATH_INFO", ""))
 
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
@@ -63,12 +63,16 @@ class SqlaSessionInterface(SessionInterface):
                 held = BlockingSession.open(self.handler, presented)
             else:
                 held = BlockingSession(self.handler, self.handler.load(presented))
-        except (LockTimeout, *STORE_UNAVAILABLE) as exc:
+        except (LockTimeout, *STORE_ERRORS) as exc:
             # Flask turns exceptions raised here into 500s: answer from a before_request hook instead
-            # (423 for a lock wait that ran out, 503 for an unreachable database).
-            if not isinstance(exc, LockTimeout):
-                logger.exception("session store unreachable; answering 503")
-            environ[_UNANSWERED] = exc
+            # (423 for a lock wait that ran out, 503 for an unreachable database, 500 for a misconfigured one).
+            if isinstance(exc, LockTimeout):
+                environ[_UNANSWERED] = exc
+            else:
+                status = store_failure(exc, self.cycle.store)
+                if status is None:
+                    raise
+                environ[_UNANSWERED] = status
             held = BlockingSession(self.handler, Session(self.handler))
         self.cycle.attach_client(held.session, info)
         environ[_HELD] = held
@@ -120,28 +124,28 @@ def init_app(
     `sqla_sessions.locking.blocking`.
     """
     _, handler = resolve_handler(config, handler)
-    app.session_interface = SqlaSessionInterface(handler, blocking)
+    interface = app.session_interface = SqlaSessionInterface(handler, blocking)
     app.extensions["sqla_sessions"] = handler
 
     def _answer_session_failure() -> Response | None:
-        exc: Exception | None = request.environ.get(_UNANSWERED)
-        if exc is None:
+        unanswered: LockTimeout | int | None = request.environ.get(_UNANSWERED)
+        if unanswered is None:
             return None
-        if isinstance(exc, LockTimeout):
-            status, retry_after = handler.config.lock_timeout_status, math.ceil(exc.waited)
-        else:
-            status, retry_after = 503, RETRY_AFTER
+        if isinstance(unanswered, LockTimeout):
+            return _error(handler.config.lock_timeout_status, math.ceil(unanswered.waited))
+        return _error(unanswered, RETRY_AFTER)
+
+    def _store_failed(exc: StoreUnavailable | StoreMisconfigured) -> Response:
+        return _error(store_failure(exc, interface.cycle.store) or 500, RETRY_AFTER)
+
+    def _error(status: int, retry_after: int) -> Response:
         response = app.response_class(http_reason(status), status=status, content_type="text/plain; charset=utf-8")
-        response.headers["Retry-After"] = str(retry_after)
+        if status != 500:
+            response.headers["Retry-After"] = str(retry_after)
         return response
 
-    def _store_unavailable(exc: StoreUnavailable) -> Response:
-        logger.error("session store unreachable during the request; answering 503", exc_info=exc)
-        response = app.response_class(http_reason(503), status=503, content_type="text/plain; charset=utf-8")
-        response.headers["Retry-After"] = str(RETRY_AFTER)
-        return response
-
-    app.register_error_handler(StoreUnavailable, _store_unavailable)
+    app.register_error_handler(StoreUnavailable, _store_failed)
+    app.register_error_handler(StoreMisconfigured, _store_failed)
 
     # First of the app-wide hooks, whenever init_app is called: a "login required" hook registered
     # earlier must not answer (a redirect to the login page) for a store that is down.

@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from .errors import UNAVAILABLE_ERRORS, SessionInterrupted, StoreUnavailable
+from sqlalchemy.exc import DBAPIError
+
+from .errors import UNAVAILABLE_ERRORS, SessionInterrupted, StoreMisconfigured, StoreUnavailable, misconfiguration
 from .ids import generate_session_key, new_session_id, secret_hash, session_key_of
 from .merge import NO_CHANGES, ChangeSet, Number, apply_changes
 from .records import Record, SaveAction
@@ -626,8 +628,13 @@ def _unavailable_as_store_error() -> Iterator[None]:
     answer 503), not a SQLAlchemy error the app would turn into a 500."""
     try:
         yield
-    except UNAVAILABLE_ERRORS as exc:
-        raise StoreUnavailable(f"the session store is unreachable: {type(exc).__name__}") from exc
+    except (*UNAVAILABLE_ERRORS, DBAPIError) as exc:
+        what = misconfiguration(exc)
+        if what is not None:
+            raise StoreMisconfigured(f"the session store is misconfigured: {what}") from exc
+        if isinstance(exc, UNAVAILABLE_ERRORS):
+            raise StoreUnavailable(f"the session store is unreachable: {type(exc).__name__}") from exc
+        raise
 
 
 def _refill(value: Any, raw: Any) -> bool:

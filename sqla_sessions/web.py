@@ -22,20 +22,33 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
 from .config import SessionConfig
 from .cookies import CookieWriter, pick_session_id, session_cookie_values
-from .errors import UNAVAILABLE_ERRORS, PayloadTooLarge, SessionInterrupted, StoreUnavailable
+from .errors import (
+    UNAVAILABLE_ERRORS,
+    PayloadTooLarge,
+    SessionInterrupted,
+    StoreMisconfigured,
+    StoreUnavailable,
+    misconfiguration,
+)
 from .handlers.base import BaseHandler
 from .ids import is_valid_session_id
 from .records import SaveAction
 from .session import Session
 
 #: The store cannot be reached: a lost or refused connection, or no pooled connection within
-#: `pool_timeout`. Answered 503 with `Retry-After`. Other database errors (a missing table, a value
-#: the column refuses) are bugs to see: a 500 with its traceback, not an outage.
+#: `pool_timeout`. Answered 503 with `Retry-After`.
 STORE_UNAVAILABLE = (StoreUnavailable, *UNAVAILABLE_ERRORS)
+#: What a store call may raise that `store_failure` answers: an outage (503), or a database that
+#: refuses what the config names (a missing table, database or role: 500 and one line saying what
+#: to fix). Any other database error (a value a column refuses) is a bug to see, raised as it is.
+STORE_ERRORS = (*STORE_UNAVAILABLE, StoreMisconfigured, DBAPIError)
 #: What a failed save may raise; `SessionCycle.conclude` turns each into a response.
-SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, *STORE_UNAVAILABLE)
+SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, *STORE_ERRORS)
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -59,10 +72,12 @@ class RequestInfo:
 class SessionCycle:
     """Cookie in, headers out: the per-request policy shared by the middlewares."""
 
-    __slots__ = ("_clock", "_cookies", "config")
+    __slots__ = ("_clock", "_cookies", "config", "store")
 
-    def __init__(self, config: SessionConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: SessionConfig, clock: Callable[[], float] = time.time, store: str = "") -> None:
+        """*store*: where sessions are stored, as the logs name it (`describe_store`)."""
         self.config = config
+        self.store = store or describe_store(None, config)
         self._clock = clock  # the handler's: cookie lifetimes must agree with stored expiry
         self._cookies = CookieWriter(config)
 
@@ -98,9 +113,8 @@ class SessionCycle:
         elif isinstance(error, PayloadTooLarge | TypeError):
             logger.error("session could not be saved; answering 500", exc_info=error)
             return 500
-        elif isinstance(error, STORE_UNAVAILABLE):
-            logger.error("session store unreachable while saving; answering 503", exc_info=error)
-            return 503
+        elif isinstance(error, STORE_ERRORS) and (status := store_failure(error, self.store)) is not None:
+            return status
         elif error is not None:
             raise error
         return self.response_headers(session, info, action=action, presented_id=presented_id, interrupted=interrupted)
@@ -174,7 +188,37 @@ def resolve_handler(
         from .handlers.database import DatabaseHandler
 
         handler = DatabaseHandler(config.database_url, config)
+        if config.check_on_startup:
+            handler.check()
     return config or handler.config, handler
+
+
+def describe_store(handler: BaseHandler[Any] | None, config: SessionConfig) -> str:
+    """ "table 'sessions' in postgresql://app@db/app" (password masked), for log lines."""
+    engine = getattr(handler, "engine", None)
+    if engine is not None:
+        url = engine.url.render_as_string(hide_password=True)
+    else:
+        try:
+            url = sa.make_url(config.database_url).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            url = "an unparsable database_url"
+    return f"table {config.table!r} in {url}"
+
+
+def store_failure(exc: BaseException, store: str) -> int | None:
+    """Log a failed store call in one place and say what to answer: 503 (with `Retry-After`) for an
+    outage, 500 with one line naming what to fix when the database refuses what the config names;
+    None for any other error (the caller raises it)."""
+    what = misconfiguration(exc)
+    if what is not None:
+        hint = ": run `sqla-sessions migrate`" if what == "table not found" else ""
+        logger.error("session store misconfigured, %s: %s%s; answering 500", what, store, hint)
+        return 500
+    if isinstance(exc, STORE_UNAVAILABLE):
+        logger.error("session store unreachable (%s); answering 503", store, exc_info=exc)
+        return 503
+    return None
 
 
 def http_reason(status: int) -> str:

@@ -14,18 +14,20 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .config import SessionConfig
-from .errors import LockTimeout, StoreUnavailable
+from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher
 from .records import SaveAction
 from .web import (
     SAVE_ERRORS,
-    STORE_UNAVAILABLE,
+    STORE_ERRORS,
     Headers,
     RequestInfo,
     SessionCycle,
+    describe_store,
     http_reason,
     resolve_handler,
+    store_failure,
     sweep_batches,
 )
 
@@ -53,7 +55,7 @@ class SessionMiddleware:
         self.app = app
         config, handler = resolve_handler(config, handler)
         self.config, self.handler = config, handler
-        self.cycle = SessionCycle(self.config, handler.now)
+        self.cycle = SessionCycle(self.config, handler.now, describe_store(handler, self.config))
         self._blocking = blocking_matcher(blocking, lambda environ: environ.get("PATH_INFO", ""))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -67,9 +69,11 @@ class SessionMiddleware:
         except LockTimeout as exc:
             logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
             return _error(start_response, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
-        except STORE_UNAVAILABLE:
-            logger.exception("session store unreachable; answering 503")
-            return _error(start_response, 503)
+        except STORE_ERRORS as exc:
+            status = store_failure(exc, self.cycle.store)
+            if status is None:
+                raise
+            return _error(start_response, status)
         session = held.session
         self.cycle.attach_client(session, info)
         environ[ENVIRON_KEY] = session
@@ -85,11 +89,10 @@ class SessionMiddleware:
 
         try:
             app_iter = self.app(environ, start_with_session)
-        except StoreUnavailable:
-            # The app's own save or reload could not reach the store (and the app let it through).
+        except (StoreUnavailable, StoreMisconfigured) as exc:
+            # The app's own save or reload failed on the store (and the app let it through).
             held.release()
-            logger.exception("session store unreachable during the request; answering 503")
-            return _error(start_response, 503, exc_info=sys.exc_info())
+            return _error(start_response, store_failure(exc, self.cycle.store) or 500, exc_info=sys.exc_info())
         except BaseException:
             held.release()
             raise

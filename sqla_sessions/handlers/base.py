@@ -250,6 +250,9 @@ class BaseHandler(ABC, Generic[C]):
                 break
         return total
 
+    def check(self) -> None:
+        """Nothing to check for an in-memory store; `DatabaseHandler.check` looks at the database."""
+
     def stats(self) -> StoreStats:
         """Counts for monitoring (`sqla-sessions stats`): one aggregate query, plus the size where known."""
         with self.connect() as conn:

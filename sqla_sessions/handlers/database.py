@@ -9,6 +9,8 @@ now and commits.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -18,15 +20,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import Executable
 
-from ..config import SessionConfig
-from ..errors import LockTimeout
+from ..config import DEFAULT_DATABASE_URL, SessionConfig
+from ..errors import LockTimeout, StoreMisconfigured, StoreUnavailable, misconfiguration
 from ..records import Record, StoreStats
 from ..schema import sessions_table
 from .base import BaseHandler, LockState, LockStrategy, Merged
 from .engines import create_session_engine, is_autocommit_engine
 from .fastpath import FastStatement, fetch_one, row_count
+
+logger = logging.getLogger("sqla_sessions")
 
 #: How often a locked merge is tried when the database picks it as a deadlock victim.
 _MERGE_ATTEMPTS = 5
@@ -64,7 +69,17 @@ class DatabaseHandler(BaseHandler[Connection]):
             self.engine = engine_or_url
             self._owns_engine = False
         else:
-            self.engine = create_session_engine(engine_or_url or config.database_url, autocommit=True, config=config)
+            url = engine_or_url or config.database_url
+            if url == DEFAULT_DATABASE_URL:
+                # Said once per handler, at startup: a deployment that forgot its URL otherwise writes
+                # to a file nobody backs up, or answers every request with "table not found".
+                logger.warning(
+                    "no database configured: sessions are stored in %s (in %s); set SQLA_SESSIONS_DATABASE_URL "
+                    "or SessionConfig(database_url=...)",
+                    url,
+                    os.getcwd(),
+                )
+            self.engine = create_session_engine(url, autocommit=True, config=config)
             self._owns_engine = True
         self.table = sessions_table(config.table)
         # Single statements run in autocommit: one round trip each. An engine that is not in autocommit
@@ -84,6 +99,31 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._fast_update = FastStatement(self._update_if_version, dialect_)
         self._fast_insert = FastStatement(self._insert_row, dialect_)
         self._fast_touch = FastStatement(self._touch_row, dialect_)
+
+    def check(self) -> None:
+        """Make sure the database answers and holds the sessions table at this version's schema.
+
+        Raises `StoreMisconfigured` with one line saying what to fix (the table is missing or older
+        than this version: run `sqla-sessions migrate`; the database, role or password is refused),
+        or `StoreUnavailable` when the server cannot be reached. Call it at startup (or set
+        `check_on_startup`) to fail once, clearly, instead of on every request.
+        """
+        where = f"table {self.table.name!r} in {self.engine.url.render_as_string(hide_password=True)}"
+        try:
+            with self.connect() as conn:
+                inspector = sa.inspect(conn)
+                if not inspector.has_table(self.table.name):
+                    raise StoreMisconfigured(f"{where} not found: run `sqla-sessions migrate`")
+                columns = {column["name"] for column in inspector.get_columns(self.table.name)}
+        except DBAPIError as exc:
+            what = misconfiguration(exc)
+            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            if what is not None:
+                raise StoreMisconfigured(f"{what} for {where}: {reason}") from exc
+            raise StoreUnavailable(f"cannot reach the database for {where}: {reason}") from exc
+        missing = sorted(set(self.table.c.keys()) - columns)
+        if missing:
+            raise StoreMisconfigured(f"{where} lacks columns {missing} (an older schema): run `sqla-sessions migrate`")
 
     def close(self) -> None:
         """Dispose of the engine if this handler created it."""
