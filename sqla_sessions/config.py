@@ -17,7 +17,9 @@ SameSite = Literal["lax", "strict", "none"]
 PreparedStatements = Literal["auto", "on", "off"]
 
 _ENV_PREFIX = "SQLA_SESSIONS_"
-_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+#: At most 32 characters: the longest name derived from it, `ix_<table>_user_id_last_activity`, must
+#: fit PostgreSQL's 63.
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 6265 token
 _AES_KEY_SIZES = (16, 24, 32)
 
@@ -81,7 +83,8 @@ class SessionConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.database_url), "database_url", "must not be empty")
-        _check(_TABLE_NAME.fullmatch(self.table) is not None, "table", f"{self.table!r} is not a plain SQL identifier")
+        table_ok = _TABLE_NAME.fullmatch(self.table) is not None
+        _check(table_ok, "table", f"{self.table!r} is not a plain SQL identifier of at most 32 characters")
         _check_int(self.lifetime, "lifetime", minimum=1)
         if self.absolute_lifetime is not None:
             _check_int(self.absolute_lifetime, "absolute_lifetime", minimum=1)

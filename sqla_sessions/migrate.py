@@ -17,6 +17,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
+from .config import SessionConfig
+
 DEFAULT_VERSION_TABLE = "sqla_sessions_alembic_version"
 _MAX_IDENTIFIER = 63  # PostgreSQL's limit; MySQL allows 64
 
@@ -26,16 +28,19 @@ def version_table_for(table: str) -> str:
     if table == "sessions":
         return DEFAULT_VERSION_TABLE
     name = f"{DEFAULT_VERSION_TABLE}_{table}"
-    if len(name) > _MAX_IDENTIFIER:
+    limit = _MAX_IDENTIFIER - len("_pkc")  # Alembic names the version table's primary key <name>_pkc
+    if len(name) > limit:
         digest = hashlib.sha256(table.encode()).hexdigest()[:8]
-        name = f"{DEFAULT_VERSION_TABLE}_{table[: _MAX_IDENTIFIER - len(DEFAULT_VERSION_TABLE) - 10]}_{digest}"
+        name = f"{DEFAULT_VERSION_TABLE}_{table[: limit - len(DEFAULT_VERSION_TABLE) - 10]}_{digest}"
     return name
 
 
 def table_name_for_migrations(attributes: dict[str, object] | None = None) -> str:
     """The sessions table a migration run works on: env.py's choice, else `SQLA_SESSIONS_TABLE`, else sessions."""
     chosen = (attributes or {}).get("sqla_sessions_table")
-    return str(chosen) if chosen else os.environ.get("SQLA_SESSIONS_TABLE") or "sessions"
+    table = str(chosen) if chosen else os.environ.get("SQLA_SESSIONS_TABLE") or "sessions"
+    SessionConfig(table=table)  # the same rule as the config's: a plain identifier the index names fit beside
+    return table
 
 
 def script_location() -> str:

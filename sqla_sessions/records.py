@@ -21,6 +21,9 @@ class Record:
     expires_at: int
     ip_address: str | None = None
     user_agent: str | None = None
+    previous_id_hash: str | None = None
+    """After `regenerate(destroy=False)`: the hash of the secret of the id the session had before, which
+    keeps reaching it (in-flight requests, other tabs) until the next regeneration."""
 
 
 class SaveAction(enum.Enum):

@@ -39,6 +39,7 @@ def sessions_table(name: str = "sessions") -> sa.Table:
         metadata,
         sa.Column("key", sa.String(32), primary_key=True),
         sa.Column("id_hash", sa.String(64), nullable=False),
+        sa.Column("previous_id_hash", sa.String(64), nullable=True),
         sa.Column("user_id", USER_ID_TYPE, nullable=True),
         sa.Column("ip_address", sa.String(IP_ADDRESS_LENGTH), nullable=True),
         sa.Column("user_agent", sa.String(USER_AGENT_LENGTH), nullable=True),

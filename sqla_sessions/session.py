@@ -7,7 +7,7 @@ key to the value it already had is not, and a session that was only read costs n
 
 A save hands the store one `UnitOfWork` (`unit_of_work()`): the payload change set against the
 payload as loaded (the base of the three-way merge, see `merge`), the identity changes (new id,
-user, a change of privilege, a fork, a deletion) and the client facts. The store writes it and the
+user, a change of privilege, a kept previous id, a deletion) and the client facts. The store writes it and the
 session `adopt()`s what was stored.
 """
 
@@ -74,7 +74,7 @@ class Session(StoreApi):
         "_detached",
         "_expiry_moved",
         "_flash_aged",
-        "_fork_id_hash",
+        "_keep_previous_id",
         "_generation",
         "_gone",
         "_id",
@@ -104,7 +104,7 @@ class Session(StoreApi):
         self._user_id: str | None = None
         self._base_user_id: str | None = None
         self._id_changed = False
-        self._fork_id_hash: str | None = None  # regenerate(destroy=False): the old id keeps a copy
+        self._keep_previous_id = False  # regenerate(destroy=False): the id until now keeps working
         self._destroy_key: str | None = None  # invalidate(): the row to delete at save
         self._detached = False  # reload() found the session gone: reads give a fresh one, saves are refused
         self._expiry_moved = False  # a save or touch of this request pushed expires_at forward (the cookie follows)
@@ -149,10 +149,9 @@ class Session(StoreApi):
     def key(self) -> str | None:
         """The server-side key background jobs address; None until the session is first stored.
 
-        It is the first part of the session id, so the cookie names the row. It changes at a change of
-        privilege (`login()`, `change_privilege()`), which cuts off everything that addressed the
-        session by its previous key, and at `regenerate(destroy=False)`, which leaves the previous key
-        to the previous id's copy.
+        It is the first part of the session id, so the cookie names the row. It changes only at a
+        change of privilege (`login()`, `change_privilege()`), which cuts off everything that addressed
+        the session by its previous key.
         """
         return None if self._loaded is None else self._loaded.key
 
@@ -350,25 +349,22 @@ class Session(StoreApi):
     def regenerate(self, destroy: bool = True) -> None:
         """Give the session a new id (and a new CSRF token), keeping its data and its key.
 
-        With *destroy* (the default) the old id stops working at save; requests and jobs that hold
-        the session by its key still reach it (for a change of privilege use `change_privilege()`,
-        which `login()` calls). With `destroy=False` the old id keeps a copy of the session as it was
-        stored, as Laravel's `migrate(false)` does: the copy keeps the key the old id names (jobs
-        enqueued before write to it) and this session moves to a new key.
+        With *destroy* (the default) every earlier id stops working at save. With `destroy=False` the
+        id the session had until now keeps reaching it, the same row and data (requests in flight
+        with the old cookie, other tabs), until the next regeneration; unlike Laravel's
+        `migrate(false)`, whose old id keeps a copy that drifts apart. Either way requests and jobs
+        that hold the session by its key still reach it; for a change of privilege use
+        `change_privilege()` (which `login()` calls), which ends every earlier id.
         """
-        fork = not destroy and self._loaded is not None and self._fork_id_hash is None and self._id is not None
-        if fork:
-            assert self._id is not None
-            self._fork_id_hash = secret_hash(self._id)
-        self._mint_id(new_key=fork)
+        self._keep_previous_id = not destroy and self._loaded is not None
+        self._mint_id(new_key=False)
         self._id_changed = True
         self.regenerate_token()
 
     def _mint_id(self, *, new_key: bool) -> None:
         """A new id (a new secret) naming the row this session will be stored at.
 
-        The cookie names the row, so the row moves when the key does: at a change of privilege, and
-        at a fork (the previous id's copy stays at the key that id names).
+        The cookie names the row, so the row moves when the key does: at a change of privilege.
         """
         if new_key:
             key = generate_session_key()
@@ -390,6 +386,7 @@ class Session(StoreApi):
         """
         self._mint_id(new_key=True)
         self._id_changed = True
+        self._keep_previous_id = False  # every earlier id ends with a change of privilege
         self.regenerate_token()
         self._generation += 1
 
@@ -496,7 +493,7 @@ class Session(StoreApi):
         self._loaded = None
         self._raw, self._live, self._gone, self._deltas, self._assigned = {}, {}, set(), {}, set()
         self._user_id = self._base_user_id = None
-        self._fork_id_hash = None
+        self._keep_previous_id = False
         self._accessed = True
 
     def _require_store(self) -> SessionStore:
@@ -529,7 +526,7 @@ class Session(StoreApi):
                 new_id_hash, new_key = secret_hash(self.id), session_key_of(self.id)
         elif self._id_changed and self._id is not None:
             new_id_hash = secret_hash(self._id)
-            if session_key_of(self._id) != loaded.key:  # a change of privilege or a fork: the row moves
+            if session_key_of(self._id) != loaded.key:  # a change of privilege: the row moves
                 new_key = session_key_of(self._id)
         ip, agent = self.ip_address, self.user_agent
         return UnitOfWork(
@@ -539,7 +536,7 @@ class Session(StoreApi):
             user_id=self._user_id,
             user_changed=self._user_id != self._base_user_id,
             new_key=new_key,
-            fork_id_hash=self._fork_id_hash,
+            keep_previous_id=self._keep_previous_id,
             destroy_key=self._destroy_key,
             ip_address=ip[:IP_ADDRESS_LENGTH] if ip else None,
             user_agent=agent[:USER_AGENT_LENGTH] if agent else None,
@@ -566,7 +563,7 @@ class Session(StoreApi):
         self._assigned = set()
         self._base_user_id = self._user_id = record.user_id
         self._id_changed = False
-        self._fork_id_hash = None
+        self._keep_previous_id = False
 
     def _still_watched(self, stored: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:
         """The handed-out values that stay watched once *stored* becomes the base.

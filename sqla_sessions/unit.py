@@ -36,11 +36,11 @@ class UnitOfWork(NamedTuple):
     user_id: str | None
     user_changed: bool
     new_key: str | None
-    """The key of a row stored for the first time, or the key the row moves to: at a change of privilege
-    (login), so nothing holding the old one reaches it, and at a fork. It is the key the session id
-    names, chosen when the unit is made, so a unit written again (after a lost lock) writes the same row."""
-    fork_id_hash: str | None
-    """`regenerate(destroy=False)`: the previous id keeps a copy of the session as loaded, at the loaded key."""
+    """The key of a row stored for the first time, or, at a change of privilege (login), the key the
+    row moves to, so nothing holding the old one reaches it. It is the key the session id names, chosen
+    when the unit is made, so a unit written again (after a lost lock) writes the same row."""
+    keep_previous_id: bool
+    """`regenerate(destroy=False)`: the id the row has until this save keeps reaching it."""
     destroy_key: str | None
     """`invalidate()`: the row to delete."""
     ip_address: str | None
@@ -115,6 +115,11 @@ def successor(
     record = Record(
         key=key,
         id_hash=unit.new_id_hash if unit.new_id_hash is not None else current.id_hash,
+        # A new id keeps the row's id until now valid when asked to (the current row's, so two requests
+        # regenerating at once both leave a working id), else ends every earlier id.
+        previous_id_hash=current.previous_id_hash
+        if unit.new_id_hash is None
+        else (current.id_hash if unit.keep_previous_id else None),
         user_id=unit.user_id if unit.user_changed else current.user_id,
         payload=dumps(raw, key),  # PayloadTooLarge: nothing written
         version=current.version + 1,
@@ -143,16 +148,6 @@ def first_row(
     assert unit.new_id_hash is not None
     payload = dumps(dict(unit.changes.updates if raw is None else raw), key)
     return _new_row(key, unit.new_id_hash, unit.user_id, payload, now, now, expiry, unit.ip_address, unit.user_agent)
-
-
-def fork_row(unit: UnitOfWork, *, key: str, now: int, expiry: Expiry, dumps: Callable[..., bytes]) -> Record:
-    """`regenerate(destroy=False)`: the copy of the loaded session the previous id keeps."""
-    base = unit.loaded
-    assert base is not None and unit.fork_id_hash is not None
-    payload = dumps(dict(unit.changes.base), key)
-    return _new_row(
-        key, unit.fork_id_hash, base.user_id, payload, base.created_at, now, expiry, base.ip_address, base.user_agent
-    )
 
 
 def _new_row(

@@ -103,6 +103,24 @@ def test_a_wrong_secret_locks_nothing(real_clock_handler: BaseHandler[Any]) -> N
     assert forged.session.key != key and handler.load(session_id).all() == {"n": 1}
 
 
+def test_a_wrong_secret_does_not_wait_for_the_owners_lock(real_clock_handler: BaseHandler[Any]) -> None:
+    """InnoDB locks a primary-key record before it checks the rest of a WHERE clause: the secret is
+    checked by a plain read first, so a known key tells nothing about the owner's blocking requests."""
+    handler = real_clock_handler
+    session_id = stored_id(handler)
+    key = session_id.split(".")[0]
+    owner = BlockingSession.open(handler, session_id)
+    assert owner.locked
+    started = time.monotonic()
+    forged = BlockingSession.open(handler, f"{key}.{'A' * 40}")
+    assert time.monotonic() - started < 0.3  # not the 0.5 s wait, nor a LockTimeout
+    assert not forged.locked and forged.session.is_new
+    forged.release()
+    owner.session.increment("n")
+    owner.finish()
+    assert handler.load(session_id)["n"] == 1
+
+
 @pytest.mark.parametrize("mysql_bound", ["idle_transaction_timeout", "wait_timeout"])
 def test_a_hold_past_block_lock_seconds_is_ended_by_the_database_and_the_save_still_lands(
     make_handler: HandlerFactory,

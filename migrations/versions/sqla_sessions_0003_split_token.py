@@ -1,10 +1,10 @@
 """Split-token session ids: the cookie names the row by key; the id hash is no longer looked up.
 
 Cookies become `<key>.<secret>` and every lookup is by primary key, so the unique index on
-`id_hash` (now the hash of the secret alone) goes. Sessions stored before this revision were
-reached only through that index by cookies of the old shape, which are refused from now on: they
-are deleted here (their users sign in again once), so device lists don't show sessions nobody can
-reach.
+`id_hash` (now the hash of the secret alone) goes. `previous_id_hash` holds the id a
+`regenerate(destroy=False)` keeps valid. Sessions stored before this revision were reached only
+through that index by cookies of the old shape, which are refused from now on: they are deleted
+here (their users sign in again once), so device lists don't show sessions nobody can reach.
 
 Revision ID: sqla_sessions_0003
 Revises: sqla_sessions_0002
@@ -28,26 +28,30 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Delete the sessions only old-shaped cookies reach; drop the unique index on id_hash."""
+    """Delete the sessions only old-shaped cookies reach; drop the unique index on id_hash; add previous_id_hash."""
     table = table_name_for_migrations(context.config.attributes)
     op.execute(sa.table(table).delete())
-    with op.batch_alter_table(table, copy_from=_snapshot(table, id_hash_unique=True)) as batch:
+    with op.batch_alter_table(table, copy_from=_snapshot(table, split_tokens=False)) as batch:
         batch.drop_constraint(f"uq_{table}_id_hash", type_="unique")
+        batch.add_column(sa.Column("previous_id_hash", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
     """Bring the unique index back (after deleting the sessions of the split-token shape)."""
     table = table_name_for_migrations(context.config.attributes)
     op.execute(sa.table(table).delete())
-    with op.batch_alter_table(table, copy_from=_snapshot(table, id_hash_unique=False)) as batch:
+    with op.batch_alter_table(table, copy_from=_snapshot(table, split_tokens=True)) as batch:
+        batch.drop_column("previous_id_hash")
         batch.create_unique_constraint(f"uq_{table}_id_hash", ["id_hash"])
 
 
-def _snapshot(table: str, *, id_hash_unique: bool) -> sa.Table:
-    """The table as revision 0002 left it (SQLite rebuilds tables: this spares reflecting it, so
-    `alembic upgrade head --sql` prints the DDL too). A snapshot, not `schema.py`, which moves on."""
-    constraints: list[sa.Constraint] = [sa.PrimaryKeyConstraint("key", name=f"pk_{table}")]
-    if id_hash_unique:
+def _snapshot(table: str, *, split_tokens: bool) -> sa.Table:
+    """The table as revision 0002 left it, or this one (SQLite rebuilds tables: this spares reflecting
+    it, so `alembic upgrade head --sql` prints the DDL too). A snapshot, not `schema.py`, which moves on."""
+    constraints: list[sa.Constraint | sa.Column[str]] = [sa.PrimaryKeyConstraint("key", name=f"pk_{table}")]
+    if split_tokens:
+        constraints.append(sa.Column("previous_id_hash", sa.String(64), nullable=True))
+    else:
         constraints.append(sa.UniqueConstraint("id_hash", name=f"uq_{table}_id_hash"))
     snapshot = sa.Table(
         table,

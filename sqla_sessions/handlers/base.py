@@ -26,7 +26,7 @@ from ..ids import is_valid_session_id, is_valid_session_key, secret_hash, secret
 from ..merge import apply_changes
 from ..records import Record, SaveAction, SessionInfo, StoreStats
 from ..session import Session
-from ..unit import Expiry, Saved, UnitOfWork, first_row, fork_row, successor
+from ..unit import Expiry, Saved, UnitOfWork, first_row, successor
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -127,10 +127,6 @@ class BaseHandler(ABC, Generic[C]):
     @abstractmethod
     def _insert(self, conn: C, record: Record) -> None:
         """Insert a new row."""
-
-    @abstractmethod
-    def _insert_if_absent(self, conn: C, record: Record) -> bool:
-        """Insert a new row unless its key or id hash is taken; False if it was."""
 
     @abstractmethod
     def _update(self, conn: C, record: Record, *, expected_version: int, now: int) -> bool:
@@ -288,7 +284,7 @@ class BaseHandler(ABC, Generic[C]):
 
     def load_on(self, conn: C, session_id: str) -> Session:
         record = self._fetch(conn, session_key_of(session_id), self.now())
-        if record is None or not secret_matches(session_id, record.id_hash):
+        if record is None or not opens(session_id, record):
             logger.warning("unknown or expired session id; starting a new session")
             return Session(self)
         raw = self._decode(record)
@@ -375,11 +371,6 @@ class BaseHandler(ABC, Generic[C]):
                 record = first_row(unit, key=unit.new_key, now=now, expiry=self.expiry, dumps=self.codec.dumps, raw=raw)
                 self._insert(conn, record)
                 return Saved(SaveAction.INSERTED, record, raw, True)
-        if unit.fork_id_hash is not None:
-            # The previous id keeps a copy at the key it names (this session moved to a new one),
-            # unless a concurrent request forked it already.
-            fork = fork_row(unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps)
-            self._insert_if_absent(conn, fork)
         record, raw = written
         return Saved(action, record, raw, record.expires_at != loaded.expires_at)
 
@@ -415,3 +406,11 @@ class BaseHandler(ABC, Generic[C]):
             raise SessionInterrupted("the session was destroyed or expired since it was loaded")
         touched = dataclasses.replace(record, last_activity=now, expires_at=expires_at)
         return Saved(SaveAction.TOUCHED, touched, {}, True)
+
+
+def opens(session_id: str, record: Record) -> bool:
+    """Whether *session_id*'s secret opens *record*: its current id, or the one a `regenerate(destroy=False)`
+    keeps reaching it (both compared in constant time)."""
+    previous = record.previous_id_hash
+    current = secret_matches(session_id, record.id_hash)
+    return current or (previous is not None and secret_matches(session_id, previous))

@@ -18,10 +18,8 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.expression import Executable
 
 from ..config import DEFAULT_DATABASE_URL, SessionConfig
 from ..errors import LockTimeout, StoreMisconfigured, StoreUnavailable, misconfiguration
@@ -48,6 +46,7 @@ _COLUMNS = (
     "expires_at",
     "ip_address",
     "user_agent",
+    "previous_id_hash",
 )
 
 
@@ -139,7 +138,6 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._select_for_update = sa.select(*cols).where(t.c.key == key).with_for_update()
         # Explicit columns: the lease columns stay NULL, and the compiled SQL names exactly these binds.
         self._insert_row = sa.insert(t).values({name: sa.bindparam(name) for name in _COLUMNS})
-        self._insert_row_if_absent = self._insert_ignoring_conflicts()
         writable = {name: sa.bindparam(f"v_{name}", type_=t.c[name].type) for name in _COLUMNS if name != "key"}
         self._update_row = sa.update(t).where(t.c.key == key).values(**writable)
         self._update_if_version = (
@@ -167,8 +165,9 @@ class DatabaseHandler(BaseHandler[Connection]):
         # is in the WHERE clause so a wrong secret locks nothing; comparing it in SQL leaks no timing worth
         # having: both sides are SHA-256 digests, and the bearer of a guess cannot steer a digest's bytes.
         id_hash = sa.bindparam("b_id_hash", type_=t.c.id_hash.type)
+        opened = sa.or_(t.c.id_hash == id_hash, t.c.previous_id_hash == id_hash)
         self._select_by_id_for_update = (
-            sa.select(*cols).where(t.c.key == key, t.c.id_hash == id_hash, t.c.expires_at > now).with_for_update()
+            sa.select(*cols).where(t.c.key == key, opened, t.c.expires_at > now).with_for_update()
         )
         self._set_pg_timeouts = sa.select(
             sa.func.set_config("lock_timeout", sa.bindparam("wait"), True),
@@ -178,26 +177,16 @@ class DatabaseHandler(BaseHandler[Connection]):
         free = sa.or_(t.c.lease_until.is_(None), t.c.lease_until <= sa.bindparam("now_ms", type_=sa.BigInteger))
         self._take_lease = (
             sa.update(t)
-            .where(t.c.key == key, t.c.id_hash == id_hash, t.c.expires_at > now, free)
+            .where(t.c.key == key, opened, t.c.expires_at > now, free)
             .values(lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until", type_=sa.BigInteger))
             .returning(*cols)
         )
-        self._exists_by_id = sa.select(t.c.key).where(t.c.key == key, t.c.id_hash == id_hash, t.c.expires_at > now)
+        self._exists_by_id = sa.select(t.c.key).where(t.c.key == key, opened, t.c.expires_at > now)
         self._drop_lease = (
             sa.update(t)
             .where(t.c.key == key, t.c.lease_owner == sa.bindparam("owner"))
             .values(lease_owner=None, lease_until=None)
         )
-
-    def _insert_ignoring_conflicts(self) -> Executable:
-        """The INSERT that does nothing when the key or id hash is taken (no error: a blocking request's
-        transaction must not be aborted by it)."""
-        values: dict[str, Any] = {name: sa.bindparam(name) for name in _COLUMNS}
-        if self._dialect == "postgresql":
-            return postgresql.insert(self.table).values(values).on_conflict_do_nothing()
-        if self._dialect == "sqlite":
-            return sqlite.insert(self.table).values(values).on_conflict_do_nothing()
-        return sa.insert(self.table).values(values).prefix_with("IGNORE")  # MySQL, MariaDB
 
     def _gc_statement(self, limit: int) -> sa.Delete:
         t = self.table
@@ -231,10 +220,6 @@ class DatabaseHandler(BaseHandler[Connection]):
             row_count(conn, self._fast_insert, values)
         else:
             conn.execute(self._insert_row, values)
-
-    def _insert_if_absent(self, conn: Connection, record: Record) -> bool:
-        values = {name: getattr(record, name) for name in _COLUMNS}
-        return bool(conn.execute(self._insert_row_if_absent, values).rowcount == 1)
 
     def _update(self, conn: Connection, record: Record, *, expected_version: int, now: int) -> bool:
         params = _write_params(record)
@@ -353,6 +338,13 @@ class DatabaseHandler(BaseHandler[Connection]):
             exists = conn.execute(self._exists_by_id, {"b_key": key, "b_id_hash": id_hash, "now": now}).first()
             return (LockState.BUSY if exists else LockState.MISSING), None
         wait, hold = self.config.block_wait_seconds, self.config.block_lock_seconds
+        if (
+            self._dialect == "mysql"
+            and conn.execute(self._exists_by_id, {"b_key": key, "b_id_hash": id_hash, "now": now}).first() is None
+        ):
+            # InnoDB locks the primary-key record before it checks the rest of the WHERE clause: a known
+            # key with a wrong secret would wait for (and then hold) the owner's lock. A plain read first.
+            return LockState.MISSING, None
         try:
             if self._dialect == "mysql":
                 # Session variables (whole seconds), reset when the lock ends.
@@ -468,6 +460,7 @@ def _record(row: Any) -> Record:
         expires_at=row[7],
         ip_address=row[8],
         user_agent=row[9],
+        previous_id_hash=row[10],
     )
 
 
@@ -483,4 +476,5 @@ def _write_params(record: Record) -> dict[str, Any]:
         "v_expires_at": record.expires_at,
         "v_ip_address": record.ip_address,
         "v_user_agent": record.user_agent,
+        "v_previous_id_hash": record.previous_id_hash,
     }

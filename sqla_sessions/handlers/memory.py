@@ -47,13 +47,6 @@ class MemoryHandler(BaseHandler[None]):
                 raise KeyError("duplicate session key")
             self._put(record)
 
-    def _insert_if_absent(self, conn: None, record: Record) -> bool:
-        with self._lock:
-            if record.key in self._rows:
-                return False
-            self._put(record)
-            return True
-
     def _update(self, conn: None, record: Record, *, expected_version: int, now: int) -> bool:
         with self._lock:
             row = self._rows.get(record.key)
@@ -116,7 +109,7 @@ class MemoryHandler(BaseHandler[None]):
     def _acquire(self, conn: None, key: str, id_hash: str, owner: str, now: int) -> tuple[LockState, Record | None]:
         with self._lock:
             row = self._fetch(conn, key, now)
-            if row is None or row.id_hash != id_hash:
+            if row is None or id_hash not in (row.id_hash, row.previous_id_hash):
                 return LockState.MISSING, None
             now_ms = int(self.clock() * 1000)
             lease = self._leases.get(row.key)

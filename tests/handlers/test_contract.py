@@ -288,15 +288,37 @@ def test_regenerate_keeps_key_and_data_and_kills_the_old_id(handler: Handler) ->
     assert fresh.key == key and fresh["a"] == 1
 
 
-def test_regenerate_without_destroy_leaves_a_copy_under_the_old_id(handler: Handler) -> None:
+def test_regenerate_without_destroy_keeps_the_old_id_reaching_the_same_session(handler: Handler) -> None:
     old_id = new_stored(handler, a=1)
     session = handler.load(old_id)
+    key = session.key
     session.regenerate(destroy=False)
     session["b"] = 2
     session.save()
-    old = handler.load(old_id)
-    assert old.all() == {"a": 1} and old.key != session.key
-    assert handler.load(session.id).all()["b"] == 2
+    assert session.key == key and session.id != old_id  # the same row: no copy to drift apart
+    late = handler.load(old_id)  # a request in flight, or another tab, with the old cookie
+    assert late.key == key and late.all_except("_token") == {"a": 1, "b": 2}
+    late["c"] = 3
+    late.save()
+    assert handler.load(session.id).all_except("_token") == {"a": 1, "b": 2, "c": 3}
+    again = handler.load(session.id)
+    again.regenerate()  # a plain regenerate ends every earlier id
+    again.save()
+    assert handler.load(old_id).is_new and handler.load(session.id).is_new
+    assert handler.load(again.id)["c"] == 3
+
+
+def test_a_login_ends_the_id_a_regenerate_kept(handler: Handler) -> None:
+    old_id = new_stored(handler, a=1)
+    session = handler.load(old_id)
+    session.regenerate(destroy=False)
+    session.save()
+    kept = session.id
+    login = handler.load(old_id)
+    login.login("u1")
+    login.save()
+    assert handler.load(old_id).is_new and handler.load(kept).is_new
+    assert handler.load(login.id).user_id == "u1"
 
 
 def test_invalidate_deletes_the_row_and_starts_over(handler: Handler) -> None:
@@ -685,16 +707,29 @@ def test_a_value_handed_out_before_a_merged_mid_request_save_is_still_watched(ha
     assert handler.load(session_id)["cart"] == ["a", "y", "x", "z"] and others[0] == 1
 
 
-def test_concurrent_regenerate_keeping_the_old_id_forks_it_once(handler: Handler) -> None:
+def test_two_requests_regenerating_at_once_both_leave_a_working_id(handler: Handler) -> None:
     session_id = new_stored(handler, cart=["a"])
     first, second = handler.load(session_id), handler.load(session_id)
     first.regenerate(destroy=False)
+    first.push("cart", "b")
     first.save()
     second.regenerate(destroy=False)
-    second.login("u1")
-    second.save()  # the old id is forked already: no error, nothing half-written
-    assert handler.load(session_id)["cart"] == ["a"]  # the old id's copy
-    assert handler.load(second.id).user_id == "u1" and handler.load(second.id)["cart"] == ["a"]
+    second.push("cart", "c")
+    assert second.save() is SaveAction.MERGED
+    # The browser keeps whichever response came last: both ids open the merged session.
+    for presented in (first.id, second.id):
+        assert handler.load(presented)["cart"] == ["a", "b", "c"]
+    assert handler.load(session_id).is_new  # the id both started from is two regenerations old
+
+
+def test_a_logout_racing_with_a_regenerate_ends_the_session_for_every_id(handler: Handler) -> None:
+    session_id = new_stored(handler, a=1)
+    tab_a, tab_b = handler.load(session_id), handler.load(session_id)
+    tab_a.regenerate(destroy=False)
+    tab_a.save()
+    tab_b.logout()
+    tab_b.save()
+    assert handler.load(session_id).is_new and handler.load(tab_a.id).is_new
 
 
 def test_clear_keeps_the_exactly_once_job_record(handler: Handler) -> None:
