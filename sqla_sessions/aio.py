@@ -89,7 +89,7 @@ class AsyncSessionStore:
         self._owns_engine = False
         self._threads: WorkerThreads | None = None
         self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
-        self._closing: set[asyncio.Future[None]] = set()  # held connections cancelled requests still give back
+        self._pending: set[asyncio.Future[None]] = set()  # what cancelled requests still finish (see aclose)
         if not isinstance(handler, DatabaseHandler):
             return
         if async_engine == "auto":
@@ -187,10 +187,12 @@ class AsyncSessionStore:
             del self._gates[session_id]
 
     async def aclose(self) -> None:
-        """Dispose of what this store created (its AsyncEngine, its threads), once the connections that
-        cancelled requests are still giving back are back (bounded by `pool_timeout`)."""
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=self.config.pool_timeout)
+        """Dispose of what this store created (its AsyncEngine, its threads), once what cancelled requests
+        still finish is done: a save and its commit, its jobs, the connection given back (bounded by a
+        lock's hold and a pool wait)."""
+        if self._pending:
+            bound = self.config.block_lock_seconds + self.config.pool_timeout
+            await asyncio.wait(list(self._pending), timeout=bound)
         if self._engine is not None and self._owns_engine:
             await self._engine.dispose()
         if self._threads is not None:
@@ -198,7 +200,14 @@ class AsyncSessionStore:
 
     def held_connection(self) -> HeldConnection:
         """A connection of whichever kind this store uses, to keep for a whole (blocking) request."""
-        return HeldConnection(self._engine, self._threads, self.handler, closing=self._closing)
+        return HeldConnection(self._engine, self._threads, self.handler, pending=self._pending)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run *work* to its end without anyone awaiting it (what a cancelled request still has to
+        finish); `aclose()` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def run_on_connection(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(connection, *args)` on a connection of the right kind."""
@@ -242,10 +251,10 @@ class HeldConnection:
         threads: WorkerThreads | None,
         handler: BaseHandler[Any],
         *,
-        closing: set[asyncio.Future[None]] | None = None,
+        pending: set[asyncio.Future[None]] | None = None,
     ) -> None:
-        """*closing*: where a close still running is kept (the store waits for it before it shuts down)."""
-        self._closing = closing
+        """*pending*: where a close still running is kept (the store waits for it before it shuts down)."""
+        self._pending = pending
         self._engine = engine
         self._threads = threads
         self._handler = handler
@@ -280,9 +289,9 @@ class HeldConnection:
         Shielded: a second cancellation cannot leave the connection half closed.
         """
         closing = asyncio.ensure_future(self._close(last))
-        if self._closing is not None:
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+        if self._pending is not None:
+            self._pending.add(closing)
+            closing.add_done_callback(self._pending.discard)
         await asyncio.shield(closing)
 
     async def _close(self, last: Callable[[Any], None] | None) -> None:
@@ -371,7 +380,7 @@ class AsyncBlockingSession:
         except asyncio.CancelledError:
             # Give the cancellation back at once; the wait still in flight ends (or times out) in the
             # database, and the connection is cleaned up and returned behind it.
-            _in_background(held._close())
+            store.in_background(held._close())
             raise
         except BaseException:
             await held._close()
@@ -417,7 +426,7 @@ class AsyncBlockingSession:
         except asyncio.CancelledError:
             # The save and commit still run to their end; the callbacks (jobs) follow what they did.
             self._settling = True
-            _in_background(self._settle(conn.last_call))
+            self.store.in_background(self._settle(conn.last_call))
             raise
         except BaseException as exc:
             if not lost_lock(exc):
@@ -429,7 +438,7 @@ class AsyncBlockingSession:
                 action = await asyncio.shield(rewrite)
             except asyncio.CancelledError:
                 self._settling = True  # the rewrite runs on; the callbacks follow what it did
-                _in_background(self._settle(rewrite))
+                self.store.in_background(self._settle(rewrite))
                 raise
             except BaseException as error:
                 session.run_saved_callbacks(error)
@@ -490,16 +499,6 @@ class AsyncBlockingSession:
         on_done, self._on_done = self._on_done, None
         if on_done is not None:
             on_done()
-
-
-_background: set[asyncio.Task[None]] = set()
-
-
-def _in_background(work: Coroutine[Any, Any, None]) -> None:
-    """Run *work* to its end without anyone awaiting it (a strong reference keeps the task alive)."""
-    task = asyncio.ensure_future(work)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:

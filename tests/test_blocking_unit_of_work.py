@@ -135,6 +135,42 @@ async def _blocking_request(store: AsyncSessionStore, session_id: str) -> None:
         await held.release()
 
 
+def test_aclose_waits_for_a_request_cancelled_during_its_commit(pg_backend: Backend) -> None:
+    """The save and its commit run on after the cancel; a shutdown right then still lets them, the
+    job they hand over and the connection's return finish (a slow commit: a trigger that sleeps)."""
+    handler = DatabaseHandler(pg_backend.engine, SessionConfig(block_wait_seconds=5, block_lock_seconds=10))
+    session_id = stored(handler, n=0)
+    with pg_backend.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger AS "
+            "$$ BEGIN PERFORM pg_sleep(0.6); RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER slow_commit BEFORE UPDATE ON sessions FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+        )
+    sent: list[str] = []
+
+    async def shutdown_during_a_commit() -> None:
+        store = AsyncSessionStore(handler)
+        held = await store.open_blocking(session_id)
+        held.session["n"] = 1
+        held.session.on_saved(lambda: sent.append("job"), "job")
+        task = asyncio.create_task(held.finish())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.aclose()
+
+    try:
+        asyncio.run(shutdown_during_a_commit())
+    finally:
+        with pg_backend.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER slow_commit ON sessions")
+    assert sent == ["job"] and handler.load(session_id)["n"] == 1
+    assert pg_backend.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 def test_a_request_cancelled_while_it_waits_for_the_lock_leaves_nothing_behind(
     db_backend: Backend, one_connection: DatabaseHandler
 ) -> None:
