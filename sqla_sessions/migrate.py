@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -33,6 +35,21 @@ def version_table_for(table: str) -> str:
         digest = hashlib.sha256(table.encode()).hexdigest()[:8]
         name = f"{DEFAULT_VERSION_TABLE}_{table[: limit - len(DEFAULT_VERSION_TABLE) - 10]}_{digest}"
     return name
+
+
+def host_include_name(*tables: str) -> Callable[[str | None, str, Mapping[str, str | None]], bool]:
+    """An `include_name` for a host app's Alembic `context.configure(...)`: its autogenerate and
+    `alembic check` leave the sessions tables (*tables*, default "sessions") and sqla_sessions' own
+    version tables alone, whose history `sqla_sessions.upgrade()` keeps (see the README's recipe).
+    By default: "sessions" and the table `SQLA_SESSIONS_TABLE` names."""
+    ours = set(tables) if tables else {"sessions", table_name_for_migrations()}
+
+    def include_name(name: str | None, type_: str, parent_names: Mapping[str, str | None]) -> bool:
+        if type_ != "table" or name is None:
+            return True
+        return name not in ours and not name.startswith(DEFAULT_VERSION_TABLE)
+
+    return include_name
 
 
 def table_name_for_migrations(attributes: dict[str, object] | None = None) -> str:
@@ -72,12 +89,53 @@ def upgrade(
     revision: str = "head",
     sql: bool = False,
 ) -> None:
-    """Upgrade the schema (URL default: `SQLA_SESSIONS_DATABASE_URL`); with *sql*, print the DDL instead."""
-    command.upgrade(alembic_config(engine_or_url, table=table), revision, sql=sql)
+    """Upgrade the schema (URL default: `SQLA_SESSIONS_DATABASE_URL`); with *sql*, print the DDL instead.
+
+    May be called from a host app's Alembic `env.py` (with its connection), see the README's recipe.
+    """
+    with _inside_a_host_environment():
+        command.upgrade(alembic_config(engine_or_url, table=table), revision, sql=sql)
+
+
+def upgrade_with_host(connection: Connection, *, table: str | None = None) -> None:
+    """From a host app's Alembic `env.py`, after its own `context.run_migrations()`: when the host's
+    command is an upgrade, bring the sessions table to its head too, on the host's connection.
+
+    Other commands (`revision --autogenerate`, `check`, `stamp`, `downgrade`, `current`) leave it
+    alone. The sessions table keeps its own history in its own version table, so the host's
+    `alembic_version` holds only the host's revisions, and a database set up with `upgrade()` (or
+    `sqla-sessions migrate`) switches to this recipe as it is.
+    """
+    from alembic import context
+
+    environment = context.get_context().environment_context
+    command_fn = environment.context_opts.get("fn") if environment is not None else None
+    if getattr(command_fn, "__name__", None) == "upgrade":
+        upgrade(connection, table=table)
 
 
 def downgrade(
     engine_or_url: Engine | Connection | str | None = None, *, table: str | None = None, revision: str = "base"
 ) -> None:
     """Downgrade the schema (to nothing, by default)."""
-    command.downgrade(alembic_config(engine_or_url, table=table), revision)
+    with _inside_a_host_environment():
+        command.downgrade(alembic_config(engine_or_url, table=table), revision)
+
+
+@contextmanager
+def _inside_a_host_environment() -> Iterator[None]:
+    """Run an Alembic command of ours, possibly inside a host app's running `env.py`.
+
+    Alembic keeps the running environment in module globals (`alembic.context`, `alembic.op`); a
+    nested command installs its own and removes them on exit, so the host's `env.py` would then fail
+    as its environment ends (`KeyError: 'config'`). The host's are put back as they were.
+    """
+    from alembic import context, op
+
+    outer = [(module, getattr(module, "_proxy", None)) for module in (context, op)]
+    try:
+        yield
+    finally:
+        for module, proxy in outer:
+            if proxy is not None and getattr(module, "_proxy", None) is not proxy:
+                proxy._install_proxy()
