@@ -63,26 +63,83 @@ class Figures:
     p50_ms: float
     p99_ms: float
     cpu_ms_per_request: float
+    """The server's CPU (all its processes: gunicorn's worker too) per request."""
     utilisation: float
+    """The server's CPU over the wall time: near 1.0, the server (not wrk) was the bottleneck."""
     errors: int
     connections_opened: int
+    """PostgreSQL connections established during the run (a pool that churns shows here)."""
+    pg_cpu_ms_per_request: float
+    """PostgreSQL's CPU (every postgres process on the machine) per request."""
+    statements_per_request: float
+    """Transactions PostgreSQL committed or rolled back in the benchmark database, per request:
+    in autocommit every statement is one (a lost-race merge's BEGIN…COMMIT counts once)."""
+
+    # Kept for the callers that print the Python load generator's fields.
+    @property
+    def p50(self) -> float:
+        return self.p50_ms
+
+    @property
+    def p99(self) -> float:
+        return self.p99_ms
 
 
-def sessions_opened(pg_url: str) -> int:
-    """PostgreSQL's count of sessions (connections) ever established to the database (PostgreSQL 14+)."""
+def database_counters(pg_url: str) -> tuple[int, int]:
+    """PostgreSQL's counts for the benchmark database: sessions (connections) ever established
+    (PostgreSQL 14+), and transactions ended. Backends report their counts when they go idle, at
+    most a second late: callers wait that long after a run."""
     import sqlalchemy as sa
 
     engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
-        count = conn.execute(sa.text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()"))
-        value = int(count.scalar_one())
+        row = conn.execute(
+            sa.text(
+                "SELECT sessions, xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+            )
+        ).one()
     engine.dispose()
-    return value - 1  # this query's own connection
+    return int(row[0]) - 1, int(row[1])  # less this query's own connection
+
+
+def sessions_opened(pg_url: str) -> int:
+    """PostgreSQL's count of sessions (connections) ever established to the database."""
+    return database_counters(pg_url)[0]
+
+
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """CPU of *pid* and of its live children (gunicorn's workers), user and system."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU of every PostgreSQL process, with what exited backends left to the postmaster."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            fields = _stat(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(value) for value in fields[11:15])
+    return total / TICKS
 
 
 def serve(factory: str, env: dict[str, str], code: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -125,19 +182,27 @@ def measure(
         results = {}
         for route, path, method in (("read", "/read", "GET"), ("increment", "/increment", "POST")):
             wrk(port, path, method, Path(jar.name), connections, 1.0)  # warm up: connections, prepared statements
-            opened_before = sessions_opened(pg_url)
+            time.sleep(1.2)  # the warm-up's counts reach pg_stat_database
+            opened_before, ended_before = database_counters(pg_url)
+            pg_before = postgres_cpu_seconds()
             cpu_before, started = cpu_seconds(process.pid), time.monotonic()
             raw = wrk(port, path, method, Path(jar.name), connections, seconds)
             cpu, wall = cpu_seconds(process.pid) - cpu_before, time.monotonic() - started
-            opened = sessions_opened(pg_url) - opened_before
+            pg_cpu = postgres_cpu_seconds() - pg_before
+            time.sleep(1.2)
+            opened_after, ended_after = database_counters(pg_url)
+            requests = max(raw["requests"], 1)
             results[route] = Figures(
                 rps=raw["requests"] / seconds,
                 p50_ms=raw["p50"] / 1000,
                 p99_ms=raw["p99"] / 1000,
-                cpu_ms_per_request=1000 * cpu / max(raw["requests"], 1),
+                cpu_ms_per_request=1000 * cpu / requests,
                 utilisation=cpu / wall,
                 errors=raw["errors"],
-                connections_opened=opened,
+                connections_opened=opened_after - opened_before,
+                pg_cpu_ms_per_request=1000 * pg_cpu / requests,
+                # less the one counter query between the two reads
+                statements_per_request=max(0, ended_after - ended_before - 1) / requests,
             )
         os.unlink(jar.name)
         return results

@@ -134,6 +134,12 @@ class AsyncSessionStore:
     async def load_by_key(self, key: str) -> Session | None:
         return await self.call(lambda: self.handler.load_by_key(key))
 
+    async def choose_session_id(self, candidates: list[str]) -> str | None:
+        """`BaseHandler.choose_session_id`: I/O only when several well-formed ids were presented."""
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        return await self.run_on_connection(self.handler.choose_on, candidates)
+
     async def reload(self, session: Session) -> None:
         """`await session.areload()`, for code written against earlier versions."""
         await session.areload()

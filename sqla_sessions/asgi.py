@@ -112,9 +112,10 @@ class SessionMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = request_info(scope)
-        presented = self.cycle.session_id(info)
+        presented: str | None = None
         held: AsyncBlockingSession | None = None
         try:
+            presented = await self.store.choose_session_id(self.cycle.session_ids(info))
             if self._blocking is not None and self._blocking(scope):
                 held = await self.store.open_blocking(presented)
                 session = held.session
@@ -186,7 +187,7 @@ class SessionMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = request_info(scope)
         try:
-            session = await self.store.load(self.cycle.session_id(info))
+            session = await self.store.load(await self.store.choose_session_id(self.cycle.session_ids(info)))
         except STORE_ERRORS as exc:
             if store_failure(exc, self.cycle.store) is None:
                 raise

@@ -104,6 +104,13 @@ class SessionConfig:
                 "cookie_domain",
                 "must be a bare domain name",
             )
+        if self.cookie_name.startswith(("__Host-", "__Secure-")):
+            # Browsers set such a cookie only with Secure; __Host- also only for Path=/ and no Domain,
+            # so no sibling subdomain can plant (toss) one of the same name.
+            _check(self.cookie_secure is not False, "cookie_secure", f"{self.cookie_name!r} cookies must be Secure")
+        if self.cookie_name.startswith("__Host-"):
+            _check(self.cookie_path == "/", "cookie_path", "a __Host- cookie must have Path=/")
+            _check(self.cookie_domain is None, "cookie_domain", "a __Host- cookie must not name a Domain")
         _check(self.cookie_same_site in ("lax", "strict", "none"), "cookie_same_site", "must be lax, strict or none")
         if self.cookie_same_site == "none":
             _check(self.cookie_secure is not False, "cookie_secure", "SameSite=None cookies must be Secure")

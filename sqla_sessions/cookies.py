@@ -1,6 +1,6 @@
 """The session cookie: read it from request headers without ever raising, and write `Set-Cookie` values.
 
-Only the session id (a strict 40-character base64url token) ever goes into a cookie value, and every
+Only the session id (a strict `<32 hex>.<40 base64url>` token) ever goes into a cookie value, and every
 attribute comes from the validated config, so session content can never reach a response header.
 """
 
@@ -28,12 +28,30 @@ def session_cookie_values(headers: Iterable[str], name: str) -> list[str]:
     return values
 
 
+#: Well-formed session cookies of one request that are looked up, at most (each costs a SELECT).
+MAX_CANDIDATES = 3
+
+
 def pick_session_id(values: list[str]) -> str | None:
     """Choose the cookie value to look up: the first well-formed id, else the first value (to be refused)."""
+    candidates = session_id_candidates(values)
+    return candidates[0] if candidates else None
+
+
+def session_id_candidates(values: list[str]) -> list[str]:
+    """The session ids worth a lookup, in the order presented: the distinct well-formed values (at most
+    `MAX_CANDIDATES`); with none, the first value alone (to be refused as malformed); [] for no cookie.
+
+    Several values arrive when a sibling subdomain planted a cookie of the same name (cookie
+    tossing): the real one must still be found, not whichever the browser sent first.
+    """
+    candidates: list[str] = []
     for value in values:
-        if is_valid_session_id(value):
-            return value
-    return values[0] if values else None
+        if is_valid_session_id(value) and value not in candidates:
+            candidates.append(value)
+            if len(candidates) == MAX_CANDIDATES:
+                break
+    return candidates or values[:1]
 
 
 class CookieWriter:
@@ -56,7 +74,9 @@ class CookieWriter:
 
     def _secure(self, https: bool) -> str:
         secure = self._config.cookie_secure
-        if secure is None:
+        if self._name.startswith(("__Host-", "__Secure-")):
+            secure = True  # browsers refuse these prefixes without Secure
+        elif secure is None:
             secure = https or self._config.cookie_partitioned or self._config.cookie_same_site == "none"
         return "; Secure" if secure else ""
 

@@ -57,8 +57,9 @@ class SqlaSessionInterface(SessionInterface):
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
         environ: WSGIEnvironment = request.environ
         info = request_info(environ)
-        presented = self.cycle.session_id(info)
+        presented: str | None = None
         try:
+            presented = self.handler.choose_session_id(self.cycle.session_ids(info))
             if self._is_blocking(app, environ):
                 held = BlockingSession.open(self.handler, presented)
             else:

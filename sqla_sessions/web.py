@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from .config import SessionConfig
-from .cookies import CookieWriter, pick_session_id, session_cookie_values
+from .cookies import CookieWriter, pick_session_id, session_cookie_values, session_id_candidates
 from .errors import (
     UNAVAILABLE_ERRORS,
     PayloadTooLarge,
@@ -84,6 +84,11 @@ class SessionCycle:
     def session_id(self, info: RequestInfo) -> str | None:
         """The session id the request presents (None when it has no session cookie)."""
         return pick_session_id(session_cookie_values(info.cookie_headers, self.config.cookie_name))
+
+    def session_ids(self, info: RequestInfo) -> list[str]:
+        """Every session id worth a lookup (see `cookies.session_id_candidates`); the store's
+        `choose_session_id` picks the one that opens a live session."""
+        return session_id_candidates(session_cookie_values(info.cookie_headers, self.config.cookie_name))
 
     def attach_client(self, session: Session, info: RequestInfo) -> None:
         session.ip_address = info.client_ip
@@ -159,10 +164,13 @@ class SessionCycle:
             presented_id is not None
             and session.is_new
             and (session.id_changed or not is_valid_session_id(presented_id))
+            and len(session_cookie_values(info.cookie_headers, self.config.cookie_name)) == 1
         ):
             # This request invalidated its session (logout), or the cookie is malformed: drop it. A
             # well-formed cookie that names no live session is left alone: it may be one a login just
             # replaced, still sent by a request that was in flight, and the browser may hold the new one.
+            # With several cookies of the name (one planted from a sibling domain), nothing is deleted:
+            # a deletion would hit the one at our Path, the real one, not the planted one.
             cookie = self._cookies.delete(https=info.https)
         if cookie is not None:
             headers.append(("Set-Cookie", cookie))

@@ -60,8 +60,9 @@ class SessionMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         info = request_info(environ)
-        presented = self.cycle.session_id(info)
+        presented: str | None = None
         try:
+            presented = self.handler.choose_session_id(self.cycle.session_ids(info))
             if self._blocking is not None and self._blocking(environ):
                 held = BlockingSession.open(self.handler, presented)
             else:

@@ -78,6 +78,22 @@ def test_same_site_none_requires_secure() -> None:
     assert SessionConfig(cookie_same_site="none").cookie_secure is None
 
 
+def test_the_host_prefix_is_enforced_and_always_secure() -> None:
+    """`__Host-session`: Secure, Path=/, no Domain, so no sibling subdomain can plant (toss) it."""
+    from sqla_sessions.cookies import CookieWriter
+
+    for bad in ({"cookie_domain": "example.com"}, {"cookie_path": "/app"}, {"cookie_secure": False}):
+        with pytest.raises(ValueError, match="__Host-"):
+            SessionConfig(cookie_name="__Host-session", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be Secure"):
+        SessionConfig(cookie_name="__Secure-session", cookie_secure=False)
+    writer = CookieWriter(SessionConfig(cookie_name="__Host-session"))
+    cookie = writer.set("0" * 32 + "." + "A" * 40, expires_at=None, https=False)  # Secure even over http
+    assert cookie.startswith("__Host-session=") and "; Secure" in cookie and "Domain" not in cookie
+    assert "Path=/;" in cookie
+    assert "; Secure" in writer.delete(https=False)
+
+
 def test_from_env_parses_every_kind_of_field() -> None:
     env = {
         "SQLA_SESSIONS_DATABASE_URL": "postgresql+psycopg://u@h/db",

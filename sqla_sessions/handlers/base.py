@@ -15,7 +15,7 @@ import enum
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -272,6 +272,24 @@ class BaseHandler(ABC, Generic[C]):
         return self._clock()
 
     # -- one operation on a connection the caller holds ----------------------------------------------
+
+    def choose_session_id(self, candidates: Sequence[str]) -> str | None:
+        """The presented id to use: the only one, without I/O; of several (a cookie planted from a
+        sibling domain beside the real one), the first that opens a live session, else the first."""
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        with self.connect() as conn:
+            return self.choose_on(conn, candidates)
+
+    def choose_on(self, conn: C, candidates: Sequence[str]) -> str:
+        """`choose_session_id` on a connection the caller holds: one primary-key read per candidate."""
+        now = self.now()
+        for candidate in candidates:
+            if is_valid_session_id(candidate):
+                record = self._fetch(conn, session_key_of(candidate), now)
+                if record is not None and opens(candidate, record):
+                    return candidate
+        return candidates[0]
 
     def fresh_unless_valid(self, session_id: str | None) -> Session | None:
         """A new session for a missing or malformed id (no I/O); None when the id must be looked up."""

@@ -196,6 +196,28 @@ def test_a_duplicated_cookie_uses_the_live_one_when_it_comes_first(srv: Server) 
         assert response.json()["data"] == {"mine": True}
 
 
+def test_a_cookie_tossed_from_a_sibling_domain_neither_hides_nor_deletes_the_real_one(srv: Server) -> None:
+    """A subdomain can plant `session=…` for the parent domain; the browser then sends both, the
+    planted one first (longer Path) or not. The real session is found whichever comes first, and no
+    response deletes a cookie while several were sent (the deletion would hit the real one). A
+    planted cookie naming a live session of the attacker's cannot be told from the real one: only the
+    `__Host-` prefix keeps it out (SECURITY.md)."""
+    with srv.client() as client:
+        real = cookie_of(client.post("/set/mine"))
+    planted = ["a" * 32 + "." + "A" * 40, real.split(".")[0] + "." + "B" * 40, "garbage"]
+    for tossed in planted:
+        for header in (f"session={tossed}; session={real}", f"session={real}; session={tossed}"):
+            with srv.client() as client:
+                read = client.get("/read", headers={"Cookie": header})
+                assert read.json()["data"].get("mine") is True, header
+                written = client.post("/set/more", headers={"Cookie": header})
+                assert written.status_code == 200 and written.headers.get_list("set-cookie") == []
+                logout = client.post("/logout", headers={"Cookie": f"session={tossed}; session=x"})
+                assert all("Max-Age=0" not in value for value in logout.headers.get_list("set-cookie"))
+    with srv.client() as client:
+        assert client.get("/read", headers=sent(real)).json()["data"] == {"mine": True, "more": True}
+
+
 def test_session_content_cannot_inject_headers(srv: Server) -> None:
     with srv.client() as client:
         response = client.post("/inject")
