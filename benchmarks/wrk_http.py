@@ -46,7 +46,7 @@ function setup(thread)
   table.insert(threads, thread)
 end
 function init(args)
-  wrk.headers["Cookie"] = "session=" .. cookie
+  wrk.headers["Cookie"] = cookie
   wrk.method = os.getenv("WRK_METHOD")
 end
 function done(summary, latency, requests)
@@ -150,7 +150,7 @@ def serve(factory: str, env: dict[str, str], code: Path) -> tuple[subprocess.Pop
 def new_cookie(port: int) -> str:
     with urlopen(Request(f"http://127.0.0.1:{port}/increment", method="POST"), timeout=10) as response:
         header = response.headers.get("set-cookie", "")
-    match = re.match(r"session=([^;]+)", header)
+    match = re.match(r"([A-Za-z0-9_.-]*session[A-Za-z0-9_]*=[^;]+)", header)  # session=, sessionid= (Django)
     if match is None:
         raise RuntimeError(f"no session cookie in {header!r}")
     return match.group(1)

@@ -186,6 +186,13 @@ class SessionMiddleware:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = request_info(scope)
+        if not _same_origin(scope, self.config.websocket_origins):
+            # Browsers send cookies with a websocket handshake from any page (no CORS, no SameSite
+            # for same-site subdomains): a page elsewhere would act in the user's session. It gets
+            # an empty, unsaved session instead.
+            logger.warning("websocket from another origin gets no session (allow it in websocket_origins)")
+            await self.app({**scope, "session": Session(self.store.handler)}, receive, send)
+            return
         try:
             session = await self.store.load(await self.store.choose_session_id(self.cycle.session_ids(info)))
         except STORE_ERRORS as exc:
@@ -203,6 +210,24 @@ class SessionMiddleware:
             logger.debug("lottery sweep deleted %d expired sessions", deleted)
         except Exception:
             logger.exception("expired-session sweep failed")
+
+
+def _same_origin(scope: Scope, allowed: tuple[str, ...]) -> bool:
+    """Whether a websocket handshake comes from this host's pages (or an allowed origin): its `Origin`
+    names the `Host` it was sent to. No `Origin` (not a browser) passes: it has no cookie to abuse."""
+    origin = host = None
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.lower()
+        if name == b"origin":
+            origin = raw_value.decode("latin-1").strip().lower()
+        elif name == b"host":
+            host = raw_value.decode("latin-1").strip().lower()
+    if origin is None:
+        return True
+    if origin in (entry.lower().rstrip("/") for entry in allowed):
+        return True
+    _, _, origin_host = origin.partition("://")
+    return host is not None and origin_host == host
 
 
 def request_info(scope: Scope) -> RequestInfo:

@@ -75,6 +75,9 @@ class SessionConfig:
     connect_timeout: float = 5
     """Seconds to establish a database connection (an unreachable host answers 503 instead of hanging)."""
     prepared_statements: PreparedStatements = "auto"
+    websocket_origins: tuple[str, ...] = ()
+    """Origins besides the request's own host whose pages get the session on a websocket
+    (e.g. `("https://app.example.com",)`); others get an empty one (cross-site websocket hijacking)."""
     check_on_startup: bool = False
     """The middlewares (when they build the handler) and the Dramatiq worker call `handler.check()` as
     they start: a missing table or a refused role stops the process with one line, not every request."""
@@ -147,6 +150,14 @@ class SessionConfig:
             _check(isinstance(value, int | float) and not isinstance(value, bool), name, "must be a number")
             _check(0 < value <= 3600, name, "must be more than 0 and at most 3600 seconds")
         _check(self.prepared_statements in ("auto", "on", "off"), "prepared_statements", "must be auto, on or off")
+        _check(
+            isinstance(self.websocket_origins, tuple)
+            and all(
+                isinstance(o, str) and "://" in o and not any(c in o for c in " ;,\r\n") for o in self.websocket_origins
+            ),
+            "websocket_origins",
+            "must be a tuple of origins like 'https://app.example.com'",
+        )
         _check(isinstance(self.encryption_keys, tuple), "encryption_keys", "must be a tuple")
         for key in self.encryption_keys:
             decode_encryption_key(key)

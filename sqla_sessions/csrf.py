@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import io
+import posixpath
 from collections.abc import Iterable, Sequence
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -68,8 +69,24 @@ def token_from_body(content_type: str, body: bytes) -> str | None:
     return None
 
 
-def _exempt(path: str, exempt: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(path, glob) for glob in exempt)
+def is_exempt(path: str, exempt: Sequence[str]) -> bool:
+    """Whether *path*, normalised as a router would see it, matches an exempt glob.
+
+    `/webhooks/../admin` must not pass as `/webhooks/*`: dot segments and repeated slashes are
+    resolved first, and a path that still climbs above the root, or carries an encoded slash or
+    dot segment, is never exempt.
+    """
+    if not exempt:
+        return False
+    lowered = path.lower()
+    if "%2f" in lowered or "%2e" in lowered or "\\" in path:
+        return False
+    normalised = posixpath.normpath(path) if path else "/"
+    if normalised.startswith("//"):  # normpath keeps a leading double slash
+        normalised = "/" + normalised.lstrip("/")
+    if path.endswith("/") and not normalised.endswith("/"):
+        normalised += "/"
+    return any(fnmatch.fnmatchcase(normalised, glob) for glob in exempt)
 
 
 def _body_text() -> bytes:
@@ -85,7 +102,7 @@ class CSRFMiddleware:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or _exempt(scope["path"], self.exempt):
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or is_exempt(scope["path"], self.exempt):
             await self.app(scope, receive, send)
             return
         session: Session = scope["session"]
@@ -137,7 +154,7 @@ class WSGICSRFMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        if method in SAFE_METHODS or _exempt(environ.get("PATH_INFO", ""), self.exempt):
+        if method in SAFE_METHODS or is_exempt(environ.get("PATH_INFO", ""), self.exempt):
             return self.app(environ, start_response)
         session: Session = environ["sqla_sessions.session"]
         presented = environ.get("HTTP_X_CSRF_TOKEN") or environ.get("HTTP_X_XSRF_TOKEN")
@@ -169,7 +186,7 @@ def init_csrf(app: Flask, *, exempt: Sequence[str] = ()) -> None:
 
     @app.before_request
     def _check_csrf() -> Any:
-        if request.method in SAFE_METHODS or _exempt(request.path, tuple(exempt)):
+        if request.method in SAFE_METHODS or is_exempt(request.path, tuple(exempt)):
             return None
         presented = request.headers.get("X-CSRF-TOKEN") or request.headers.get("X-XSRF-TOKEN")
         if presented is None:

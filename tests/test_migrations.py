@@ -189,3 +189,19 @@ def test_the_wheel_ships_the_migrations_and_migrates_from_an_install(tmp_path: P
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "sessions" in _tables(sa.create_engine(f"sqlite:///{db}"))
+
+
+def test_stats_on_a_mixed_case_table_name(db_backend: Backend) -> None:
+    from sqla_sessions import DatabaseHandler, SessionConfig
+
+    table = f"Mixed_{uuid.uuid4().hex[:6]}"
+    upgrade(db_backend.engine, table=table)
+    handler = DatabaseHandler(db_backend.engine, SessionConfig(table=table))
+    session = handler.load(None)
+    session["a"] = 1
+    session.save()
+    stats = handler.stats()
+    assert stats.live == 1
+    if db_backend.name != "sqlite":  # SQLite reports a size only when compiled with dbstat
+        assert stats.table_bytes is not None and stats.table_bytes > 0
+    downgrade(db_backend.engine, table=table)

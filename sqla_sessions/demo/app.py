@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from ..asgi import SessionMiddleware
 from ..config import SessionConfig
+from ..csrf import CSRFMiddleware
 from ..dramatiq import configure
 from ..handlers.database import DatabaseHandler
 from ..session import Session
@@ -36,9 +37,9 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
 
     async def home(request: Request) -> Response:
         session = session_of(request)
-        user = session.user_id
+        user, token = session.user_id, session.token()
         if user is None:
-            return HTMLResponse(pages.layout("sqla_sessions demo", pages.login_form()))
+            return HTMLResponse(pages.layout("sqla_sessions demo", pages.login_form(token), token=token))
         infos = await asyncio.to_thread(handler.list_sessions, user)
         rows = "".join(
             pages.device_row(
@@ -47,11 +48,12 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
                 info.ip_address or "-",
                 info.last_activity.strftime("%H:%M:%S UTC"),
                 info.key == session.key,
+                token,
             )
             for info in infos
         )
-        body = pages.dashboard(session.get("status"), rows, sum(info.key != session.key for info in infos))
-        return HTMLResponse(pages.layout("Your dashboard", body, user=user))
+        body = pages.dashboard(session.get("status"), rows, sum(info.key != session.key for info in infos), token)
+        return HTMLResponse(pages.layout("Your dashboard", body, user=user, token=token))
 
     async def login(request: Request) -> Response:
         form = await request.form()
@@ -88,7 +90,10 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
         return RedirectResponse("/", status_code=303)
 
     async def race_page(request: Request) -> Response:
-        return HTMLResponse(pages.layout("Race: 50 parallel writes", pages.RACE, user=session_of(request).user_id))
+        session = session_of(request)
+        return HTMLResponse(
+            pages.layout("Race: 50 parallel writes", pages.RACE, user=session.user_id, token=session.token())
+        )
 
     async def race_write(request: Request) -> Response:
         await asyncio.sleep(random.uniform(0, 0.03))
@@ -112,7 +117,10 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
         return JSONResponse({"keys": len(keys), "list": len(set(pushed)), "kept_keys": keys, "kept_items": pushed})
 
     async def blocking_page(request: Request) -> Response:
-        return HTMLResponse(pages.layout("Blocking sessions", pages.BLOCKING, user=session_of(request).user_id))
+        session = session_of(request)
+        return HTMLResponse(
+            pages.layout("Blocking sessions", pages.BLOCKING, user=session.user_id, token=session.token())
+        )
 
     async def increment(request: Request) -> Response:
         key = "blocking_counter" if request.url.path.startswith("/api/blocking/") else "plain_counter"
@@ -155,4 +163,6 @@ def create_app(config: SessionConfig, *, in_process_worker: bool) -> SessionMidd
         Route("/api/counters", counters),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    return SessionMiddleware(app, config, handler=handler, blocking=["/api/blocking/*"])
+    # Every POST (forms, and the scripts' fetches) carries the session's CSRF token: without it,
+    # another site could sign a visitor in as someone else (login CSRF) or log devices out.
+    return SessionMiddleware(CSRFMiddleware(app), config, handler=handler, blocking=["/api/blocking/*"])

@@ -13,32 +13,43 @@ button{padding:.35rem .9rem;cursor:pointer} code{background:#f4f4f4;padding:0 .2
 """
 
 
-def layout(title: str, body: str, *, user: str | None = None) -> str:
+def layout(title: str, body: str, *, token: str, user: str | None = None) -> str:
+    """A page; *token* is the session's CSRF token, which every form and script POST carries."""
     nav = '<nav><a href="/">Home</a><a href="/race">Race</a><a href="/blocking">Blocking</a></nav>'
     who = f'<p>Signed in as <b id="user">{escape(user)}</b></p>' if user else ""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+        f'<meta name="csrf-token" content="{escape(token)}">'
         f"<style>{STYLE}</style></head><body>{nav}<h1>{escape(title)}</h1>{who}{body}</body></html>"
     )
 
 
-def login_form() -> str:
-    return """
+def token_field(token: str) -> str:
+    return f'<input type="hidden" name="_token" value="{escape(token)}">'
+
+
+#: What a script's POST sends: the page's CSRF token in the header the middleware reads.
+POST = "{method: 'POST', headers: {'X-CSRF-TOKEN': document.querySelector('meta[name=csrf-token]').content}}"
+
+
+def login_form(token: str) -> str:
+    return f"""
 <p>Server-side sessions on SQLAlchemy. Sign in with any name: the session id is regenerated and a
 background job (Dramatiq) fills your dashboard in the session.</p>
-<form method="post" action="/login"><input name="name" id="name" placeholder="Your name" required autofocus>
+<form method="post" action="/login">{token_field(token)}
+<input name="name" id="name" placeholder="Your name" required autofocus>
 <button id="login" type="submit">Sign in</button></form>"""
 
 
-def dashboard(flash: str | None, devices_rows: str, other_devices: int) -> str:
+def dashboard(flash: str | None, devices_rows: str, other_devices: int, token: str) -> str:
     notice = f'<p class="flash" id="flash">{escape(flash)}</p>' if flash else ""
     return f"""{notice}
 <div class="card"><h2>Dashboard</h2><div id="dashboard">Preparing your dashboard in the background…</div></div>
 <div class="card"><h2>Your devices</h2><table id="devices"><tr><th>Browser</th><th>OS</th><th>IP</th>
 <th>Last active</th><th></th></tr>{devices_rows}</table>
-<form method="post" action="/devices/revoke-others">
+<form method="post" action="/devices/revoke-others">{token_field(token)}
 <button id="revoke-others" {"disabled" if not other_devices else ""}>Log out my other devices</button></form></div>
-<form method="post" action="/logout"><button id="logout">Sign out</button></form>
+<form method="post" action="/logout">{token_field(token)}<button id="logout">Sign out</button></form>
 <script>
 async function poll() {{
   const r = await fetch('/api/dashboard'); const d = (await r.json()).dashboard;
@@ -55,11 +66,12 @@ poll();
 </script>"""
 
 
-def device_row(key: str, browser: str, system: str, ip: str, last_active: str, current: bool) -> str:
+def device_row(key: str, browser: str, system: str, ip: str, last_active: str, current: bool, token: str) -> str:
     action = (
         "<b>this device</b>"
         if current
-        else f'<form method="post" action="/devices/revoke"><input type="hidden" name="key" value="{escape(key)}">'
+        else f'<form method="post" action="/devices/revoke">{token_field(token)}'
+        f'<input type="hidden" name="key" value="{escape(key)}">'
         f'<button class="revoke" type="submit">Log out</button></form>'
     )
     return (
@@ -78,15 +90,16 @@ the stored row.</p>
 key; a save that lost the race replays its append onto the list as stored now (a three-way merge).</p>
 <button id="race-list">Fire 50 parallel pushes</button> <p id="race-list-result"></p>
 <script>
+const POST = __POST__;
 async function race(kind, resultId, label) {
-  await fetch('/api/race/reset', {method: 'POST'});
-  await Promise.all([...Array(50).keys()].map(i => fetch('/api/race/' + kind + '/' + i, {method: 'POST'})));
+  await fetch('/api/race/reset', POST);
+  await Promise.all([...Array(50).keys()].map(i => fetch('/api/race/' + kind + '/' + i, POST)));
   const r = await (await fetch('/api/race')).json();
   document.getElementById(resultId).textContent = r[kind] + ' of 50 ' + label + ' kept';
 }
 document.getElementById('race').onclick = () => race('keys', 'race-result', 'writes');
 document.getElementById('race-list').onclick = () => race('list', 'race-list-result', 'pushes');
-</script>"""
+</script>""".replace("__POST__", POST)
 
 BLOCKING = """
 <p>Both buttons send 5 parallel requests that each read a counter, wait 50 ms and assign it plus one
@@ -98,12 +111,13 @@ SQLite).</p>
 <button id="blocking">5 × increment (blocking route)</button>
 <p id="counters"></p>
 <script>
+const POST = __POST__;
 async function run(path) {
-  await Promise.all([...Array(5).keys()].map(() => fetch(path, {method: 'POST'})));
+  await Promise.all([...Array(5).keys()].map(() => fetch(path, POST)));
   const c = await (await fetch('/api/counters')).json();
   document.getElementById('counters').textContent =
     'normal route: ' + c.plain + ' · blocking route: ' + c.blocking;
 }
 document.getElementById('plain').onclick = () => run('/api/increment');
 document.getElementById('blocking').onclick = () => run('/api/blocking/increment');
-</script>"""
+</script>""".replace("__POST__", POST)

@@ -306,7 +306,9 @@ class DatabaseHandler(BaseHandler[Connection]):
     def _table_bytes(self, conn: Connection) -> int | None:
         name = self.table.name
         if self._dialect == "postgresql":
-            return int(conn.execute(sa.select(sa.func.pg_total_relation_size(sa.literal(name)))).scalar_one())
+            # A regclass from text folds case unless quoted: quote_ident keeps "Sessions" its own table.
+            relation_size = sa.func.pg_total_relation_size(sa.func.quote_ident(sa.literal(name)))
+            return int(conn.execute(sa.select(relation_size)).scalar_one())
         if self._dialect == "mysql":
             size = conn.execute(
                 sa.text(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,7 +40,14 @@ def test_the_demo_on_postgresql_with_redis_and_worker_processes(tmp_root: Path) 
             wait_until_up(process, port, log)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 client.event_hooks["response"] = [lambda response: client.cookies.clear()]
-                login = client.post("/login", data={"name": "grace"})
+                home = client.get("/")  # the form carries the session's CSRF token
+                token = re.search(r'name="_token" value="([^"]+)"', home.text)
+                assert token is not None
+                no_token = client.post("/login", data={"name": "mallory"}, headers=sent(cookie_of(home)))
+                assert no_token.status_code == 419  # login CSRF: refused
+                login = client.post(
+                    "/login", data={"name": "grace", "_token": token.group(1)}, headers=sent(cookie_of(home))
+                )
                 assert login.status_code == 303
                 cookie = cookie_of(login)
                 deadline = time.monotonic() + 60

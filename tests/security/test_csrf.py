@@ -74,6 +74,26 @@ def test_exempt_paths_and_another_sessions_token(app: Any) -> None:
     assert webhook.status_code == 200 and forged.status_code == 419
 
 
+@pytest.mark.parametrize(
+    ("path", "exempt"),
+    [
+        ("/webhooks/stripe", True),
+        ("/webhooks/./stripe", True),
+        ("//webhooks/stripe", True),
+        ("/webhooks/../admin", False),
+        ("/webhooks/stripe/../../admin", False),
+        ("/webhooks/%2e%2e/admin", False),
+        ("/webhooks/..%2fadmin", False),
+        ("/webhooks\\..\\admin", False),
+        ("/admin", False),
+    ],
+)
+def test_exempt_globs_match_the_normalised_path_only(path: str, exempt: bool) -> None:
+    from sqla_sessions.csrf import is_exempt
+
+    assert is_exempt(path, ("/webhooks/*",)) is exempt
+
+
 def test_a_session_without_a_token_never_matches() -> None:
     session = MemoryHandler().load(None)
     assert not tokens_match(session, "") and not tokens_match(session, "anything")

@@ -199,6 +199,37 @@ def test_lifespan_passes_through_and_websockets_get_a_read_only_session(
     assert "websocket" in caplog.text and "changed" not in memory.load(cookie)
 
 
+def test_a_websocket_from_another_origin_gets_no_session(memory: MemoryHandler) -> None:
+    """Cross-site websocket hijacking: a page elsewhere opens a websocket to this host and the
+    browser sends the cookie; the handshake's Origin tells, and that socket gets an empty session."""
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        seen.append(scope["session"].get("a"))
+        await send({"type": "websocket.close", "code": 1000})
+
+    cookie = cookie_value(call(AsgiMiddleware(asgi_app(lambda s: s.put("a", 1)), handler=memory), "POST"))
+    allowed = SessionConfig(websocket_origins=("https://app.example.com",))
+    middleware = AsgiMiddleware(app, allowed, handler=memory)
+
+    def handshake(origin: str | None, host: str = "example.com") -> None:
+        headers = [(b"cookie", f"session={cookie}".encode()), (b"host", host.encode())]
+        if origin is not None:
+            headers.append((b"origin", origin.encode()))
+        asyncio.run(middleware({"type": "websocket", "headers": headers, "path": "/"}, _never, _ignore))
+
+    handshake("https://example.com")  # the site's own page
+    handshake("https://APP.example.com")  # allowed
+    handshake(None)  # not a browser: no Origin
+    handshake("https://evil.example.net")
+    handshake("https://example.com.evil.net")
+    handshake("null")
+    handshake("https://example.com", host="example.com:8443")  # another port: another origin
+    assert seen == [1, 1, 1, None, None, None, None]
+    with pytest.raises(ValueError, match="websocket_origins"):
+        SessionConfig(websocket_origins=("app.example.com",))
+
+
 async def _never() -> dict[str, Any]:
     raise AssertionError("not expected to receive")
 
