@@ -100,7 +100,7 @@ def successor(
     key: str,
     now: int,
     expiry: Expiry,
-    dumps: Callable[[dict[str, Any], str], bytes],
+    dumps: Callable[[dict[str, Any], str, str | None, int], bytes],
 ) -> tuple[Record, dict[str, Any]]:
     """The row that replaces *current* once *unit* is merged onto it (its payload three-way merged).
 
@@ -120,8 +120,8 @@ def successor(
         previous_id_hash=current.previous_id_hash
         if unit.new_id_hash is None
         else (current.id_hash if unit.keep_previous_id else None),
-        user_id=unit.user_id if unit.user_changed else current.user_id,
-        payload=dumps(raw, key),  # PayloadTooLarge: nothing written
+        user_id=(user_id := unit.user_id if unit.user_changed else current.user_id),
+        payload=dumps(raw, key, user_id, current.version + 1),  # PayloadTooLarge: nothing written
         version=current.version + 1,
         created_at=current.created_at,
         # Activity is recorded at most once per touch_interval, on writes as on reads: an UPDATE that
@@ -146,7 +146,7 @@ def first_row(
 ) -> Record:
     """The row of a session stored for the first time (holding *raw*, by default the unit's updates)."""
     assert unit.new_id_hash is not None
-    payload = dumps(dict(unit.changes.updates if raw is None else raw), key)
+    payload = dumps(dict(unit.changes.updates if raw is None else raw), key, unit.user_id, 1)
     return _new_row(key, unit.new_id_hash, unit.user_id, payload, now, now, expiry, unit.ip_address, unit.user_agent)
 
 

@@ -368,7 +368,7 @@ class BaseHandler(ABC, Generic[C]):
 
             def build(current: Record) -> Merged:
                 try:
-                    current_raw = self.codec.loads(current.payload, current.key)
+                    current_raw = self.codec.loads(current.payload, current.key, current.user_id, current.version)
                 except CorruptPayload as exc:
                     raise SessionInterrupted(f"the stored session became unreadable: {exc}") from None
                 return successor(
@@ -411,7 +411,7 @@ class BaseHandler(ABC, Generic[C]):
 
     def _decode(self, record: Record) -> dict[str, Any] | None:
         try:
-            return self.codec.loads(record.payload, record.key)
+            return self.codec.loads(record.payload, record.key, record.user_id, record.version)
         except CorruptPayload as exc:
             logger.warning("unreadable session payload ignored (%s); starting a new session", exc)
             return None
@@ -420,10 +420,25 @@ class BaseHandler(ABC, Generic[C]):
         if not self.expiry.activity_due(record, now):
             return Saved(SaveAction.NOTHING, None, {}, False)
         expires_at = self.expiry.expires_at(record.created_at, now)
+        if self.codec.needs_reseal(record.payload):
+            return self._reseal(conn, record, now, expires_at)
         if not self._touch(conn, record.key, last_activity=now, expires_at=expires_at, now=now):
             raise SessionInterrupted("the session was destroyed or expired since it was loaded")
         touched = dataclasses.replace(record, last_activity=now, expires_at=expires_at)
         return Saved(SaveAction.TOUCHED, touched, {}, True)
+
+    def _reseal(self, conn: C, record: Record, now: int, expires_at: int) -> Saved:
+        """A due touch of a row sealed with an older key (or layout): write it sealed with the newest,
+        so rotating the old key out later logs nobody out who was active since."""
+        raw = self.codec.loads(record.payload, record.key, record.user_id, record.version)
+        version = record.version + 1
+        payload = self.codec.dumps(raw, record.key, record.user_id, version)
+        resealed = dataclasses.replace(
+            record, payload=payload, version=version, last_activity=now, expires_at=expires_at
+        )
+        if not self._update(conn, resealed, expected_version=record.version, now=now):
+            return Saved(SaveAction.NOTHING, None, {}, False)  # written meanwhile: that write resealed it
+        return Saved(SaveAction.TOUCHED, resealed, {}, True)
 
 
 def opens(session_id: str, record: Record) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from typing import Any
 
 import pytest
@@ -81,6 +83,88 @@ def test_a_tampered_ciphertext_is_refused(make_handler: HandlerFactory) -> None:
         payload[-1] ^= 1
         conn.execute(sa.update(table).values(payload=bytes(payload)))
     assert handler.load(session.id).is_new
+
+
+KEY_B = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA"
+
+
+def _sealed_row(make_handler: HandlerFactory) -> tuple[DatabaseHandler, Any, sa.Table]:
+    handler = make_handler(encryption_keys=(KEY_A,))
+    if not isinstance(handler, DatabaseHandler):
+        pytest.skip("edits rows in SQL")
+    session = handler.load(None)
+    session.login("alice")
+    session["role"] = "admin"
+    session.save()
+    return handler, session, handler.table
+
+
+def test_a_user_id_changed_in_the_table_does_not_carry_the_sealed_payload(make_handler: HandlerFactory) -> None:
+    handler, session, table = _sealed_row(make_handler)
+    with handler.engine.begin() as conn:  # a writer of the table moves alice's session to mallory
+        conn.execute(sa.update(table).where(table.c.key == session.key).values(user_id="mallory"))
+    loaded = handler.load(session.id)
+    assert loaded.is_new and "role" not in loaded and loaded.user_id is None
+
+
+def test_an_older_ciphertext_put_back_beside_a_newer_version_does_not_open(make_handler: HandlerFactory) -> None:
+    handler, session, table = _sealed_row(make_handler)
+    with handler.engine.connect() as conn:
+        older = conn.execute(sa.select(table.c.payload).where(table.c.key == session.key)).scalar_one()
+    session["role"] = "guest"  # demoted: version + 1
+    session.save()
+    with handler.engine.begin() as conn:  # the old "admin" ciphertext restored over the new one
+        conn.execute(sa.update(table).where(table.c.key == session.key).values(payload=older))
+    assert handler.load(session.id).is_new
+
+
+def test_an_emptied_payload_is_refused_when_encryption_is_on(make_handler: HandlerFactory) -> None:
+    handler, session, table = _sealed_row(make_handler)
+    with handler.engine.begin() as conn:
+        conn.execute(sa.update(table).where(table.c.key == session.key).values(payload=b""))
+    loaded = handler.load(session.id)
+    assert loaded.is_new and loaded.user_id is None
+
+
+def test_a_touch_reseals_with_the_newest_key_so_rotating_the_old_one_out_logs_nobody_out(
+    make_handler: HandlerFactory, clock: Any
+) -> None:
+    old = make_handler(encryption_keys=(KEY_A,))
+    session = old.load(None)
+    session["n"] = 1
+    session.save()
+    rotated = make_handler(encryption_keys=(KEY_B, KEY_A))
+    clock.advance(rotated.config.touch_interval + 1)
+    assert rotated.load(session.id).save().value == "touched"  # only read, but the touch reseals
+    only_new = make_handler(encryption_keys=(KEY_B,))
+    assert only_new.load(session.id)["n"] == 1
+
+
+def test_payloads_sealed_in_the_older_layout_still_open_and_are_resealed(
+    make_handler: HandlerFactory, clock: Any
+) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from sqla_sessions.config import decode_encryption_key
+    from sqla_sessions.serializer import dumps_payload
+
+    handler, session, table = _sealed_row(make_handler)
+    raw_key = decode_encryption_key(KEY_A)
+    nonce = os.urandom(12)  # 0.1's layout: 0x01, the row key alone as associated data
+    legacy = (
+        b"\x01"
+        + hashlib.sha256(raw_key).digest()[:4]
+        + nonce
+        + AESGCM(raw_key).encrypt(nonce, dumps_payload({"role": "legacy"}), (session.key or "").encode())
+    )
+    with handler.engine.begin() as conn:
+        conn.execute(sa.update(table).where(table.c.key == session.key).values(payload=legacy))
+    assert handler.load(session.id)["role"] == "legacy"
+    clock.advance(handler.config.touch_interval + 1)
+    handler.load(session.id).save()
+    with handler.engine.connect() as conn:
+        stored = bytes(conn.execute(sa.select(table.c.payload).where(table.c.key == session.key)).scalar_one())
+    assert stored[0] == 0x02 and handler.load(session.id)["role"] == "legacy"
 
 
 def test_the_stored_id_hash_does_not_open_the_session(handler: BaseHandler[Any]) -> None:
