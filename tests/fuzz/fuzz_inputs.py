@@ -6,9 +6,13 @@ Inputs are random mutations (bit flips, splices, truncations, repeats) of valid 
 stored payloads (plain and AES-GCM sealed), and form bodies carrying a CSRF token. The targets and
 what they may do:
 
-- cookie parsing (`session_cookie_values`, `pick_session_id`): return, never raise;
+- cookie parsing (`session_cookie_values`, `pick_session_id`, `session_id_candidates`): return, never
+  raise; never more than 3 candidates, each a well-formed id (or the one malformed value to refuse);
 - payload decoding (`PayloadCodec.loads` then `decode_value`): return or raise `CorruptPayload`/`ValueError`;
-- CSRF body parsing (`token_from_body`): return, never raise.
+- CSRF body parsing (`token_from_body`): return, never raise, linear time (duplicated and nested
+  multipart parts, headers with many parameters are among the seeds);
+- value encoding (`encode_value` of nested lists and dicts built from the input): return or raise
+  `TypeError` (too deep, too large an int), never `RecursionError`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sqla_sessions.codec import CorruptPayload, PayloadCodec
 from sqla_sessions.config import SessionConfig
-from sqla_sessions.cookies import pick_session_id, session_cookie_values
+from sqla_sessions.cookies import pick_session_id, session_cookie_values, session_id_candidates
 from sqla_sessions.csrf import token_from_body
-from sqla_sessions.ids import generate_session_key, new_session_id
+from sqla_sessions.ids import generate_session_key, is_valid_session_id, new_session_id
 from sqla_sessions.serializer import decode_value, encode_value
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY"
@@ -60,13 +64,41 @@ def seeds() -> dict[str, list[bytes]]:
         "cookie": [
             f"session={new_session_id(generate_session_key())}; theme=dark".encode(),
             b"session=a; session=b; x",
+            "; ".join(f"session={new_session_id(generate_session_key())}" for _ in range(6)).encode(),
         ],
         "payload": [plain.dumps(raw, SESSION_KEY), sealed.dumps(raw, SESSION_KEY)],
         "form": [
             f"_token={token}&q=1".encode(),
             b'--b\r\nContent-Disposition: form-data; name="_token"\r\n\r\nt\r\n--b--',
+            b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n' * 50
+            + b'--b\r\nContent-Disposition: form-data; a=1; b=2; name="_token"\r\n\r\nt\r\n--b--',
+            b"--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\n--c--\r\n--b--",
         ],
+        "nesting": [b"[[[[{}]]]]", b"[" * 70 + b"]" * 70, b'{"a": [1, {"b": [2, 3]}]}'],
     }
+
+
+def _nested(data: bytes) -> object:
+    """A structure from brackets in *data*: `[` opens a list, `{` a dict, closers close, digits add ints."""
+    root: list[object] = []
+    stack: list[object] = [root]
+    for byte in data[:5000]:
+        top = stack[-1]
+        if byte in b"[{":
+            child: object = [] if byte == ord("[") else {}
+            if isinstance(top, list):
+                top.append(child)
+            elif isinstance(top, dict):
+                top[str(len(top))] = child
+            stack.append(child)
+        elif byte in b"]}" and len(stack) > 1:
+            stack.pop()
+        elif 0x30 <= byte <= 0x39:
+            if isinstance(top, list):
+                top.append(int(chr(byte)) * 10**400)
+            elif isinstance(top, dict):
+                top[str(len(top))] = int(chr(byte))
+    return root
 
 
 def run(seconds: float, seed: int = 0) -> dict[str, int]:
@@ -76,7 +108,11 @@ def run(seconds: float, seed: int = 0) -> dict[str, int]:
 
     def cookie(data: bytes) -> None:
         text = data.decode("utf-8", "surrogateescape")
-        pick_session_id(session_cookie_values([text, text[::-1]], "session"))
+        values = session_cookie_values([text, text[::-1]], "session")
+        pick_session_id(values)
+        candidates = session_id_candidates(values)
+        assert len(candidates) <= 3
+        assert len(candidates) <= 1 or all(is_valid_session_id(c) for c in candidates)
 
     def payload(data: bytes) -> None:
         for codec in codecs:
@@ -90,7 +126,19 @@ def run(seconds: float, seed: int = 0) -> dict[str, int]:
         token_from_body("application/x-www-form-urlencoded", data)
         token_from_body("multipart/form-data; boundary=b", data)
 
-    targets: dict[str, Callable[[bytes], None]] = {"cookie": cookie, "payload": payload, "form": form}
+    def nesting(data: bytes) -> None:
+        value = _nested(data)
+        try:
+            decode_value(encode_value(value))
+        except TypeError:  # too deep, or an unsupported value: named, refused at save
+            pass
+
+    targets: dict[str, Callable[[bytes], None]] = {
+        "cookie": cookie,
+        "payload": payload,
+        "form": form,
+        "nesting": nesting,
+    }
     counts = dict.fromkeys(targets, 0)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
