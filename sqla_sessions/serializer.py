@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import math
 import uuid
@@ -69,6 +70,7 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$t": lambda items: tuple(decode_value(item) for item in _list(items)),
     "$s": lambda items: {decode_value(item) for item in _list(items)},
     "$fs": lambda items: frozenset(decode_value(item) for item in _list(items)),
+    "$m": lambda text: _markup(text),
     _DICT: lambda d: {k: decode_value(v) for k, v in _dict(d).items()},
 }
 
@@ -125,9 +127,28 @@ def encode_value(value: Any, depth: int = 0) -> Any:
         return out
     encoder = _ENCODERS.get(kind)
     if encoder is None:
-        raise UnsupportedValue(f"value of type {kind.__module__}.{kind.__qualname__}")
+        return _encode_subclass(value, kind, depth)
     tag, convert = encoder
     return {tag: convert(value, depth)}
+
+
+def _encode_subclass(value: Any, kind: type, depth: int) -> Any:
+    """Two kinds of subclass are stored: markupsafe's `Markup` (Flask's flash messages) keeps its type,
+    and an enum member (`StrEnum`, `IntEnum`, …) is stored as its value (it reads back as the value,
+    not the member). Any other subclass is refused rather than silently read back as its base type."""
+    if isinstance(value, enum.Enum):
+        return encode_value(value.value, depth + 1)
+    if isinstance(value, str) and kind.__module__ == "markupsafe" and kind.__name__ == "Markup":
+        return {"$m": str(value)}
+    raise UnsupportedValue(f"value of type {kind.__module__}.{kind.__qualname__}")
+
+
+def _markup(text: Any) -> Any:
+    try:
+        from markupsafe import Markup
+    except ImportError:  # stored by an app that had it; read here as the plain string it wraps
+        return _str(text)
+    return Markup(_str(text))
 
 
 def decode_value(raw: Any) -> Any:

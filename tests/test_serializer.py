@@ -136,3 +136,52 @@ def test_an_int_too_long_for_json_is_refused_naming_the_key_and_never_breaks_a_r
     assert encode_entry("ok", 10**4000) == 10**4000
     with pytest.raises(ValueError):  # a stored one (written by hand) reads as a corrupt payload
         loads_payload(b'{"a": ' + b"9" * 5000 + b"}")
+
+
+def test_markup_round_trips_and_enum_members_are_stored_as_their_value() -> None:
+    """What Flask apps put in sessions: `flash(Markup(...))`, and StrEnum/IntEnum members."""
+    import enum
+
+    from markupsafe import Markup
+
+    class Colour(enum.StrEnum):
+        RED = "red"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Shape(enum.Enum):
+        SQUARE = (1, 1)
+
+    stored = decode_value(encode_value([Markup("<b>saved</b>"), Colour.RED, Level.HIGH, Shape.SQUARE]))
+    assert stored == [Markup("<b>saved</b>"), "red", 3, (1, 1)]
+    assert type(stored[0]) is Markup and type(stored[1]) is str and type(stored[2]) is int
+    assert decode_value(encode_value({"$m": "not markup"})) == {"$m": "not markup"}  # a user dict stays one
+
+
+def test_flask_flash_with_markup_is_stored_and_shown(tmp_path: Any) -> None:
+    import flask
+    from markupsafe import Markup
+
+    from sqla_sessions import SessionConfig
+    from sqla_sessions.flask import init_app
+
+    app = flask.Flask(__name__)
+    init_app(app, SessionConfig(database_url=f"sqlite:///{tmp_path / 's.db'}", lottery=(0, 1)))
+    from sqla_sessions import upgrade
+
+    upgrade(f"sqlite:///{tmp_path / 's.db'}")
+
+    @app.post("/save")
+    def save() -> str:
+        flask.flash(Markup("<b>Saved</b>"), "success")
+        return "ok"
+
+    @app.get("/show")
+    def show() -> str:
+        messages = flask.get_flashed_messages(with_categories=True)
+        return f"{messages[0][0]}:{type(messages[0][1]).__name__}:{messages[0][1]}"
+
+    client = app.test_client()
+    assert client.post("/save").status_code == 200
+    assert client.get("/show").text == "success:Markup:<b>Saved</b>"
