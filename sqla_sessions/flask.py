@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 try:
     from flask import Flask, Request, Response, request
+    from flask import session as flask_session
     from flask.sessions import SessionInterface, SessionMixin
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise ImportError("sqla_sessions.flask needs Flask: pip install 'sqla-sessions[flask]'") from None
@@ -152,8 +153,46 @@ def init_app(
     # earlier must not answer (a redirect to the login page) for a store that is down.
     app.before_request_funcs.setdefault(None, []).insert(0, _answer_session_failure)
 
+    _bridge_flask_login(app)
+
     @app.teardown_request
     def _release(_exc: BaseException | None) -> None:
         held: BlockingSession | None = request.environ.get(_HELD)
         if held is not None:
             held.release()  # no-op after the save; a rollback if the request failed
+
+
+#: What Flask-Login keeps in the session about its logged-in user.
+_FLASK_LOGIN_KEYS = ("_user_id", "_fresh", "_id", "_remember", "_remember_seconds")
+
+
+def _bridge_flask_login(app: Flask) -> None:
+    """With Flask-Login installed, `login_user()` is our `login()` (a new id, the previous session cut
+    off, `user_id` set so device lists and `revoke_user` work) and `logout_user()` our `logout()`.
+
+    Flask-Login writes its keys before it signals, and our login starts from an empty session when
+    another user was logged in: its keys are carried over. Signals are app-scoped: other apps of the
+    process are untouched.
+    """
+    try:
+        from flask_login import user_logged_in, user_logged_out
+    except ImportError:
+        return
+
+    def logged_in(sender: Flask, user: Any, **_: Any) -> None:
+        current: object = flask_session  # werkzeug's proxy answers isinstance() for the real object
+        if not isinstance(current, Session):
+            return
+        kept = {key: current[key] for key in _FLASK_LOGIN_KEYS if key in current}
+        current.login(user.get_id())
+        current.update(kept)
+
+    def logged_out(sender: Flask, user: Any, **_: Any) -> None:
+        current: object = flask_session
+        if isinstance(current, Session):
+            kept = {key: current[key] for key in _FLASK_LOGIN_KEYS if key in current}  # "_remember": "clear"
+            current.logout()
+            current.update(kept)
+
+    user_logged_in.connect(logged_in, app, weak=False)
+    user_logged_out.connect(logged_out, app, weak=False)

@@ -1,0 +1,74 @@
+"""Flask-Login's `login_user()` / `logout_user()` are our `login()` / `logout()`, with no extra call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask
+import flask_login
+
+from sqla_sessions import DatabaseHandler, SessionConfig
+from sqla_sessions.flask import init_app
+from tests.conftest import Backend
+
+
+class User(flask_login.UserMixin):
+    def __init__(self, user_id: str) -> None:
+        self.id = user_id
+
+
+def _app(db_backend: Backend) -> tuple[flask.Flask, DatabaseHandler]:
+    app = flask.Flask(__name__)
+    app.secret_key = "not used by sqla_sessions"
+    handler = DatabaseHandler(db_backend.engine, SessionConfig(lottery=(0, 1)))
+    init_app(app, handler=handler)
+    manager = flask_login.LoginManager(app)
+    manager.user_loader(User)
+
+    @app.post("/cart/<item>")
+    def add(item: str) -> dict[str, Any]:
+        flask.session.setdefault("cart", []).append(item)
+        return {"cart": flask.session["cart"]}
+
+    @app.post("/login/<name>")
+    def login(name: str) -> dict[str, Any]:
+        flask_login.login_user(User(name), remember=True)
+        return {"user": flask_login.current_user.get_id()}
+
+    @app.post("/logout")
+    def logout() -> str:
+        flask_login.logout_user()
+        return "bye"
+
+    @app.get("/me")
+    @flask_login.login_required
+    def me() -> dict[str, Any]:
+        return {"user": flask_login.current_user.get_id(), "cart": flask.session.get("cart", [])}
+
+    return app, handler
+
+
+def _cookie(response: Any) -> str:
+    (header,) = [h for h in response.headers.getlist("Set-Cookie") if h.startswith("session=")]
+    return str(header.split(";", 1)[0].split("=", 1)[1])
+
+
+def test_login_user_regenerates_sets_the_user_and_logout_user_invalidates(db_backend: Backend) -> None:
+    app, handler = _app(db_backend)
+    client = app.test_client()
+    first = _cookie(client.post("/cart/apple"))
+    login = client.post("/login/ada")
+    assert login.json == {"user": "ada"}
+    after = _cookie(login)
+    assert after != first and handler.load(first).is_new  # a new id: the planted/old one is dead
+    assert client.get("/me").json == {"user": "ada", "cart": ["apple"]}  # Flask-Login's keys came along
+    assert [device.key for device in handler.list_sessions("ada")] == [handler.load(after).key]
+
+    other = client.post("/login/bob")  # another user on the same browser: an empty session, bob's
+    assert other.json == {"user": "bob"}
+    assert client.get("/me").json == {"user": "bob", "cart": []}
+    assert handler.list_sessions("ada") == [] and len(handler.list_sessions("bob")) == 1
+
+    assert client.post("/logout").text == "bye"
+    assert handler.list_sessions("bob") == []
+    assert client.get("/me").status_code == 401
