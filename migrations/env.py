@@ -15,7 +15,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection, Engine
 
 from sqla_sessions.handlers.engines import create_session_engine, normalize_url
-from sqla_sessions.migrate import table_name_for_migrations, version_table_for
+from sqla_sessions.migrate import table_name_for_migrations, version_table_for, version_table_has_pk
 from sqla_sessions.schema import sessions_table
 
 config = context.config
@@ -56,6 +56,7 @@ def run_migrations_offline() -> None:
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
         version_table=version_table,
+        version_table_pk=version_table_has_pk(version_table),
         include_name=_include_name,
     )
     with context.begin_transaction():
@@ -67,6 +68,7 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         version_table=version_table,
+        version_table_pk=version_table_has_pk(version_table),
         include_name=_include_name,
     )
     with context.begin_transaction():

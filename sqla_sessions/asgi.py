@@ -226,8 +226,11 @@ def _same_origin(scope: Scope, allowed: tuple[str, ...]) -> bool:
         return True
     if origin in (entry.lower().rstrip("/") for entry in allowed):
         return True
-    _, _, origin_host = origin.partition("://")
-    return host is not None and origin_host == host
+    origin_scheme, _, origin_host = origin.partition("://")
+    # A wss handshake comes from an https page: an http page of the same host (forgeable on the
+    # network) is another origin.
+    expected = "https" if scope.get("scheme") in ("wss", "https") else "http"
+    return host is not None and origin_host == host and origin_scheme == expected
 
 
 def request_info(scope: Scope) -> RequestInfo:

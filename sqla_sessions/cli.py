@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import SessionConfig
-from .errors import ConfigurationError
+from .errors import ConfigurationError, misconfiguration
 from .handlers.database import DatabaseHandler
 from .handlers.engines import create_session_engine
 from .migrate import upgrade
@@ -51,8 +52,8 @@ class Failure(click.ClickException):
 def _masked(url: str) -> str:
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url
+    except sa.exc.ArgumentError:  # not a URL SQLAlchemy reads (a scheme forgotten): hide what looks like one
+        return re.sub(r":[^:@/]*@", ":***@", url)
 
 
 def _env(name: str) -> str | None:
@@ -110,6 +111,9 @@ def friendly_errors(command: F) -> F:
         except sa.exc.ArgumentError as exc:
             raise Failure(f"database_url: {exc}") from None
         except sa.exc.OperationalError as exc:
+            what = misconfiguration(exc)
+            if what is not None:
+                raise Failure(f"the database refused the configuration ({what}): {_first_line(exc.orig)}") from None
             raise Failure(f"cannot reach the database: {_first_line(exc.orig)}") from None
         except sa.exc.DBAPIError as exc:
             raise Failure(f"database error: {_first_line(exc.orig)}") from None

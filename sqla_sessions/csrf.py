@@ -115,23 +115,21 @@ def _multipart_token(content_type: str, body: bytes) -> str | None:
 
 
 def is_exempt(path: str, exempt: Sequence[str]) -> bool:
-    """Whether *path*, normalised as a router would see it, matches an exempt glob.
+    """Whether *path* matches an exempt glob, as the path the router will dispatch.
 
-    `/webhooks/../admin` must not pass as `/webhooks/*`: dot segments and repeated slashes are
-    resolved first, and a path that still climbs above the root, or carries an encoded slash or
-    dot segment, is never exempt.
+    Only a path already in normal form can be exempt: one with dot segments, repeated slashes, a
+    backslash or a percent-encoding left in it (`/webhooks/../admin`, `/admin/..%2Fwebhooks/x`,
+    which servers hand on decoded and routers do not resolve) might be matched one way here and
+    routed another, so it is checked like any other path.
     """
-    if not exempt:
+    if not exempt or not path.startswith("/"):
         return False
-    lowered = path.lower()
-    if "%2f" in lowered or "%2e" in lowered or "\\" in path:
+    if "\\" in path or "%" in path or "//" in path:
         return False
-    normalised = posixpath.normpath(path) if path else "/"
-    if normalised.startswith("//"):  # normpath keeps a leading double slash
-        normalised = "/" + normalised.lstrip("/")
-    if path.endswith("/") and not normalised.endswith("/"):
-        normalised += "/"
-    return any(fnmatch.fnmatchcase(normalised, glob) for glob in exempt)
+    normalised = posixpath.normpath(path)
+    if normalised != path.rstrip("/") and not (path == "/" and normalised == "/"):
+        return False
+    return any(fnmatch.fnmatchcase(path, glob) for glob in exempt)
 
 
 def _body_text() -> bytes:

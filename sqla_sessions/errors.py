@@ -68,6 +68,7 @@ class StoreMisconfigured(SessionError):
 # PostgreSQL SQLSTATEs: undefined table, invalid schema, unknown database, role/password refused, no grant.
 _PG_MISCONFIGURED = {
     "42P01": "table not found",
+    "42703": "column not found (an older schema)",
     "3F000": "schema not found",
     "3D000": "database not found",
     "28000": "role refused",
@@ -77,6 +78,7 @@ _PG_MISCONFIGURED = {
 # MySQL/MariaDB error numbers: no such table, unknown database, access denied (user, database, command).
 _MYSQL_MISCONFIGURED = {
     1146: "table not found",
+    1054: "column not found (an older schema)",
     1049: "database not found",
     1045: "role or password refused",
     1044: "permission denied",
@@ -85,11 +87,21 @@ _MYSQL_MISCONFIGURED = {
 # Connection-time refusals carry no SQLSTATE in every driver: their server message tells.
 _MESSAGES = (
     ("no such table", "table not found"),
+    ("no such column", "column not found (an older schema)"),
+    ("unable to open database file", "database file cannot be opened"),
     ("does not exist", "not found"),
     ("password authentication failed", "password refused"),
     ("access denied", "role or password refused"),
     ("permission denied", "permission denied"),
 )
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether *exc* is an outage a retry can outlast: a lost or refused connection, a pool that stayed
+    dry, or a server that answers read-only (a primary demoted during a failover)."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        return True
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == "25006"
 
 
 def misconfiguration(exc: BaseException) -> str | None:

@@ -30,11 +30,16 @@ def version_table_for(table: str) -> str:
     if table == "sessions":
         return DEFAULT_VERSION_TABLE
     name = f"{DEFAULT_VERSION_TABLE}_{table}"
-    limit = _MAX_IDENTIFIER - len("_pkc")  # Alembic names the version table's primary key <name>_pkc
-    if len(name) > limit:
+    if len(name) > _MAX_IDENTIFIER:  # 0.1's rule, kept: a database it set up finds its history
         digest = hashlib.sha256(table.encode()).hexdigest()[:8]
-        name = f"{DEFAULT_VERSION_TABLE}_{table[: limit - len(DEFAULT_VERSION_TABLE) - 10]}_{digest}"
+        name = f"{DEFAULT_VERSION_TABLE}_{table[: _MAX_IDENTIFIER - len(DEFAULT_VERSION_TABLE) - 10]}_{digest}"
     return name
+
+
+def version_table_has_pk(version_table: str) -> bool:
+    """Whether Alembic may give the version table its primary key: it names it `<table>_pkc`, which
+    must fit PostgreSQL's 63 characters (a version table works without one)."""
+    return len(version_table) + len("_pkc") <= _MAX_IDENTIFIER
 
 
 def host_include_name(*tables: str) -> Callable[[str | None, str, Mapping[str, str | None]], bool]:

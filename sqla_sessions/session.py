@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from sqlalchemy.exc import DBAPIError
 
-from .errors import UNAVAILABLE_ERRORS, SessionInterrupted, StoreMisconfigured, StoreUnavailable, misconfiguration
+from .errors import (
+    UNAVAILABLE_ERRORS,
+    SessionInterrupted,
+    StoreMisconfigured,
+    StoreUnavailable,
+    misconfiguration,
+    unavailable,
+)
 from .ids import generate_session_key, new_session_id, secret_hash, session_key_of
 from .merge import NO_CHANGES, ChangeSet, Number, apply_changes
 from .records import Record, SaveAction
@@ -356,7 +363,9 @@ class Session(StoreApi):
         that hold the session by its key still reach it; for a change of privilege use
         `change_privilege()` (which `login()` calls), which ends every earlier id.
         """
-        self._keep_previous_id = not destroy and self._loaded is not None
+        # Only the id the browser holds (this request's first change of id) may stay valid: after a
+        # login, or a regenerate() meant to end it, an earlier id is never kept.
+        self._keep_previous_id = not destroy and self._loaded is not None and not self._id_changed
         self._mint_id(new_key=False)
         self._id_changed = True
         self.regenerate_token()
@@ -629,7 +638,7 @@ def _unavailable_as_store_error() -> Iterator[None]:
         what = misconfiguration(exc)
         if what is not None:
             raise StoreMisconfigured(f"the session store is misconfigured: {what}") from exc
-        if isinstance(exc, UNAVAILABLE_ERRORS):
+        if unavailable(exc):
             raise StoreUnavailable(f"the session store is unreachable: {type(exc).__name__}") from exc
         raise
 

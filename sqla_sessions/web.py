@@ -34,6 +34,7 @@ from .errors import (
     StoreMisconfigured,
     StoreUnavailable,
     misconfiguration,
+    unavailable,
 )
 from .handlers.base import BaseHandler
 from .ids import is_valid_session_id
@@ -220,10 +221,10 @@ def store_failure(exc: BaseException, store: str) -> int | None:
     None for any other error (the caller raises it)."""
     what = misconfiguration(exc)
     if what is not None:
-        hint = ": run `sqla-sessions migrate`" if what == "table not found" else ""
+        hint = ": run `sqla-sessions migrate`" if what.startswith(("table", "column")) else ""
         logger.error("session store misconfigured, %s: %s%s; answering 500", what, store, hint)
         return 500
-    if isinstance(exc, STORE_UNAVAILABLE):
+    if isinstance(exc, STORE_UNAVAILABLE) or unavailable(exc):
         logger.error("session store unreachable (%s); answering 503", store, exc_info=exc)
         return 503
     return None

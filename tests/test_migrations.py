@@ -205,3 +205,14 @@ def test_stats_on_a_mixed_case_table_name(db_backend: Backend) -> None:
     if db_backend.name != "sqlite":  # SQLite reports a size only when compiled with dbstat
         assert stats.table_bytes is not None and stats.table_bytes > 0
     downgrade(db_backend.engine, table=table)
+
+
+def test_the_longest_table_name_migrates_and_a_longer_one_is_refused_clearly(db_backend: Backend) -> None:
+    """32 characters: the index names fit in 63; the version table keeps 0.1's name (a database 0.1
+    set up finds its history) and goes without the primary key whose name would not fit."""
+    longest = "t" * 31 + uuid.uuid4().hex[0]
+    upgrade(db_backend.engine, table=longest)
+    assert {longest, version_table_for(longest)} <= _tables(db_backend.engine)
+    downgrade(db_backend.engine, table=longest)
+    with pytest.raises(ValueError, match="at most 32 characters"):
+        upgrade(db_backend.engine, table="t" * 33)

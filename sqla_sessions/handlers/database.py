@@ -114,6 +114,13 @@ class DatabaseHandler(BaseHandler[Connection]):
                 if not inspector.has_table(self.table.name):
                     raise StoreMisconfigured(f"{where} not found: run `sqla-sessions migrate`")
                 columns = {column["name"] for column in inspector.get_columns(self.table.name)}
+                conn.execute(sa.select(self.table.c.key).limit(0))  # the role may read it
+                if self._dialect == "postgresql":  # and write it (the catalog tells, nothing is written)
+                    # has_table_privilege with a list is true when *any* is held: ask for each.
+                    name = sa.func.quote_ident(self.table.name)
+                    held = [sa.func.has_table_privilege(name, kind) for kind in ("INSERT", "UPDATE", "DELETE")]
+                    if not all(conn.execute(sa.select(*held)).one()):
+                        raise StoreMisconfigured(f"{where}: the role may not insert, update and delete rows")
         except DBAPIError as exc:
             what = misconfiguration(exc)
             reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__

@@ -308,6 +308,19 @@ def test_regenerate_without_destroy_keeps_the_old_id_reaching_the_same_session(h
     assert handler.load(again.id)["c"] == 3
 
 
+def test_only_the_id_the_browser_holds_can_be_kept_never_one_a_login_or_regenerate_ended(handler: Handler) -> None:
+    for end in ("login", "regenerate"):
+        old_id = new_stored(handler, a=1)
+        session = handler.load(old_id)
+        session.login("u1") if end == "login" else session.regenerate()
+        session.regenerate(destroy=False)  # later in the same request: keeps nothing earlier
+        session.save()
+        old_secret = old_id.split(".")[1]
+        assert handler.load(old_id).is_new
+        assert handler.load(f"{session.key}.{old_secret}").is_new, end
+        assert handler.load(session.id)["a"] == 1
+
+
 def test_a_login_ends_the_id_a_regenerate_kept(handler: Handler) -> None:
     old_id = new_stored(handler, a=1)
     session = handler.load(old_id)

@@ -212,11 +212,12 @@ def test_a_websocket_from_another_origin_gets_no_session(memory: MemoryHandler) 
     allowed = SessionConfig(websocket_origins=("https://app.example.com",))
     middleware = AsgiMiddleware(app, allowed, handler=memory)
 
-    def handshake(origin: str | None, host: str = "example.com") -> None:
+    def handshake(origin: str | None, host: str = "example.com", scheme: str = "wss") -> None:
         headers = [(b"cookie", f"session={cookie}".encode()), (b"host", host.encode())]
         if origin is not None:
             headers.append((b"origin", origin.encode()))
-        asyncio.run(middleware({"type": "websocket", "headers": headers, "path": "/"}, _never, _ignore))
+        scope = {"type": "websocket", "scheme": scheme, "headers": headers, "path": "/"}
+        asyncio.run(middleware(scope, _never, _ignore))
 
     handshake("https://example.com")  # the site's own page
     handshake("https://APP.example.com")  # allowed
@@ -225,7 +226,9 @@ def test_a_websocket_from_another_origin_gets_no_session(memory: MemoryHandler) 
     handshake("https://example.com.evil.net")
     handshake("null")
     handshake("https://example.com", host="example.com:8443")  # another port: another origin
-    assert seen == [1, 1, 1, None, None, None, None]
+    handshake("http://example.com")  # an http page (forgeable on the network) opening wss: another origin
+    handshake("http://example.com", scheme="ws")  # plain ws from the http site: its own origin
+    assert seen == [1, 1, 1, None, None, None, None, None, 1]
     with pytest.raises(ValueError, match="websocket_origins"):
         SessionConfig(websocket_origins=("app.example.com",))
 

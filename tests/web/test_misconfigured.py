@@ -134,3 +134,29 @@ def test_the_embedded_sqlite_default_is_named_in_a_warning(
 )
 def test_only_refusals_count_as_misconfiguration(orig: Any, expected: str | None) -> None:
     assert misconfiguration(sa.exc.OperationalError("SELECT 1", {}, orig)) == expected
+
+
+def test_check_names_a_missing_grant(pg_backend: Backend) -> None:
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    admin = pg_backend.engine.execution_options(isolation_level="AUTOCOMMIT")
+    database = sa.make_url(pg_backend.url).database
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f'GRANT CONNECT ON DATABASE "{database}" TO {role}')
+    url = sa.make_url(pg_backend.url).set(username=role).render_as_string(hide_password=False)
+    handler = DatabaseHandler(url, SessionConfig())
+    try:
+        with pytest.raises(StoreMisconfigured, match="permission denied"):
+            handler.check()  # no grant on the table at all
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"GRANT SELECT ON sessions TO {role}")
+        with pytest.raises(StoreMisconfigured, match="may not insert, update and delete"):
+            handler.check()  # reads, but every save would fail
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"GRANT INSERT, UPDATE, DELETE ON sessions TO {role}")
+        handler.check()
+    finally:
+        handler.close()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
