@@ -237,6 +237,6 @@ def test_a_client_that_goes_away_does_not_keep_the_lock(server: Server) -> None:
     started = time.monotonic()
     with server.client() as client:
         response = client.post("/blocking/work?ms=10", headers=sent(cookie))
-    assert response.status_code == 200
-    assert time.monotonic() - started < BLOCK_WAIT
+    assert response.status_code == 200  # not 423: the lock was free within the database's wait bound
+    assert time.monotonic() - started < BLOCK_WAIT + 1.0  # (plus the HTTP round trip on a loaded machine)
     assert response.json()["n"] == 2  # the abandoned request finished and saved first
