@@ -100,7 +100,7 @@ def test_environment_supplies_the_url(sqlite_url: str) -> None:
     [
         (["stats", "--database-url", "not a url"], "database_url"),
         (["stats", "--database-url", "postgresql+psycopg://nobody@127.0.0.1:1/x?connect_timeout=2"], "cannot reach"),
-        (["gc", "--database-url", "sqlite:////nonexistent/dir/x.db"], "cannot reach"),
+        (["gc", "--database-url", "sqlite:////nonexistent/dir/x.db"], "database file cannot be opened"),
         (["stats", "--database-url", "nosuchdialect://x"], "database_url"),
     ],
     ids=["malformed-url", "unreachable", "unopenable-file", "unknown-dialect"],
