@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -192,17 +193,32 @@ class BlockingSession:
         self._lock = lock
         self._conn_cm: AbstractContextManager[Any] | None = None
         self._conn: Any = None
+        self._release_gate: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, handler: BaseHandler[Any], session_id: str | None) -> BlockingSession:
-        """Lock the session named by *session_id*, waiting up to `block_wait_seconds`; `LockTimeout` past it."""
+        """Lock the session named by *session_id*, waiting up to `block_wait_seconds`; `LockTimeout` past it.
+
+        In one process, one blocking request per session waits for (or holds) the database lock with
+        a pooled connection; the others wait at a gate holding none, and past `MAX_QUEUED_PER_SESSION`
+        are answered at once (`LockTimeout`: 423). So a burst of one browser's requests at a blocking
+        route cannot take the pool from everyone else.
+        """
         if not is_valid_session_id(session_id):
             return cls(handler, handler.load(session_id))
         assert session_id is not None
+        config = handler.config
+        release_gate = _SESSION_GATES.enter(session_id, config.block_wait_seconds, config.block_lock_seconds)
         lock = LockedRequest(handler, session_id)
         held = cls(handler, Session(handler), lock)
-        held._conn_cm = handler.connect()
-        held._conn = held._conn_cm.__enter__()
+        held._release_gate = release_gate
+        try:
+            held._conn_cm = handler.connect()
+            held._conn = held._conn_cm.__enter__()
+        except BaseException:
+            held._conn_cm = None
+            held._close()
+            raise
         try:
             delays = poll_delays(handler.config.block_wait_seconds)
             while not lock.attempt(held._conn):
@@ -299,3 +315,77 @@ class BlockingSession:
                 cm.__exit__(None, None, None)
             except Exception:
                 logger.debug("returning a blocking session's connection failed", exc_info=True)
+        release_gate, self._release_gate = self._release_gate, None
+        if release_gate is not None:
+            release_gate()
+
+
+#: Blocking requests of one session that may wait in one process besides the one past the gate.
+MAX_QUEUED_PER_SESSION = 8
+
+
+class _Gate:
+    __slots__ = ("changed", "owner", "since", "users")
+
+    def __init__(self, guard: threading.Lock) -> None:
+        self.changed = threading.Condition(guard)
+        self.owner: object | None = None
+        self.since = 0.0
+        self.users = 0
+
+
+class _SessionGates:
+    """Per process, per session: the one blocking request that may hold a connection (sync servers).
+
+    The others wait here, holding a server thread but no pooled connection, for at most the wait
+    bound; beyond `MAX_QUEUED_PER_SESSION` they are refused at once. Like the database lock, a pass
+    lasts at most `block_lock_seconds`: a holder past it no longer keeps the others waiting.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._gates: dict[str, _Gate] = {}
+
+    def enter(self, session_id: str, wait: float, hold: float) -> Callable[[], None]:
+        """Pass the gate of *session_id* (`LockTimeout` past *wait* or a full queue); returns its release."""
+        token = object()
+        with self._guard:
+            gate = self._gates.get(session_id)
+            if gate is None:
+                gate = self._gates[session_id] = _Gate(self._guard)
+            if gate.users > MAX_QUEUED_PER_SESSION:
+                raise LockTimeout(1)
+            gate.users += 1
+            deadline = time.monotonic() + wait
+            while gate.owner is not None and time.monotonic() - gate.since < hold:
+                remaining = min(deadline, gate.since + hold) - time.monotonic()
+                if time.monotonic() >= deadline:
+                    self._leave(session_id, gate)
+                    raise LockTimeout(wait)
+                gate.changed.wait(max(remaining, 0.001))
+            gate.owner, gate.since = token, time.monotonic()
+
+        def release() -> None:
+            with self._guard:
+                if gate.owner is token:
+                    gate.owner = None
+                    gate.changed.notify()
+                self._leave(session_id, gate)
+
+        released: list[bool] = []
+
+        def release_once() -> None:
+            if not released:
+                released.append(True)
+                release()
+
+        return release_once
+
+    def _leave(self, session_id: str, gate: _Gate) -> None:
+        # Called with the guard held.
+        gate.users -= 1
+        if gate.users == 0 and self._gates.get(session_id) is gate:
+            del self._gates[session_id]
+
+
+_SESSION_GATES = _SessionGates()

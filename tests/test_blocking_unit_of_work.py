@@ -447,3 +447,49 @@ def test_a_burst_on_a_blocking_route_does_not_starve_other_users(db_backend: Bac
     assert plain == [200] * 10 and elapsed < 2
     assert set(blocking) <= {200, 423} and blocking.count(200) >= 2 and blocking.count(423) >= 10
     assert counted == blocking.count(200)  # the ones answered 200 ran one at a time
+
+
+def test_a_burst_on_a_blocking_route_does_not_starve_other_users_of_a_wsgi_server(db_backend: Backend) -> None:
+    """The same burst at a threaded WSGI server: one request per session holds a connection, a short
+    queue waits holding none, the rest are answered 423 at once; other users keep the pool."""
+    from concurrent.futures import ThreadPoolExecutor
+    from wsgiref.util import setup_testing_defaults
+
+    from sqla_sessions.wsgi import SessionMiddleware as WsgiMiddleware
+
+    engine = create_session_engine(db_backend.url, autocommit=True, pool_size=6, max_overflow=0, pool_timeout=2)
+    handler = DatabaseHandler(engine, SessionConfig(block_wait_seconds=3, block_lock_seconds=5, lottery=(0, 1)))
+    burst_id, others = stored(handler, n=0), [stored(handler, n=0) for _ in range(10)]
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/blocking":
+            time.sleep(0.2)  # a slow checkout step, holding the session's lock
+        environ["sqla_sessions.session"].increment("n")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WsgiMiddleware(app, handler=handler, blocking=["/blocking"])
+
+    def request(path: str, session_id: str) -> int:
+        environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "POST", "HTTP_COOKIE": f"session={session_id}"}
+        setup_testing_defaults(environ)
+        status: list[str] = []
+        body = middleware(environ, lambda s, h, e=None: status.append(s))
+        b"".join(body)
+        getattr(body, "close", lambda: None)()
+        return int(status[0].split()[0])
+
+    try:
+        with ThreadPoolExecutor(40) as pool:  # the server's threads
+            burst = [pool.submit(request, "/blocking", burst_id) for _ in range(30)]
+            time.sleep(0.1)
+            started = time.monotonic()
+            plain = list(pool.map(lambda i: request("/", i), others))
+            elapsed = time.monotonic() - started
+            blocking = [future.result() for future in burst]
+        counted = handler.load(burst_id)["n"]
+    finally:
+        engine.dispose()
+    assert plain == [200] * 10 and elapsed < 2
+    assert set(blocking) <= {200, 423} and blocking.count(200) >= 2 and blocking.count(423) >= 10
+    assert counted == blocking.count(200)
