@@ -19,6 +19,7 @@ There is one implementation of the logic (`BaseHandler.load_on`, `write_on`, …
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import time
@@ -52,12 +53,15 @@ MAX_QUEUED_PER_SESSION = 8
 
 
 class _Gate:
-    """The blocking requests of one session in this process: one at a time past the gate."""
+    """The blocking requests of one session in this process: one at a time past the gate, for at most
+    `block_lock_seconds` (as the database lock: a holder past it no longer keeps the others waiting)."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("changed", "owner", "since", "users")
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
+        self.changed = asyncio.Condition()
+        self.owner: object | None = None
+        self.since = 0.0
         self.users = 0
 
 
@@ -174,23 +178,35 @@ class AsyncSessionStore:
         if gate.users > MAX_QUEUED_PER_SESSION:  # the one past the gate, and a full queue
             raise LockTimeout(1)
         gate.users += 1
+        token = object()
+        wait, hold = self.config.block_wait_seconds, self.config.block_lock_seconds
+        deadline = time.monotonic() + wait
         try:
-            async with asyncio.timeout(self.config.block_wait_seconds):
-                await gate.lock.acquire()
-        except TimeoutError:
-            self._leave(session_id, gate, locked=False)
-            raise LockTimeout(self.config.block_wait_seconds) from None
+            async with gate.changed:
+                while gate.owner is not None and time.monotonic() - gate.since < hold:
+                    if time.monotonic() >= deadline:
+                        raise LockTimeout(wait)
+                    remaining = min(deadline, gate.since + hold) - time.monotonic()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(gate.changed.wait(), max(remaining, 0.001))
+                gate.owner, gate.since = token, time.monotonic()
         except BaseException:
-            self._leave(session_id, gate, locked=False)
+            self._leave(session_id, gate, token)
             raise
-        return await AsyncBlockingSession.open(self, session_id, on_done=lambda: self._leave(session_id, gate))
+        return await AsyncBlockingSession.open(self, session_id, on_done=lambda: self._leave(session_id, gate, token))
 
-    def _leave(self, session_id: str, gate: _Gate, *, locked: bool = True) -> None:
-        if locked:
-            gate.lock.release()
+    def _leave(self, session_id: str, gate: _Gate, token: object) -> None:
+        if gate.owner is token:
+            gate.owner = None
+            asyncio.ensure_future(self._notify(gate))  # wake the next waiter (this may run outside the loop's task)
         gate.users -= 1
         if gate.users == 0 and self._gates.get(session_id) is gate:
             del self._gates[session_id]
+
+    @staticmethod
+    async def _notify(gate: _Gate) -> None:
+        async with gate.changed:
+            gate.changed.notify()
 
     async def aclose(self) -> None:
         """Dispose of what this store created (its AsyncEngine, its threads), once what cancelled requests

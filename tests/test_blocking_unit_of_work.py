@@ -493,3 +493,33 @@ def test_a_burst_on_a_blocking_route_does_not_starve_other_users_of_a_wsgi_serve
     assert plain == [200] * 10 and elapsed < 2
     assert set(blocking) <= {200, 423} and blocking.count(200) >= 2 and blocking.count(423) >= 10
     assert counted == blocking.count(200)
+
+
+def test_a_holder_past_block_lock_seconds_keeps_no_one_waiting_in_its_process(pg_backend: Backend) -> None:
+    """The database ends an idle hold after block_lock_seconds; the per-process gate in front of it
+    lets the next request of the session through then too (ASGI store and sync BlockingSession)."""
+    handler = DatabaseHandler(pg_backend.engine, SessionConfig(block_wait_seconds=3, block_lock_seconds=0.5))
+    session_id = stored(handler, n=0)
+
+    async def two_requests() -> float:
+        store = AsyncSessionStore(handler)
+        first = await store.open_blocking(session_id)
+        await asyncio.sleep(0.8)  # idle past the bound: the database has ended its transaction
+        started = time.monotonic()
+        second = await store.open_blocking(session_id)
+        waited = time.monotonic() - started
+        second.session.increment("n")
+        await second.finish()
+        await first.release()
+        await store.aclose()
+        return waited
+
+    assert asyncio.run(two_requests()) < 1.0
+    held = BlockingSession.open(handler, session_id)
+    time.sleep(0.8)
+    started = time.monotonic()
+    other = BlockingSession.open(handler, session_id)
+    assert time.monotonic() - started < 1.0
+    other.release()
+    held.release()
+    assert handler.load(session_id)["n"] == 1
