@@ -100,7 +100,7 @@ def test_the_host_apps_alembic_version_is_untouched(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["host_rev_1"]
         assert conn.exec_driver_sql(f"SELECT version_num FROM {DEFAULT_VERSION_TABLE}").scalar_one() == (
-            "sqla_sessions_0003"
+            "sqla_sessions_0004"
         )
     engine.dispose()
 
@@ -216,3 +216,20 @@ def test_the_longest_table_name_migrates_and_a_longer_one_is_refused_clearly(db_
     downgrade(db_backend.engine, table=longest)
     with pytest.raises(ValueError, match="at most 32 characters"):
         upgrade(db_backend.engine, table="t" * 33)
+
+
+def test_postgresql_tables_get_their_fillfactor_and_autovacuum_settings(db_backend: Backend) -> None:
+    table = f"ff_{uuid.uuid4().hex[:8]}"
+    upgrade(db_backend.engine, table=table)
+    if db_backend.name == "postgresql":
+        with db_backend.engine.connect() as conn:
+            options = conn.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = %s", (table,)).scalar_one()
+        assert {"fillfactor=90", "autovacuum_vacuum_scale_factor=0.02", "autovacuum_analyze_scale_factor=0.05"} <= set(
+            options
+        )
+    downgrade(db_backend.engine, table=table, revision="sqla_sessions_0003")
+    if db_backend.name == "postgresql":
+        with db_backend.engine.connect() as conn:
+            options = conn.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = %s", (table,)).scalar_one()
+        assert not options
+    downgrade(db_backend.engine, table=table)
