@@ -102,11 +102,6 @@ def database_counters(pg_url: str) -> tuple[int, int]:
     return int(row[0]) - 1, int(row[1])  # less this query's own connection
 
 
-def sessions_opened(pg_url: str) -> int:
-    """PostgreSQL's count of sessions (connections) ever established to the database."""
-    return database_counters(pg_url)[0]
-
-
 def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 

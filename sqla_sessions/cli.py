@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,7 +27,7 @@ from rich.table import Table
 from .config import SessionConfig
 from .errors import ConfigurationError, misconfiguration
 from .handlers.database import DatabaseHandler
-from .handlers.engines import create_session_engine
+from .handlers.engines import create_session_engine, masked_url
 from .migrate import upgrade
 from .useragents import describe
 
@@ -47,13 +46,6 @@ class Failure(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         err.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False)
-
-
-def _masked(url: str) -> str:
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:  # not a URL SQLAlchemy reads (a scheme forgotten): hide what looks like one
-        return re.sub(r":[^:@/]*@", ":***@", url)
 
 
 def _env(name: str) -> str | None:
@@ -75,7 +67,7 @@ def database_options(command: F) -> F:
     command = click.option(
         "--database-url",
         default=None,
-        show_default=_masked(_env("SQLA_SESSIONS_DATABASE_URL") or DEFAULT_URL),
+        show_default=masked_url(_env("SQLA_SESSIONS_DATABASE_URL") or DEFAULT_URL),
         help="SQLAlchemy URL (env SQLA_SESSIONS_DATABASE_URL).",
     )(command)
     return command
@@ -92,12 +84,12 @@ def _resolve(
     if url is None and warn_default:
         url = default_url
         err.print(
-            f"[yellow]warning:[/] no --database-url and no SQLA_SESSIONS_DATABASE_URL: using {escape(_masked(url))}",
+            f"[yellow]warning:[/] no --database-url and no SQLA_SESSIONS_DATABASE_URL: using {escape(masked_url(url))}",
             highlight=False,
         )
     else:
         url = url or default_url
-        err.print(f"database: {escape(_masked(url))}, table {escape(chosen_table)}", highlight=False)
+        err.print(f"database: {escape(masked_url(url))}, table {escape(chosen_table)}", highlight=False)
     return url, chosen_table
 
 
@@ -134,7 +126,7 @@ def open_handler(database_url: str, table: str, **config: Any) -> DatabaseHandle
     with engine.connect() as conn:  # reach the database first, so "unreachable" is told apart
         if not sa.inspect(conn).has_table(table):
             engine.dispose()
-            raise Failure(f"table {table!r} not found in {_masked(database_url)}: run `sqla-sessions migrate`")
+            raise Failure(f"table {table!r} not found in {masked_url(database_url)}: run `sqla-sessions migrate`")
     return DatabaseHandler(engine, cfg)
 
 
@@ -267,7 +259,7 @@ def stats(database_url: str | None, table: str | None) -> None:
 @click.option(
     "--database-url",
     default=None,
-    show_default=_masked(_env("SQLA_SESSIONS_DATABASE_URL") or DEMO_URL),
+    show_default=masked_url(_env("SQLA_SESSIONS_DATABASE_URL") or DEMO_URL),
     help="SQLAlchemy URL (env SQLA_SESSIONS_DATABASE_URL).",
 )
 @click.option("--table", default=None, show_default=_env("SQLA_SESSIONS_TABLE") or "sessions")

@@ -32,12 +32,6 @@ def session_cookie_values(headers: Iterable[str], name: str) -> list[str]:
 MAX_CANDIDATES = 3
 
 
-def pick_session_id(values: list[str]) -> str | None:
-    """Choose the cookie value to look up: the first well-formed id, else the first value (to be refused)."""
-    candidates = session_id_candidates(values)
-    return candidates[0] if candidates else None
-
-
 def session_id_candidates(values: list[str]) -> list[str]:
     """The session ids worth a lookup, in the order presented: the distinct well-formed values (at most
     `MAX_CANDIDATES`); with none, the first value alone (to be refused as malformed); [] for no cookie.

@@ -166,6 +166,10 @@ def init_app(
 _FLASK_LOGIN_KEYS = ("_user_id", "_fresh", "_id", "_remember", "_remember_seconds")
 
 
+def _flask_login_keys(session: Session) -> dict[str, Any]:
+    return {key: session[key] for key in _FLASK_LOGIN_KEYS if key in session}
+
+
 def _bridge_flask_login(app: Flask) -> None:
     """With Flask-Login installed, `login_user()` is our `login()` (a new id, the previous session cut
     off, `user_id` set so device lists and `revoke_user` work) and `logout_user()` our `logout()`.
@@ -183,14 +187,14 @@ def _bridge_flask_login(app: Flask) -> None:
         current: object = flask_session  # werkzeug's proxy answers isinstance() for the real object
         if not isinstance(current, Session):
             return
-        kept = {key: current[key] for key in _FLASK_LOGIN_KEYS if key in current}
+        kept = _flask_login_keys(current)
         current.login(user.get_id())
         current.update(kept)
 
     def logged_out(sender: Flask, user: Any, **_: Any) -> None:
         current: object = flask_session
         if isinstance(current, Session):
-            kept = {key: current[key] for key in _FLASK_LOGIN_KEYS if key in current}  # "_remember": "clear"
+            kept = _flask_login_keys(current)  # "_remember": "clear"
             current.logout()
             current.update(kept)
 

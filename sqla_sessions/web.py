@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from .config import SessionConfig
-from .cookies import CookieWriter, pick_session_id, session_cookie_values, session_id_candidates
+from .cookies import CookieWriter, session_cookie_values, session_id_candidates
 from .errors import (
     UNAVAILABLE_ERRORS,
     PayloadTooLarge,
@@ -81,10 +81,6 @@ class SessionCycle:
         self.store = store or describe_store(None, config)
         self._clock = clock  # the handler's: cookie lifetimes must agree with stored expiry
         self._cookies = CookieWriter(config)
-
-    def session_id(self, info: RequestInfo) -> str | None:
-        """The session id the request presents (None when it has no session cookie)."""
-        return pick_session_id(session_cookie_values(info.cookie_headers, self.config.cookie_name))
 
     def session_ids(self, info: RequestInfo) -> list[str]:
         """Every session id worth a lookup (see `cookies.session_id_candidates`); the store's

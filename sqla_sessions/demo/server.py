@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-import sqlalchemy as sa
 import uvicorn
 
 from ..config import SessionConfig
+from ..handlers.engines import masked_url
 from ..migrate import upgrade
 
 
@@ -29,8 +29,8 @@ def serve(*, database_url: str, table: str, broker_url: str | None, host: str, p
     if broker_url:
         command = [sys.executable, "-m", "dramatiq", "sqla_sessions.demo.jobs", "--processes", str(workers)]
         worker_pool = subprocess.Popen([*command, "--threads", "2"], env=os.environ.copy())
-    where = f"{_masked(broker_url)} with {workers} worker processes" if broker_url else "an in-process worker"
-    shown = sa.make_url(database_url).render_as_string(hide_password=True)  # never print a password
+    where = f"{masked_url(broker_url)} with {workers} worker processes" if broker_url else "an in-process worker"
+    shown = masked_url(database_url)  # never print a password
     print(f"sqla_sessions demo on http://{host}:{port}  (sessions in {shown}, jobs on {where})", flush=True)
     try:
         uvicorn.run(create_app(config, in_process_worker=not broker_url), host=host, port=port, log_level="warning")
@@ -38,12 +38,3 @@ def serve(*, database_url: str, table: str, broker_url: str | None, host: str, p
         if worker_pool is not None:
             worker_pool.terminate()
             worker_pool.wait(30)
-
-
-def _masked(url: str) -> str:
-    """A broker URL without its password (amqp://guest:***@host/)."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -19,6 +20,15 @@ PGBOUNCER_PORT = 6432
 
 #: Seconds a SQLite writer waits for the database write lock before "database is locked".
 SQLITE_BUSY_TIMEOUT = 15
+
+
+def masked_url(url: str) -> str:
+    """*url* fit to print: its password replaced by `***`, also when it is not a URL SQLAlchemy reads
+    (a scheme forgotten, a broker's URL)."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return re.sub(r":[^:@/]*@", ":***@", url)
 
 
 def normalize_url(url: str | URL) -> URL:

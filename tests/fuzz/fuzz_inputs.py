@@ -6,7 +6,7 @@ Inputs are random mutations (bit flips, splices, truncations, repeats) of valid 
 stored payloads (plain and AES-GCM sealed), and form bodies carrying a CSRF token. The targets and
 what they may do:
 
-- cookie parsing (`session_cookie_values`, `pick_session_id`, `session_id_candidates`): return, never
+- cookie parsing (`session_cookie_values`, `session_id_candidates`): return, never
   raise; never more than 3 candidates, each a well-formed id (or the one malformed value to refuse);
 - payload decoding (`PayloadCodec.loads` then `decode_value`): return or raise `CorruptPayload`/`ValueError`;
 - CSRF body parsing (`token_from_body`): return, never raise, linear time (duplicated and nested
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sqla_sessions.codec import CorruptPayload, PayloadCodec
 from sqla_sessions.config import SessionConfig
-from sqla_sessions.cookies import pick_session_id, session_cookie_values, session_id_candidates
+from sqla_sessions.cookies import session_cookie_values, session_id_candidates
 from sqla_sessions.csrf import token_from_body
 from sqla_sessions.ids import generate_session_key, is_valid_session_id, new_session_id
 from sqla_sessions.serializer import decode_value, encode_value
@@ -109,7 +109,6 @@ def run(seconds: float, seed: int = 0) -> dict[str, int]:
     def cookie(data: bytes) -> None:
         text = data.decode("utf-8", "surrogateescape")
         values = session_cookie_values([text, text[::-1]], "session")
-        pick_session_id(values)
         candidates = session_id_candidates(values)
         assert len(candidates) <= 3
         assert len(candidates) <= 1 or all(is_valid_session_id(c) for c in candidates)
