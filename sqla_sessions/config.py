@@ -14,6 +14,7 @@ from typing import Any, Literal
 from .errors import ConfigurationError
 
 SameSite = Literal["lax", "strict", "none"]
+FlashAging = Literal["shown", "request"]
 PreparedStatements = Literal["auto", "on", "off"]
 
 _ENV_PREFIX = "SQLA_SESSIONS_"
@@ -39,6 +40,13 @@ class SessionConfig:
     absolute_lifetime: int | None = None
     """Optional hard cap in minutes since creation."""
     expire_on_close: bool = False
+    remember_lifetime: int = 43_200
+    """Idle lifetime in minutes of a session logged in with `login(user, remember=True)` (30 days);
+    its cookie outlives the browser even with `expire_on_close`."""
+    flash_aging: FlashAging = "shown"
+    """"shown": flash data goes after a request that read it or rendered an HTML page (an XHR poll
+    or an asset request in between leaves it); "request": after the next request, whatever it was
+    (Laravel's rule)."""
     cookie_name: str = "session"
     cookie_path: str = "/"
     cookie_domain: str | None = None
@@ -75,14 +83,14 @@ class SessionConfig:
     connect_timeout: float = 5
     """Seconds to establish a database connection (an unreachable host answers 503 instead of hanging)."""
     prepared_statements: PreparedStatements = "auto"
+    """Server-side prepared statements on PostgreSQL: "on", "off" (PgBouncer < 1.21 in transaction mode,
+    or one without `max_prepared_statements`), "auto" (off when the URL's port is PgBouncer's 6432)."""
     websocket_origins: tuple[str, ...] = ()
     """Origins besides the request's own host whose pages get the session on a websocket
     (e.g. `("https://app.example.com",)`); others get an empty one (cross-site websocket hijacking)."""
     check_on_startup: bool = False
     """The middlewares (when they build the handler) and the Dramatiq worker call `handler.check()` as
     they start: a missing table or a refused role stops the process with one line, not every request."""
-    """Server-side prepared statements on PostgreSQL: "on", "off" (PgBouncer < 1.21 in transaction mode,
-    or one without `max_prepared_statements`), "auto" (off when the URL's port is PgBouncer's 6432)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.database_url), "database_url", "must not be empty")
@@ -91,6 +99,8 @@ class SessionConfig:
         _check_int(self.lifetime, "lifetime", minimum=1)
         if self.absolute_lifetime is not None:
             _check_int(self.absolute_lifetime, "absolute_lifetime", minimum=1)
+        _check_int(self.remember_lifetime, "remember_lifetime", minimum=1)
+        _check(self.flash_aging in ("shown", "request"), "flash_aging", "must be shown or request")
         _check(
             _COOKIE_NAME.fullmatch(self.cookie_name) is not None,
             "cookie_name",

@@ -74,12 +74,23 @@ class CookieWriter:
             secure = https or self._config.cookie_partitioned or self._config.cookie_same_site == "none"
         return "; Secure" if secure else ""
 
-    def set(self, session_id: str, *, expires_at: int | None, https: bool, now: float | None = None) -> str:
-        """The `Set-Cookie` value that stores *session_id* until *expires_at* (a session cookie if None)."""
+    def set(
+        self,
+        session_id: str,
+        *,
+        expires_at: int | None,
+        https: bool,
+        now: float | None = None,
+        persistent: bool = False,
+    ) -> str:
+        """The `Set-Cookie` value that stores *session_id* until *expires_at* (a session cookie if None).
+
+        With `expire_on_close` the cookie ends with the browser, unless *persistent* (remember-me).
+        """
         if not is_valid_session_id(session_id):  # defence in depth: nothing else may reach a header
             raise ValueError("refusing to write a malformed session id into a cookie")
         lifetime = ""
-        if expires_at is not None and not self._config.expire_on_close:
+        if expires_at is not None and (persistent or not self._config.expire_on_close):
             now = time.time() if now is None else now
             max_age = max(0, int(expires_at) - int(now))
             lifetime = f"; Max-Age={max_age}; Expires={formatdate(now + max_age, usegmt=True)}"

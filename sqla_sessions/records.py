@@ -24,6 +24,10 @@ class Record:
     previous_id_hash: str | None = None
     """After `regenerate(destroy=False)`: the hash of the secret of the id the session had before, which
     keeps reaching it (in-flight requests, other tabs) until the next regeneration."""
+    idle_lifetime: int | None = None
+    """This session's own idle lifetime in seconds (`Session.set_lifetime`, remember-me); None: the config's."""
+    absolute_lifetime: int | None = None
+    """This session's own cap in seconds since creation; None: the config's."""
 
 
 class SaveAction(enum.Enum):

@@ -48,6 +48,9 @@ def sessions_table(name: str = "sessions") -> sa.Table:
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("last_activity", sa.BigInteger, nullable=False),
         sa.Column("expires_at", sa.BigInteger, nullable=False),
+        # A session's own lifetime in seconds (remember-me, Django's set_expiry); NULL: the config's.
+        sa.Column("idle_lifetime", sa.BigInteger, nullable=True),
+        sa.Column("absolute_lifetime", sa.BigInteger, nullable=True),
         # Blocking sessions where the database has no row locks (SQLite): who holds the lease, until when
         # (unix milliseconds).
         sa.Column("lease_owner", sa.String(32), nullable=True),

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from sqlalchemy.exc import DBAPIError
@@ -34,6 +35,8 @@ from .merge import NO_CHANGES, ChangeSet, Number, apply_changes
 from .records import Record, SaveAction
 from .schema import IP_ADDRESS_LENGTH, USER_AGENT_LENGTH, USER_ID_LENGTH
 from .serializer import decode_value, encode_entry, same_raw
+from .store_api import FLASH_KEY as _FLASH
+from .store_api import TOKEN_KEY as _TOKEN
 from .store_api import StoreApi
 from .unit import JOBS_KEY, Saved, UnitOfWork
 
@@ -79,15 +82,20 @@ class Session(StoreApi):
         "_deltas",
         "_destroy_key",
         "_detached",
+        "_ensure_stored",
         "_expiry_moved",
         "_flash_aged",
+        "_flash_old",
+        "_flash_shown",
         "_keep_previous_id",
         "_generation",
+        "_lifetime",
         "_gone",
         "_id",
         "_id_changed",
         "_live",
         "_loaded",
+        "_page_shown",
         "_raw",
         "_saved_callbacks",
         "_store",
@@ -117,6 +125,11 @@ class Session(StoreApi):
         self._expiry_moved = False  # a save or touch of this request pushed expires_at forward (the cookie follows)
         self._accessed = False
         self._flash_aged = False
+        self._flash_old: frozenset[str] = frozenset()  # flash keys a previous request left to show in this one
+        self._flash_shown: set[str] = set()  # those of them this request read
+        self._page_shown = False  # this request rendered an HTML page (every flash value counts as shown)
+        self._lifetime: tuple[int | None, int | None] | None = None  # set_lifetime() in this request
+        self._ensure_stored = False
         self._generation = 0  # changes of privilege and invalidations in this request
         self._saved_callbacks: list[tuple[Callable[[], None], str]] = []
         self.saved_at_response = False
@@ -134,6 +147,8 @@ class Session(StoreApi):
         session._loaded = record
         session._raw = raw
         session._user_id = session._base_user_id = record.user_id
+        if _FLASH in raw:
+            session._flash_old = _flash_keys(raw[_FLASH])
         return session
 
     def bind(self, store: SessionStore, async_store: AsyncSessionStore | None = None) -> None:
@@ -212,7 +227,11 @@ class Session(StoreApi):
     def modified(self) -> bool:
         """True when saving would write something (data, user, id or deletion)."""
         return bool(
-            self._changes() or self._id_changed or self._user_id != self._base_user_id or self._destroy_key is not None
+            self._changes()
+            or self._id_changed
+            or self._user_id != self._base_user_id
+            or self._destroy_key is not None
+            or self._lifetime is not None
         )
 
     @modified.setter
@@ -246,10 +265,37 @@ class Session(StoreApi):
     def expires_at(self) -> int | None:
         return None if self._loaded is None else self._loaded.expires_at
 
+    @property
+    def lifetime(self) -> tuple[int | None, int | None]:
+        """This session's own (idle, absolute) lifetime in seconds; None for either: the config's."""
+        if self._lifetime is not None:
+            return self._lifetime
+        loaded = self._loaded
+        return (None, None) if loaded is None else (loaded.idle_lifetime, loaded.absolute_lifetime)
+
+    def set_lifetime(self, idle: int | timedelta | None = None, absolute: int | timedelta | None = None) -> None:
+        """Give this session a lifetime of its own, stored on its row (both None: back to the config's).
+
+        *idle* replaces the config's sliding `lifetime`, *absolute* its `absolute_lifetime` (a cap
+        since creation); seconds or a `timedelta`. It takes effect at the next save, and the cookie
+        follows. A lifetime of 0 or less ends the session at that save (Django's past `set_expiry`).
+        """
+        self._lifetime = (_seconds(idle, "idle"), _seconds(absolute, "absolute"))
+        self._accessed = True
+
+    def ensure_stored(self) -> None:
+        """Store this session at its next save even if it holds nothing (Django's `create()`).
+
+        Sessions are otherwise created lazily: a request that writes nothing leaves no row.
+        """
+        self._ensure_stored = True
+
     # -- mapping protocol ------------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
         self._accessed = True
+        if self._flash_old and key in self._flash_old:
+            self._flash_shown.add(key)  # read: shown to the user, so it may go at the end of the request
         live = self._live
         if key in live:
             return live[key]
@@ -368,7 +414,7 @@ class Session(StoreApi):
         self._keep_previous_id = not destroy and self._loaded is not None and not self._id_changed
         self._mint_id(new_key=False)
         self._id_changed = True
-        self.regenerate_token()
+        self._renew_token()
 
     def _mint_id(self, *, new_key: bool) -> None:
         """A new id (a new secret) naming the row this session will be stored at.
@@ -396,8 +442,13 @@ class Session(StoreApi):
         self._mint_id(new_key=True)
         self._id_changed = True
         self._keep_previous_id = False  # every earlier id ends with a change of privilege
-        self.regenerate_token()
+        self._renew_token()
         self._generation += 1
+
+    def _renew_token(self) -> None:
+        """A new CSRF token, if the session has one: a session without one gets it on first use (`token()`)."""
+        if _TOKEN in self._live or (_TOKEN in self._raw and _TOKEN not in self._gone):
+            self.regenerate_token()
 
     def invalidate(self) -> None:
         """Drop every value and the stored session; the session continues as a new one with a new id."""
@@ -408,10 +459,13 @@ class Session(StoreApi):
         self._id_changed = True
         self._generation += 1
 
-    def login(self, user_id: object) -> None:
+    def login(self, user_id: object, *, remember: bool = False) -> None:
         """Attach the session to a user: a change of privilege (new id, cut off from the previous one).
 
-        Logging in as another user than the current one starts from an empty session.
+        Logging in as another user than the current one starts from an empty session. *remember*
+        ("remember me"): the session lives `remember_lifetime` minutes idle (and at least as long
+        despite an `absolute_lifetime`), its cookie outlives the browser; one row the user can see
+        among their devices and revoke, not a separate token.
         """
         if user_id is None:
             raise ValueError("login() needs a user id")
@@ -422,6 +476,11 @@ class Session(StoreApi):
             self.invalidate()
         self._user_id = user
         self.change_privilege()
+        if remember:
+            config = self._require_store().config
+            remembered = config.remember_lifetime * 60
+            absolute = config.absolute_lifetime_seconds
+            self.set_lifetime(remembered, None if absolute is None else max(absolute, remembered))
 
     def logout(self) -> None:
         """Forget the user and everything in the session (invalidate)."""
@@ -521,17 +580,22 @@ class Session(StoreApi):
         """
         if end_of_request and not self._flash_aged:
             self._flash_aged = True
-            self.age_flash_data()
+            self._age_flash()
         changes = self._changes()
         logging_in = self._user_id is not None and self._user_id != self._base_user_id
         if self._detached and not logging_in and (changes or self._user_id is not None or self._id_changed):
             raise SessionInterrupted("the session ended while this request ran (see reload()); nothing was saved")
         loaded = self._loaded
-        if changes is NO_CHANGES and loaded is not None and (self._id_changed or self._user_id != self._base_user_id):
-            changes = ChangeSet(base=self._raw)  # an identity-only save still writes the loaded payload
+        if (
+            changes is NO_CHANGES
+            and loaded is not None
+            and (self._id_changed or self._user_id != self._base_user_id or self._lifetime is not None)
+        ):
+            changes = ChangeSet(base=self._raw)  # an identity- or lifetime-only save still writes the loaded payload
         new_id_hash = new_key = None
         if loaded is None:
-            if changes or self._user_id is not None:  # a new session gets a row only when it has something to hold
+            # A new session gets a row only when it has something to hold (or its app asks for one).
+            if changes or self._user_id is not None or self._ensure_stored:
                 new_id_hash, new_key = secret_hash(self.id), session_key_of(self.id)
         elif self._id_changed and self._id is not None:
             new_id_hash = secret_hash(self._id)
@@ -551,6 +615,7 @@ class Session(StoreApi):
             user_agent=agent[:USER_AGENT_LENGTH] if agent else None,
             record_activity=record_activity,
             job_id=job_id,
+            lifetime=self._lifetime,
         )
 
     def adopt(self, saved: Saved, unit: UnitOfWork) -> None:
@@ -573,6 +638,8 @@ class Session(StoreApi):
         self._base_user_id = self._user_id = record.user_id
         self._id_changed = False
         self._keep_previous_id = False
+        self._lifetime = None
+        self._ensure_stored = False
 
     def _still_watched(self, stored: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:
         """The handed-out values that stay watched once *stored* becomes the base.
@@ -589,6 +656,30 @@ class Session(StoreApi):
             if same_raw(stored[key], had) or _refill(value, stored[key]):
                 live[key] = value
         return live
+
+    # -- flash data: aged only by requests that showed it -----------------------------------------------
+
+    def now(self, key: str, value: Any) -> None:
+        """Store *value* for this request only (it goes at the end of this request, shown or not)."""
+        super().now(key, value)
+        self._flash_shown.add(key)
+
+    def mark_page_shown(self) -> None:
+        """This request rendered a page (a non-XHR HTML response to a GET): the middlewares call it.
+
+        Flash data counts as shown then; otherwise only the flashed values the request read do, so
+        an XHR poll or an asset request between a redirect and its page does not eat the message.
+        """
+        self._page_shown = True
+
+    def _age_flash(self) -> None:
+        if _FLASH not in self._raw and _FLASH not in self._live:
+            return
+        store = self._store
+        if self._page_shown or (store is not None and store.config.flash_aging == "request"):
+            self.age_flash_data()
+        else:
+            self.age_flash_data(shown=self._flash_shown)
 
     def on_saved(self, callback: Callable[[], None], label: str | None = None) -> None:
         """Run *callback* once this session has been saved (and committed); dropped if the save fails.
@@ -626,6 +717,24 @@ class Session(StoreApi):
             return NO_CHANGES
         deltas = {k: d for k, d in self._deltas.items() if k in updates} if self._deltas else {}
         return ChangeSet(updates, frozenset(self._gone), raw, deltas)
+
+
+def _flash_keys(state: Any) -> frozenset[str]:
+    """The keys a stored flash state (`{"new": [...], "old": [...]}`, raw) leaves for this request to show."""
+    if type(state) is not dict:
+        return frozenset()
+    old = state.get("old")
+    return frozenset(k for k in old if type(k) is str) if type(old) is list else frozenset()
+
+
+def _seconds(value: int | timedelta | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return int(value.total_seconds())
+    if type(value) is not int:
+        raise TypeError(f"set_lifetime({name}=...) takes seconds (int) or a timedelta, not {type(value).__name__}")
+    return value
 
 
 @contextmanager

@@ -6,8 +6,8 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
-_FLASH = "_flash"
-_TOKEN = "_token"
+FLASH_KEY = _FLASH = "_flash"
+TOKEN_KEY = _TOKEN = "_token"
 _PREVIOUS_URL = "_previous_url"
 _MISSING: Any = object()
 
@@ -119,13 +119,18 @@ class StoreApi(MutableMapping[str, Any]):
         new, old = self._flash_lists()
         self._set_flash(_add(new, keys), [k for k in old if k not in keys])
 
-    def age_flash_data(self) -> None:
-        """End-of-request ageing: forget the old flash keys; this request's flash keys become old."""
+    def age_flash_data(self, shown: Iterable[str] | None = None) -> None:
+        """End-of-request ageing: forget the old flash keys; this request's flash keys become old.
+
+        *shown*: forget only these of the old keys (the values this request showed); the others
+        stay old, for the next request that shows them.
+        """
         if _FLASH not in self:
             return
         new, old = self._flash_lists()
-        self.forget(*old)
-        self._set_flash([], new)
+        seen = set(old) if shown is None else set(shown)
+        self.forget(*(k for k in old if k in seen))
+        self._set_flash([], _add([k for k in old if k not in seen and k not in new], new))
 
     def _flash_lists(self) -> tuple[list[str], list[str]]:
         state = self.get(_FLASH)

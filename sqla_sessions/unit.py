@@ -48,6 +48,8 @@ class UnitOfWork(NamedTuple):
     record_activity: bool = True
     job_id: str | None = None
     """A background job's id: the write is refused if the stored session already lists it."""
+    lifetime: tuple[int | None, int | None] | None = None
+    """`Session.set_lifetime()`: the session's own (idle, absolute) lifetime in seconds; None: unchanged."""
 
     @property
     def writes(self) -> bool:
@@ -55,9 +57,10 @@ class UnitOfWork(NamedTuple):
         return bool(
             self.changes
             or self.user_changed
-            or (self.loaded is not None and self.new_key is not None)
+            or self.new_key is not None
             or self.destroy_key is not None
             or (self.loaded is not None and self.new_id_hash is not None)
+            or (self.loaded is not None and self.lifetime is not None)
         )
 
 
@@ -83,9 +86,16 @@ class Expiry:
         self.absolute = config.absolute_lifetime_seconds
         self.interval = config.touch_interval
 
-    def expires_at(self, created_at: int, now: int) -> int:
-        expires = now + self.lifetime
-        return expires if self.absolute is None else min(expires, created_at + self.absolute)
+    def expires_at(self, created_at: int, now: int, own: Record | None = None) -> int:
+        """When a session created at *created_at* and active *now* expires (by *own*'s lifetime, if it has one)."""
+        idle, absolute = self.lifetime, self.absolute
+        if own is not None:
+            if own.idle_lifetime is not None:
+                idle = own.idle_lifetime
+            if own.absolute_lifetime is not None:
+                absolute = own.absolute_lifetime
+        expires = now + idle
+        return expires if absolute is None else min(expires, created_at + absolute)
 
     def activity_due(self, record: Record, now: int) -> bool:
         """Whether *record*'s activity may be recorded again (at most once per touch_interval)."""
@@ -112,6 +122,7 @@ def successor(
             raise JobAlreadyApplied(f"job {unit.job_id} already landed")
     raw = apply_changes(current_raw, unit.changes)
     activity = unit.record_activity and expiry.activity_due(current, now)
+    idle, absolute = (current.idle_lifetime, current.absolute_lifetime) if unit.lifetime is None else unit.lifetime
     record = Record(
         key=key,
         id_hash=unit.new_id_hash if unit.new_id_hash is not None else current.id_hash,
@@ -128,10 +139,14 @@ def successor(
         # leaves last_activity and expires_at alone changes no indexed column, so PostgreSQL can
         # update the row in place (a HOT update: no new index entries, less WAL, less vacuum).
         last_activity=now if activity else current.last_activity,
-        expires_at=expiry.expires_at(current.created_at, now) if activity else current.expires_at,
+        expires_at=current.expires_at,
         ip_address=unit.ip_address or current.ip_address,
         user_agent=unit.user_agent or current.user_agent,
+        idle_lifetime=idle,
+        absolute_lifetime=absolute,
     )
+    if activity or unit.lifetime is not None:  # a new lifetime takes effect at once
+        record.expires_at = expiry.expires_at(current.created_at, now, record)
     return record, raw
 
 
@@ -147,29 +162,20 @@ def first_row(
     """The row of a session stored for the first time (holding *raw*, by default the unit's updates)."""
     assert unit.new_id_hash is not None
     payload = dumps(dict(unit.changes.updates if raw is None else raw), key, unit.user_id, 1)
-    return _new_row(key, unit.new_id_hash, unit.user_id, payload, now, now, expiry, unit.ip_address, unit.user_agent)
-
-
-def _new_row(
-    key: str,
-    id_hash: str,
-    user_id: str | None,
-    payload: bytes,
-    created_at: int,
-    now: int,
-    expiry: Expiry,
-    ip_address: str | None,
-    user_agent: str | None,
-) -> Record:
-    return Record(
+    idle, absolute = (None, None) if unit.lifetime is None else unit.lifetime
+    record = Record(
         key=key,
-        id_hash=id_hash,
-        user_id=user_id,
+        id_hash=unit.new_id_hash,
+        user_id=unit.user_id,
         payload=payload,
         version=1,
-        created_at=created_at,
+        created_at=now,
         last_activity=now,
-        expires_at=expiry.expires_at(created_at, now),
-        ip_address=ip_address,
-        user_agent=user_agent,
+        expires_at=now,
+        ip_address=unit.ip_address,
+        user_agent=unit.user_agent,
+        idle_lifetime=idle,
+        absolute_lifetime=absolute,
     )
+    record.expires_at = expiry.expires_at(now, now, record)
+    return record

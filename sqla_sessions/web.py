@@ -92,10 +92,11 @@ class SessionCycle:
         session.user_agent = info.user_agent
 
     def begin_save(self, session: Session, info: RequestInfo, status: int, content_type: str) -> bool:
-        """True when a response with *status* saves the session (then `previous_url` is recorded first)."""
+        """True when a response with *status* saves the session; a page it shows is noted first (flash
+        data counts as shown, `previous_url` is recorded)."""
         if status >= 500:
             return False
-        self._record_previous_url(session, info, status, content_type)
+        self._note_page_shown(session, info, status, content_type)
         return True
 
     def conclude(
@@ -121,16 +122,17 @@ class SessionCycle:
             raise error
         return self.response_headers(session, info, action=action, presented_id=presented_id, interrupted=interrupted)
 
-    def _record_previous_url(self, session: Session, info: RequestInfo, status: int, content_type: str) -> None:
+    def _note_page_shown(self, session: Session, info: RequestInfo, status: int, content_type: str) -> None:
         if (
             info.method == "GET"
             and not info.xhr
             and not info.prefetch
             and 200 <= status < 300
             and content_type.lower().startswith("text/html")
-            and not session.is_new
-        ):
-            session.previous_url = info.url
+        ):  # a page the user sees: it showed the flash data, and is where "back" goes
+            session.mark_page_shown()
+            if not session.is_new:
+                session.previous_url = info.url
 
     def response_headers(
         self,
@@ -155,7 +157,7 @@ class SessionCycle:
         elif not session.is_new and session.id != presented_id:
             # A row the browser does not hold the id of: created, or its id regenerated, in this request.
             cookie = self._set(session, info)
-        elif session.expiry_moved and not self.config.expire_on_close:
+        elif session.expiry_moved and (not self.config.expire_on_close or session.lifetime[0] is not None):
             cookie = self._set(session, info)  # sliding expiry (a touch or a write): at most once per touch_interval
         elif (
             presented_id is not None
@@ -176,7 +178,11 @@ class SessionCycle:
         return headers
 
     def _set(self, session: Session, info: RequestInfo) -> str:
-        return self._cookies.set(session.id, expires_at=session.expires_at, https=info.https, now=self._clock())
+        # A session with a lifetime of its own ("remember me") keeps its cookie past the browser's close.
+        persistent = session.lifetime[0] is not None
+        return self._cookies.set(
+            session.id, expires_at=session.expires_at, https=info.https, now=self._clock(), persistent=persistent
+        )
 
     def lottery(self) -> bool:
         """True when this request should sweep expired sessions (after its response is sent)."""

@@ -100,7 +100,7 @@ def test_the_host_apps_alembic_version_is_untouched(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["host_rev_1"]
         assert conn.exec_driver_sql(f"SELECT version_num FROM {DEFAULT_VERSION_TABLE}").scalar_one() == (
-            "sqla_sessions_0004"
+            "sqla_sessions_0005"
         )
     engine.dispose()
 

@@ -419,7 +419,7 @@ class BaseHandler(ABC, Generic[C]):
     def _touch_if_due(self, conn: C, record: Record, now: int) -> Saved:
         if not self.expiry.activity_due(record, now):
             return Saved(SaveAction.NOTHING, None, {}, False)
-        expires_at = self.expiry.expires_at(record.created_at, now)
+        expires_at = self.expiry.expires_at(record.created_at, now, record)
         if self.codec.needs_reseal(record.payload):
             return self._reseal(conn, record, now, expires_at)
         if not self._touch(conn, record.key, last_activity=now, expires_at=expires_at, now=now):

@@ -47,6 +47,8 @@ _COLUMNS = (
     "ip_address",
     "user_agent",
     "previous_id_hash",
+    "idle_lifetime",
+    "absolute_lifetime",
 )
 
 
@@ -470,6 +472,8 @@ def _record(row: Any) -> Record:
         ip_address=row[8],
         user_agent=row[9],
         previous_id_hash=row[10],
+        idle_lifetime=row[11],
+        absolute_lifetime=row[12],
     )
 
 
@@ -486,4 +490,6 @@ def _write_params(record: Record) -> dict[str, Any]:
         "v_ip_address": record.ip_address,
         "v_user_agent": record.user_agent,
         "v_previous_id_hash": record.previous_id_hash,
+        "v_idle_lifetime": record.idle_lifetime,
+        "v_absolute_lifetime": record.absolute_lifetime,
     }

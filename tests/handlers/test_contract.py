@@ -230,6 +230,64 @@ def test_absolute_lifetime_caps_sliding_expiry(make_handler: HandlerFactory, clo
     assert handler.load(session_id).is_new
 
 
+def test_a_session_of_its_own_lifetime_slides_by_it_on_touches_and_merges(
+    make_handler: HandlerFactory, clock: FakeClock
+) -> None:
+    handler = make_handler(lifetime=10, touch_interval=60)
+    session_id = new_stored(handler)
+    session = handler.load(session_id)
+    session.set_lifetime(idle=3600)
+    assert session.save() is SaveAction.UPDATED
+    assert session.expires_at == clock() // 1 + 3600 and session.lifetime == (3600, None)
+    other = handler.load(session_id)  # a writer that knows nothing of the lifetime
+    clock.advance(50 * 60)  # past the config's 10 minutes
+    other = handler.load(session_id)
+    assert not other.is_new and other.lifetime == (3600, None)
+    assert other.save() is SaveAction.TOUCHED  # the touch slides by the session's own hour
+    assert other.expires_at == int(clock()) + 3600
+    stale = handler.load(session_id)
+    racing = handler.load(session_id)
+    racing["x"] = 1
+    racing.save()
+    stale["y"] = 2
+    assert stale.save() is SaveAction.MERGED  # a merged write keeps the lifetime
+    clock.advance(59 * 60)
+    back = handler.load(session_id)
+    assert back.all() == {"seed": 1, "x": 1, "y": 2} and back.lifetime == (3600, None)
+    back.set_lifetime()  # back to the config's
+    back.save()
+    clock.advance(11 * 60)
+    assert handler.load(session_id).is_new
+
+
+def test_a_lifetime_in_the_past_ends_the_session_at_save(handler: Handler) -> None:
+    session_id = new_stored(handler)
+    session = handler.load(session_id)
+    session.set_lifetime(idle=-10)
+    session.save()
+    assert handler.load(session_id).is_new
+    with pytest.raises(TypeError):
+        session.set_lifetime(idle=1.5)  # type: ignore[arg-type]
+
+
+def test_login_remember_me_gets_the_remember_lifetime(make_handler: HandlerFactory, clock: FakeClock) -> None:
+    handler = make_handler(lifetime=10, absolute_lifetime=60, remember_lifetime=60 * 24 * 30)
+    session = handler.load(None)
+    session["cart"] = ["apple"]
+    session.login("ada", remember=True)
+    session.save()
+    month = 30 * 24 * 3600
+    assert session.lifetime == (month, month) and session.expires_at == int(clock()) + month
+    clock.advance(20 * 24 * 3600)
+    again = handler.load(session.id)
+    assert again.user_id == "ada" and again["cart"] == ["apple"]
+    assert [info.key for info in handler.list_sessions("ada")] == [again.key]  # one row, revocable
+    plain = handler.load(None)
+    plain.login("bob")
+    plain.save()
+    assert plain.lifetime == (None, None) and plain.expires_at == int(clock()) + 10 * 60
+
+
 def test_unchanged_session_is_touched_at_most_every_touch_interval(
     make_handler: HandlerFactory, clock: FakeClock
 ) -> None:
@@ -622,6 +680,36 @@ def test_flash_survives_exactly_one_following_request(handler: Handler) -> None:
     assert "status" not in seen
 
 
+def test_flash_outlives_requests_that_never_showed_it(make_handler: HandlerFactory) -> None:
+    handler = make_handler()
+    session = handler.load(None)
+    session.flash("status", "saved")
+    session.flash("other", "note")
+    session.save()
+    poll = handler.load(session.id)  # an XHR poll, an asset: reads something else
+    poll["clicks"] = poll.get("clicks", 0) + 1
+    poll.save()
+    page = handler.load(session.id)
+    assert page["status"] == "saved"  # still there for the page that shows it
+    page.save()
+    after = handler.load(session.id)
+    assert "status" not in after and after["other"] == "note"  # only what was read went
+    after.mark_page_shown()  # a rendered page shows every flashed value
+    after.save()
+    assert "other" not in handler.load(session.id) and "_flash" not in handler.load(session.id)
+
+
+def test_flash_aging_request_is_laravels_rule(make_handler: HandlerFactory) -> None:
+    handler = make_handler(SessionConfig(flash_aging="request"))
+    session = handler.load(None)
+    session.flash("status", "saved")
+    session.save()
+    poll = handler.load(session.id)
+    poll["clicks"] = 1
+    poll.save()
+    assert "status" not in handler.load(session.id)
+
+
 def test_now_is_gone_after_this_request_and_keep_extends(handler: Handler) -> None:
     session = handler.load(None)
     session.now("inline", 1)
@@ -630,6 +718,7 @@ def test_now_is_gone_after_this_request_and_keep_extends(handler: Handler) -> No
     session.save()
     assert "inline" not in handler.load(session.id)
     second = handler.load(session.id)
+    assert second["b"] == 2  # shown
     second.keep("a")
     second.save()
     third = handler.load(session.id)
