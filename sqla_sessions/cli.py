@@ -127,6 +127,9 @@ def open_handler(database_url: str, table: str, **config: Any) -> DatabaseHandle
         if not sa.inspect(conn).has_table(table):
             engine.dispose()
             raise Failure(f"table {table!r} not found in {masked_url(database_url)}: run `sqla-sessions migrate`")
+    context = click.get_current_context(silent=True)
+    if context is not None:  # run in a process that goes on (`manage.py sqla_sessions`, tests): close it
+        context.call_on_close(engine.dispose)
     return DatabaseHandler(engine, cfg)
 
 

@@ -156,10 +156,10 @@ def get_session(connection: ASGIConnection[Any, Any, Any, Any]) -> Session:
     return _settle(cast(asgi.Scope, connection.scope))
 
 
-def login(connection: ASGIConnection[Any, Any, Any, Any], user_id: object) -> Session:
-    """`get_session(connection).login(user_id)`: a new id, the previous session cut off."""
+def login(connection: ASGIConnection[Any, Any, Any, Any], user_id: object, *, remember: bool = False) -> Session:
+    """`get_session(connection).login(user_id, remember=remember)`: a new id, the previous session cut off."""
     session = get_session(connection)
-    session.login(user_id)
+    session.login(user_id, remember=remember)
     return session
 
 
