@@ -15,7 +15,7 @@ from .handlers import DatabaseHandler, MemoryHandler, SessionHandler
 from .records import SaveAction, SessionInfo
 from .session import Session
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 if TYPE_CHECKING:
     from .migrate import downgrade, upgrade

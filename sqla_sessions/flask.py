@@ -11,13 +11,20 @@
 
 `session.modified = True` (needed with Flask's cookie sessions after nested changes) is accepted and
 unnecessary here: changes are found by comparing values. `session.permanent` is always true unless
-`expire_on_close` is set; the cookie lifetime is the config's, not Flask's `PERMANENT_SESSION_LIFETIME`.
+`expire_on_close` is set.
+
+Without a config, `init_app` reads one from the app (`config_from_app`): `SQLA_SESSIONS_*` keys of
+`app.config`, then `SQLA_SESSIONS_*` environment variables, then the Flask settings an app changed
+from Flask's defaults (`SESSION_COOKIE_*`, `PERMANENT_SESSION_LIFETIME`), as Flask-Session does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+from dataclasses import fields
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 try:
@@ -122,9 +129,11 @@ def init_app(
 ) -> None:
     """Make `flask.session` a sqla_sessions `Session` for *app*.
 
-    *blocking*: path globs or a callable given the WSGI environ; views can also be marked with
-    `sqla_sessions.locking.blocking`.
+    *config*: by default read from the app (see `config_from_app`). *blocking*: path globs or a
+    callable given the WSGI environ; views can also be marked with `sqla_sessions.locking.blocking`.
     """
+    if handler is None and config is None:
+        config = config_from_app(app)
     _, handler = resolve_handler(config, handler)
     interface = app.session_interface = SqlaSessionInterface(handler, blocking)
     app.extensions["sqla_sessions"] = handler
@@ -162,6 +171,52 @@ def init_app(
             held.release()  # no-op after the save; a rollback if the request failed
 
 
+#: Flask's session settings and the `SessionConfig` field each one gives its default.
+_FLASK_SETTINGS = {
+    "SESSION_COOKIE_NAME": "cookie_name",
+    "SESSION_COOKIE_DOMAIN": "cookie_domain",
+    "SESSION_COOKIE_PATH": "cookie_path",
+    "SESSION_COOKIE_HTTPONLY": "cookie_http_only",
+    "SESSION_COOKIE_SECURE": "cookie_secure",
+    "SESSION_COOKIE_SAMESITE": "cookie_same_site",
+    "SESSION_COOKIE_PARTITIONED": "cookie_partitioned",
+    "PERMANENT_SESSION_LIFETIME": "lifetime",
+}
+
+
+def config_from_app(app: Flask) -> SessionConfig:
+    """The app's session config: `app.config["SQLA_SESSIONS_<FIELD>"]` wins, then the environment's
+    `SQLA_SESSIONS_<FIELD>`, then the Flask settings the app changed from Flask's defaults.
+
+    `PERMANENT_SESSION_LIFETIME` (a timedelta or seconds) is the idle lifetime in minutes, rounded
+    up; `SESSION_COOKIE_SAMESITE` None leaves ours (Lax); `SESSION_COOKIE_PATH` falls back to
+    `APPLICATION_ROOT` when that was changed.
+    """
+    values: dict[str, Any] = {}
+    for setting, name in _FLASK_SETTINGS.items():
+        value = app.config.get(setting)
+        if value == Flask.default_config.get(setting) or value is None:
+            continue  # Flask's default, not the app's choice: ours stands
+        if name == "lifetime":
+            seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+            value = max(1, math.ceil(seconds / 60))
+        elif name == "cookie_same_site":
+            value = str(value).lower()
+        values[name] = value
+    if "cookie_path" not in values and app.config.get("APPLICATION_ROOT") not in (None, "/"):
+        values["cookie_path"] = app.config["APPLICATION_ROOT"]
+    for f in fields(SessionConfig):
+        if f"SQLA_SESSIONS_{f.name.upper()}" in os.environ:
+            values.pop(f.name, None)  # the environment wins over Flask's settings
+        explicit = app.config.get(f"SQLA_SESSIONS_{f.name.upper()}")
+        if explicit is not None:
+            values[f.name] = explicit
+    lifetime = values.get("lifetime")
+    if isinstance(lifetime, int) and lifetime == 1 and "touch_interval" not in values:
+        values["touch_interval"] = 30  # must stay below a one-minute lifetime
+    return SessionConfig.from_env(**values)
+
+
 #: What Flask-Login keeps in the session about its logged-in user.
 _FLASK_LOGIN_KEYS = ("_user_id", "_fresh", "_id", "_remember", "_remember_seconds")
 
@@ -188,7 +243,8 @@ def _bridge_flask_login(app: Flask) -> None:
         if not isinstance(current, Session):
             return
         kept = _flask_login_keys(current)
-        current.login(user.get_id())
+        # login_user(remember=True): one long-lived session the user sees among their devices.
+        current.login(user.get_id(), remember=kept.get("_remember") == "set")
         current.update(kept)
 
     def logged_out(sender: Flask, user: Any, **_: Any) -> None:

@@ -135,6 +135,14 @@ def test_the_flask_quick_start(workdir: tuple[Path, dict[str, str]]) -> None:
     _run_app(workdir, _block("wsgi", "app"), "wsgi:app", _login_cart_read)
 
 
+def test_the_litestar_quick_start(workdir: tuple[Path, dict[str, str]]) -> None:
+    _run_app(workdir, _block("asgi", "litestar"), "asgi", _login_cart_read)
+
+
+def test_the_quart_quick_start(workdir: tuple[Path, dict[str, str]]) -> None:
+    _run_app(workdir, _block("asgi", "quart"), "asgi", _login_cart_read)
+
+
 def test_the_wsgi_quick_start(workdir: tuple[Path, dict[str, str]]) -> None:
     def visits(client: httpx.Client) -> None:
         assert client.get("/").text == "None: visit 1"

@@ -63,6 +63,10 @@ def test_login_user_regenerates_sets_the_user_and_logout_user_invalidates(db_bac
     assert after != first and handler.load(first).is_new  # a new id: the planted/old one is dead
     assert client.get("/me").json == {"user": "ada", "cart": ["apple"]}  # Flask-Login's keys came along
     assert [device.key for device in handler.list_sessions("ada")] == [handler.load(after).key]
+    remembered = handler.config.remember_lifetime * 60  # login_user(remember=True): a long-lived session
+    assert handler.load(after).lifetime == (remembered, None) and any(
+        h.startswith("session=") and "Max-Age=2592000" in h for h in login.headers.getlist("Set-Cookie")
+    )
 
     other = client.post("/login/bob")  # another user on the same browser: an empty session, bob's
     assert other.json == {"user": "bob"}
