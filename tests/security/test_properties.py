@@ -146,7 +146,8 @@ def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) 
                 changes[client][k] = list(current)
         elif op == "regenerate":
             session.regenerate()
-            changes[client]["_token"] = session["_token"]
+            if "_token" in session:  # a token is renewed; a session without one gets it on first use
+                changes[client]["_token"] = session["_token"]
         elif op == "invalidate":
             session.invalidate()
             session.save()  # deletes the row; the client continues as a new session of its own

@@ -100,7 +100,10 @@ def test_check_passes_on_a_migrated_table_and_names_what_to_fix_otherwise(db_bac
         handler.check()
     old = f"old_{uuid.uuid4().hex[:8]}"
     upgrade(db_backend.engine, table=old, revision="sqla_sessions_0001")  # before the lease columns
-    with pytest.raises(StoreMisconfigured, match=r"lacks columns \['lease_owner', 'lease_until', 'previous_id_hash'\]"):
+    with pytest.raises(
+        StoreMisconfigured,
+        match=r"lacks columns \['absolute_lifetime', 'idle_lifetime', 'lease_owner', 'lease_until', 'previous_id_hash'\]",
+    ):
         DatabaseHandler(db_backend.engine, SessionConfig(table=old)).check()
 
 
