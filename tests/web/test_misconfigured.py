@@ -102,7 +102,8 @@ def test_check_passes_on_a_migrated_table_and_names_what_to_fix_otherwise(db_bac
     upgrade(db_backend.engine, table=old, revision="sqla_sessions_0001")  # before the lease columns
     with pytest.raises(
         StoreMisconfigured,
-        match=r"lacks columns \['absolute_lifetime', 'idle_lifetime', 'lease_owner', 'lease_until', 'previous_id_hash'\]",
+        match=r"lacks columns \['absolute_lifetime', 'idle_lifetime', 'lease_owner', 'lease_until', "
+        r"'previous_id_hash'\]",
     ):
         DatabaseHandler(db_backend.engine, SessionConfig(table=old)).check()
 
