@@ -149,7 +149,9 @@ class AsyncSessionStore:
         await session.areload()
 
     async def gc(self, *, max_batches: int | None = None) -> int:
-        return await self.call(lambda: self.handler.gc(max_batches=max_batches))
+        # A paced sweep sleeps between batches: in a thread, never on the loop (memory runs inline).
+        pause = None if self._threads is not None or self._engine is not None else 0
+        return await self.call(lambda: self.handler.gc(max_batches=max_batches, pause=pause))
 
     async def list_sessions(self, user_id: object) -> list[SessionInfo]:
         """A user's live sessions (devices), most recently active first."""

@@ -141,7 +141,9 @@ class SessionMiddleware:
                 started = True
                 status = int(message["status"])
                 headers = list(message.get("headers", ()))
-                outcome = await self._finish(session, info, presented, status, _content_type(headers), save)
+                outcome = await finish_response(
+                    self.cycle, session, info, presented, status, _content_type(headers), save
+                )
                 if isinstance(outcome, int):
                     replaced = True
                     await _send_error(send, outcome, retry_after=RETRY_AFTER)
@@ -165,28 +167,9 @@ class SessionMiddleware:
         if self.cycle.lottery():
             await self._sweep()
 
-    async def _finish(
-        self,
-        session: Session,
-        info: RequestInfo,
-        presented: str | None,
-        status: int,
-        content_type: str,
-        save: Callable[[], Awaitable[SaveAction]],
-    ) -> Headers | int:
-        """Save (below 500) and return the headers to add, or an error status to answer instead."""
-        action: SaveAction | None = None
-        error: Exception | None = None
-        if self.cycle.begin_save(session, info, status, content_type):
-            try:
-                action = await save()
-            except SAVE_ERRORS as exc:
-                error = exc
-        return self.cycle.conclude(session, info, presented_id=presented, action=action, error=error)
-
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = request_info(scope)
-        if not _same_origin(scope, self.config.websocket_origins):
+        if not same_origin(scope, self.config.websocket_origins):
             # Browsers send cookies with a websocket handshake from any page (no CORS, no SameSite
             # for same-site subdomains): a page elsewhere would act in the user's session. It gets
             # an empty, unsaved session instead.
@@ -212,7 +195,28 @@ class SessionMiddleware:
             logger.exception("expired-session sweep failed")
 
 
-def _same_origin(scope: Scope, allowed: tuple[str, ...]) -> bool:
+async def finish_response(
+    cycle: SessionCycle,
+    session: Session,
+    info: RequestInfo,
+    presented: str | None,
+    status: int,
+    content_type: str,
+    save: Callable[[], Awaitable[SaveAction]],
+) -> Headers | int:
+    """Save (below 500) and return the headers to add, or an error status to answer instead (the
+    async twin of `wsgi.finish_response`, shared with the Quart integration)."""
+    action: SaveAction | None = None
+    error: Exception | None = None
+    if cycle.begin_save(session, info, status, content_type):
+        try:
+            action = await save()
+        except SAVE_ERRORS as exc:
+            error = exc
+    return cycle.conclude(session, info, presented_id=presented, action=action, error=error)
+
+
+def same_origin(scope: Scope, allowed: tuple[str, ...]) -> bool:
     """Whether a websocket handshake comes from this host's pages (or an allowed origin): its `Origin`
     names the `Host` it was sent to. No `Origin` (not a browser) passes: it has no cookie to abuse."""
     origin = host = None

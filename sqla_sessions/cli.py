@@ -162,9 +162,16 @@ def migrate(database_url: str | None, table: str | None, sql: bool, revision: st
 @main.command()
 @database_options
 @click.option("--batch-size", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
+@click.option(
+    "--pause",
+    type=click.FloatRange(0, 60),
+    default=0,
+    show_default=True,
+    help="Seconds between batches: a paced sweep that leaves room for live traffic (large tables).",
+)
 @click.option("--dry-run", is_flag=True, help="Count the expired sessions; delete nothing.")
 @friendly_errors
-def gc(database_url: str | None, table: str | None, batch_size: int, dry_run: bool) -> None:
+def gc(database_url: str | None, table: str | None, batch_size: int, pause: float, dry_run: bool) -> None:
     """Delete expired sessions in bounded batches."""
     database_url, table = _resolve(database_url, table)
     handler = open_handler(database_url, table)
@@ -176,7 +183,7 @@ def gc(database_url: str | None, table: str | None, batch_size: int, dry_run: bo
         columns = (TextColumn("deleting expired sessions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=out) as progress:
             task = progress.add_task("gc", total=max(expired, 1))
-            deleted = handler.gc(batch_size, on_batch=lambda n: progress.advance(task, n))
+            deleted = handler.gc(batch_size, on_batch=lambda n: progress.advance(task, n), pause=pause)
     else:
         done = 0
 
@@ -185,7 +192,7 @@ def gc(database_url: str | None, table: str | None, batch_size: int, dry_run: bo
             done += n
             print(f"deleted {n} (total {done})", flush=True)
 
-        deleted = handler.gc(batch_size, on_batch=report)
+        deleted = handler.gc(batch_size, on_batch=report, pause=pause)
     out.print(f"deleted {deleted} expired sessions")
 
 

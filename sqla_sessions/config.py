@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from typing import Any, Literal
 
 from .errors import ConfigurationError
@@ -66,6 +68,9 @@ class SessionConfig:
     lock_timeout_status: int = 423
     gc_batch_size: int = 1000
     """Rows deleted per statement by garbage collection."""
+    gc_pause: float = 0
+    """Seconds between GC batches (0: none). A paced sweep leaves room for live requests on a large
+    table; see docs/deployment.md for the figures."""
     # -- the engine sqla_sessions creates from database_url (an engine passed in keeps its own) ------
     pool_size: int = 40
     """Connections kept open per process. The default covers the ASGI middleware's 32 worker threads
@@ -146,6 +151,11 @@ class SessionConfig:
         )
         _check_int(self.max_payload_bytes, "max_payload_bytes", minimum=64)
         _check_int(self.gc_batch_size, "gc_batch_size", minimum=1)
+        _check(
+            isinstance(self.gc_pause, int | float) and not isinstance(self.gc_pause, bool) and 0 <= self.gc_pause <= 60,
+            "gc_pause",
+            "must be a number of seconds from 0 to 60",
+        )
         for name in ("block_lock_seconds", "block_wait_seconds"):
             value = getattr(self, name)
             _check(isinstance(value, int | float) and not isinstance(value, bool), name, "must be a number")
@@ -200,6 +210,53 @@ class SessionConfig:
                 values[f.name] = _parse_env(f.name, str(f.type), raw.strip())
         values.update(overrides)
         return cls(**values)
+
+
+#: Flask's session settings and the `SessionConfig` field each one gives its default.
+_FLASK_SETTINGS = {
+    "SESSION_COOKIE_NAME": "cookie_name",
+    "SESSION_COOKIE_DOMAIN": "cookie_domain",
+    "SESSION_COOKIE_PATH": "cookie_path",
+    "SESSION_COOKIE_HTTPONLY": "cookie_http_only",
+    "SESSION_COOKIE_SECURE": "cookie_secure",
+    "SESSION_COOKIE_SAMESITE": "cookie_same_site",
+    "SESSION_COOKIE_PARTITIONED": "cookie_partitioned",
+    "PERMANENT_SESSION_LIFETIME": "lifetime",
+}
+
+
+def config_from_flask_settings(settings: Mapping[str, Any], flask_defaults: Mapping[str, Any]) -> SessionConfig:
+    """A Flask (or Quart) app's session config: `SQLA_SESSIONS_<FIELD>` keys of its *settings* win,
+    then `SQLA_SESSIONS_<FIELD>` environment variables, then the session settings the app changed
+    from the framework's defaults (*flask_defaults*), as Flask-Session reads them.
+
+    `PERMANENT_SESSION_LIFETIME` (a timedelta or seconds) is the idle lifetime in minutes, rounded
+    up; `SESSION_COOKIE_SAMESITE` None leaves ours (Lax); `SESSION_COOKIE_PATH` falls back to
+    `APPLICATION_ROOT` when that was changed.
+    """
+    values: dict[str, Any] = {}
+    for setting, name in _FLASK_SETTINGS.items():
+        value = settings.get(setting)
+        if value == flask_defaults.get(setting) or value is None:
+            continue  # Flask's default, not the app's choice: ours stands
+        if name == "lifetime":
+            seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+            value = max(1, math.ceil(seconds / 60))
+        elif name == "cookie_same_site":
+            value = str(value).lower()
+        values[name] = value
+    if "cookie_path" not in values and settings.get("APPLICATION_ROOT") not in (None, "/"):
+        values["cookie_path"] = settings["APPLICATION_ROOT"]
+    for f in fields(SessionConfig):
+        if f"SQLA_SESSIONS_{f.name.upper()}" in os.environ:
+            values.pop(f.name, None)  # the environment wins over Flask's settings
+        explicit = settings.get(f"SQLA_SESSIONS_{f.name.upper()}")
+        if explicit is not None:
+            values[f.name] = explicit
+    lifetime = values.get("lifetime")
+    if isinstance(lifetime, int) and lifetime == 1 and "touch_interval" not in values:
+        values["touch_interval"] = 30  # must stay below a one-minute lifetime
+    return SessionConfig.from_env(**values)
 
 
 def decode_encryption_key(key: str | bytes) -> bytes:

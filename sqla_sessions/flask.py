@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from dataclasses import fields
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 try:
@@ -36,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 
 from werkzeug.exceptions import HTTPException
 
-from .config import SessionConfig
+from .config import SessionConfig, config_from_flask_settings
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
@@ -171,50 +168,10 @@ def init_app(
             held.release()  # no-op after the save; a rollback if the request failed
 
 
-#: Flask's session settings and the `SessionConfig` field each one gives its default.
-_FLASK_SETTINGS = {
-    "SESSION_COOKIE_NAME": "cookie_name",
-    "SESSION_COOKIE_DOMAIN": "cookie_domain",
-    "SESSION_COOKIE_PATH": "cookie_path",
-    "SESSION_COOKIE_HTTPONLY": "cookie_http_only",
-    "SESSION_COOKIE_SECURE": "cookie_secure",
-    "SESSION_COOKIE_SAMESITE": "cookie_same_site",
-    "SESSION_COOKIE_PARTITIONED": "cookie_partitioned",
-    "PERMANENT_SESSION_LIFETIME": "lifetime",
-}
-
-
 def config_from_app(app: Flask) -> SessionConfig:
-    """The app's session config: `app.config["SQLA_SESSIONS_<FIELD>"]` wins, then the environment's
-    `SQLA_SESSIONS_<FIELD>`, then the Flask settings the app changed from Flask's defaults.
-
-    `PERMANENT_SESSION_LIFETIME` (a timedelta or seconds) is the idle lifetime in minutes, rounded
-    up; `SESSION_COOKIE_SAMESITE` None leaves ours (Lax); `SESSION_COOKIE_PATH` falls back to
-    `APPLICATION_ROOT` when that was changed.
-    """
-    values: dict[str, Any] = {}
-    for setting, name in _FLASK_SETTINGS.items():
-        value = app.config.get(setting)
-        if value == Flask.default_config.get(setting) or value is None:
-            continue  # Flask's default, not the app's choice: ours stands
-        if name == "lifetime":
-            seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-            value = max(1, math.ceil(seconds / 60))
-        elif name == "cookie_same_site":
-            value = str(value).lower()
-        values[name] = value
-    if "cookie_path" not in values and app.config.get("APPLICATION_ROOT") not in (None, "/"):
-        values["cookie_path"] = app.config["APPLICATION_ROOT"]
-    for f in fields(SessionConfig):
-        if f"SQLA_SESSIONS_{f.name.upper()}" in os.environ:
-            values.pop(f.name, None)  # the environment wins over Flask's settings
-        explicit = app.config.get(f"SQLA_SESSIONS_{f.name.upper()}")
-        if explicit is not None:
-            values[f.name] = explicit
-    lifetime = values.get("lifetime")
-    if isinstance(lifetime, int) and lifetime == 1 and "touch_interval" not in values:
-        values["touch_interval"] = 30  # must stay below a one-minute lifetime
-    return SessionConfig.from_env(**values)
+    """The app's session config (see `config.config_from_flask_settings`): `app.config["SQLA_SESSIONS_<FIELD>"]`,
+    then `SQLA_SESSIONS_<FIELD>` variables, then the Flask settings the app changed from Flask's defaults."""
+    return config_from_flask_settings(app.config, Flask.default_config)
 
 
 #: What Flask-Login keeps in the session about its logged-in user.

@@ -15,8 +15,10 @@ never waits for the database. The HTTP policy (when to save, which cookie, 503 o
 store) is `SessionCycle`'s, as for the other integrations. Views marked with
 `sqla_sessions.locking.blocking` (or matched by `blocking=`) are blocking requests.
 
-As with Flask, `session.modified = True` is accepted and unnecessary, and the cookie lifetime is
-the config's, not `PERMANENT_SESSION_LIFETIME`. Websockets get the session read-only (a websocket
+As with Flask, `session.modified = True` is accepted and unnecessary, and without a config
+`init_app` reads one from the app (`config_from_app`): `SQLA_SESSIONS_*` keys of `app.config`, then
+`SQLA_SESSIONS_*` variables, then the `SESSION_COOKIE_*` / `PERMANENT_SESSION_LIFETIME` settings the
+app changed from Quart's defaults. Websockets get the session read-only (a websocket
 has no response headers to carry a new cookie), and none at all from another origin.
 """
 
@@ -41,15 +43,13 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from .aio import AsyncBlockingSession, AsyncSessionStore
-from .asgi import RETRY_AFTER, Scope, request_info
-from .config import SessionConfig
+from .asgi import RETRY_AFTER, Scope, finish_response, request_info, same_origin
+from .config import SessionConfig, config_from_flask_settings
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, blocking_matcher, is_marked_blocking
-from .records import SaveAction
 from .session import Session
 from .web import (
-    SAVE_ERRORS,
     STORE_ERRORS,
     RequestInfo,
     SessionCycle,
@@ -100,7 +100,7 @@ class SqlaSessionInterface(SessionInterface):
     async def open_session(self, app: Quart, request: BaseRequestWebsocket) -> SessionMixin | None:
         scope = cast(Scope, request.scope)
         info = request_info(scope)
-        if scope["type"] == "websocket" and not _same_origin(scope, self.handler.config.websocket_origins):
+        if scope["type"] == "websocket" and not same_origin(scope, self.handler.config.websocket_origins):
             # Browsers send cookies with a websocket handshake from any page: a page elsewhere would
             # act in the user's session. It gets an empty, unsaved session instead.
             logger.warning("websocket from another origin gets no session (allow it in websocket_origins)")
@@ -140,7 +140,9 @@ class SqlaSessionInterface(SessionInterface):
             return
         held, current = opened.held, opened.session
         save = held.finish if held is not None else partial(self.store.save, current, end_of_request=True)
-        outcome = await self._finish(opened, response.status_code, response.content_type or "", save)
+        outcome = await finish_response(
+            self.cycle, current, opened.info, opened.presented, response.status_code, response.content_type or "", save
+        )
         if isinstance(outcome, int):
             response.status_code = outcome
             response.set_data(http_reason(outcome))
@@ -153,19 +155,6 @@ class SqlaSessionInterface(SessionInterface):
             response.headers.add(name, value)
         if self.cycle.lottery():
             self.store.in_background(self._sweep())  # after the response; aclose() waits for it
-
-    async def _finish(self, opened: _Opened, status: int, content_type: str, save: Any) -> list[tuple[str, str]] | int:
-        """Save (below 500) and return the headers to add, or an error status to answer instead."""
-        action: SaveAction | None = None
-        error: Exception | None = None
-        if self.cycle.begin_save(opened.session, opened.info, status, content_type):
-            try:
-                action = await save()
-            except SAVE_ERRORS as exc:
-                error = exc
-        return self.cycle.conclude(
-            opened.session, opened.info, presented_id=opened.presented, action=action, error=error
-        )
 
     async def _sweep(self) -> None:
         try:
@@ -216,6 +205,8 @@ def init_app(
     when the app stops serving.
     """
     owns_handler = handler is None
+    if handler is None and config is None:
+        config = config_from_app(app)
     _, handler = resolve_handler(config, handler)
     interface = SqlaSessionInterface(handler, blocking, async_engine=async_engine, owns_handler=owns_handler)
     app.session_interface = interface  # type: ignore[assignment]  # Quart types it as its cookie interface
@@ -254,28 +245,14 @@ def init_app(
     return interface
 
 
+def config_from_app(app: Quart) -> SessionConfig:
+    """The app's session config (see `config.config_from_flask_settings`)."""
+    return config_from_flask_settings(app.config, Quart.default_config)
+
+
 def current_session() -> Session:
     """`quart.session`, typed as the sqla_sessions `Session` it is (for `login()`, `push()`, …)."""
     current: object = quart_session  # werkzeug's proxy answers isinstance() for the real object
     if not isinstance(current, Session):
         raise RuntimeError("no sqla_sessions session here: call sqla_sessions.quart.init_app(app) first")
     return current
-
-
-def _same_origin(scope: Any, allowed: tuple[str, ...]) -> bool:
-    """Whether a websocket handshake comes from this host's pages (or an allowed origin); no `Origin`
-    (not a browser) passes. The rule of `sqla_sessions.asgi`, which keeps it private."""
-    origin = host = None
-    for raw_name, raw_value in scope.get("headers", ()):
-        name = raw_name.lower()
-        if name == b"origin":
-            origin = raw_value.decode("latin-1").strip().lower()
-        elif name == b"host":
-            host = raw_value.decode("latin-1").strip().lower()
-    if origin is None:
-        return True
-    if origin in (entry.lower().rstrip("/") for entry in allowed):
-        return True
-    origin_scheme, _, origin_host = origin.partition("://")
-    expected = "https" if scope.get("scheme") in ("wss", "https") else "http"
-    return host is not None and origin_host == host and origin_scheme == expected

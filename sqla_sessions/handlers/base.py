@@ -92,8 +92,10 @@ class SessionHandler(Protocol):
         *,
         on_batch: Callable[[int], None] | None = None,
         max_batches: int | None = None,
+        pause: float | None = None,
     ) -> int:
-        """Delete expired sessions in bounded batches (at most *max_batches*); return how many were deleted."""
+        """Delete expired sessions in bounded batches (at most *max_batches*, *pause* seconds apart:
+        by default `gc_pause`); return how many were deleted."""
 
     def list_sessions(self, user_id: object) -> list[SessionInfo]:
         """Return a user's live sessions, most recently active first."""
@@ -231,8 +233,12 @@ class BaseHandler(ABC, Generic[C]):
         *,
         on_batch: Callable[[int], None] | None = None,
         max_batches: int | None = None,
+        pause: float | None = None,
     ) -> int:
         limit = batch_size or self.config.gc_batch_size
+        # A pause between batches bounds the sweep's share of the database (its WAL and page writes),
+        # as vacuum_cost_delay does for autovacuum: live requests keep their latency on a large table.
+        pause = self.config.gc_pause if pause is None else pause
         now = self.now()  # fixed, so a sweep ends even while more sessions keep expiring
         total = batches = 0
         while max_batches is None or batches < max_batches:
@@ -244,6 +250,8 @@ class BaseHandler(ABC, Generic[C]):
                 on_batch(deleted)
             if deleted < limit:
                 break
+            if pause > 0 and (max_batches is None or batches < max_batches):
+                time.sleep(pause)
         return total
 
     def check(self) -> None:

@@ -164,8 +164,10 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         self._delete_row = sa.delete(t).where(t.c.key == key)
         user = sa.bindparam("b_user_id", type_=t.c.user_id.type)
+        # A device list shows no payload: an empty one is selected in its place (nothing TOASTed is read).
+        listed = [sa.literal(b"", sa.LargeBinary).label("payload") if c.name == "payload" else c for c in cols]
         self._select_user = (
-            sa.select(*cols).where(t.c.user_id == user, t.c.expires_at > now).order_by(t.c.last_activity.desc())
+            sa.select(*listed).where(t.c.user_id == user, t.c.expires_at > now).order_by(t.c.last_activity.desc())
         )
         self._delete_user_rows = sa.delete(t).where(t.c.user_id == user)
         self._delete_user_except = sa.delete(t).where(t.c.user_id == user, t.c.key != key)

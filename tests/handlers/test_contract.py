@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -611,6 +612,31 @@ def test_gc_deletes_only_expired_rows_in_bounded_batches(handler: Handler, clock
     assert batches == [3, 3, 1]
     assert stored_rows(handler) == 1
     assert handler.load(live_id)["live"] is True
+
+
+def test_a_paced_gc_pauses_between_batches_only(make_handler: HandlerFactory, clock: FakeClock) -> None:
+    handler = make_handler(gc_pause=0.05)
+    for _ in range(5):
+        new_stored(handler)
+    clock.advance(handler.config.lifetime_seconds + 1)
+    started = time.monotonic()
+    assert handler.gc(batch_size=2) == 5  # batches of 2, 2, 1: two pauses, none after the last
+    assert 0.1 <= time.monotonic() - started < 1
+    for _ in range(2):
+        new_stored(handler)
+    clock.advance(handler.config.lifetime_seconds + 1)
+    started = time.monotonic()
+    assert handler.gc(batch_size=1, max_batches=1, pause=5) == 1  # one batch asked: no pause after it
+    assert handler.gc(batch_size=5, pause=0) == 1 and time.monotonic() - started < 1
+
+
+def test_a_device_list_reads_no_payload(handler: Handler) -> None:
+    session = handler.load(None)
+    session["big"] = "x" * 5000
+    session.login("ada")
+    session.save()
+    (device,) = handler.list_sessions("ada")
+    assert device.key == session.key and handler.load(session.id)["big"] == "x" * 5000
 
 
 # -- background-job access and reload -------------------------------------------------------------

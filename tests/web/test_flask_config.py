@@ -74,3 +74,15 @@ def test_init_app_writes_the_cookie_flask_settings_describe(tmp_path: Path) -> N
     handler = app.extensions["sqla_sessions"]
     assert isinstance(handler, DatabaseHandler) and handler.config.database_url == url
     handler.close()
+
+
+def test_quart_reads_the_same_settings() -> None:
+    import quart
+
+    from sqla_sessions.quart import config_from_app as quart_config
+
+    app = quart.Quart(__name__)
+    assert quart_config(app) == SessionConfig()
+    app.config.update(SESSION_COOKIE_NAME="qsid", PERMANENT_SESSION_LIFETIME=timedelta(minutes=10))
+    config = quart_config(app)
+    assert (config.cookie_name, config.lifetime) == ("qsid", 10)
