@@ -455,23 +455,14 @@ def gc_under_load(
         def batch_done(rows: int) -> None:
             nonlocal last
             now = time.perf_counter()
-            sweep.batches.append((now - last, rows))
+            # A batch's time excludes the pause before it (gc() sleeps between batches, after this call).
+            sweep.batches.append((now - last - (pause if sweep.batches else 0), rows))
             last = now
 
         try:
-            if not pause:
-                sweep.rows = sweeper.gc(batch, on_batch=batch_done)
-            else:
-                # Paced, as a scheduler could run it through the public API: one batch per call, a pause
-                # between, so the sweep's WAL and page writes stay a bounded share of the machine.
-                limit = batch or sweeper.config.gc_batch_size
-                while True:
-                    deleted = sweeper.gc(limit, on_batch=batch_done, max_batches=1)
-                    sweep.rows += deleted
-                    if deleted < limit:
-                        break
-                    time.sleep(pause)
-                    last = time.perf_counter()  # a batch's time excludes the pause
+            # Paced or not, through the public API: `gc(pause=...)` sleeps between batches, so the
+            # sweep's WAL and page writes stay a bounded share of the machine.
+            sweep.rows = sweeper.gc(batch, on_batch=batch_done, pause=pause)
         except BaseException as exc:  # reported by the main thread
             sweep.error = exc
         sweep.seconds = time.perf_counter() - started

@@ -5,19 +5,15 @@ meaning, and keep ours: per-key merges, a new id at login, a deleted row at logo
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import backend_for
-from tests.web.test_servers import cookie_of, free_port, sent, wait_until_up
+from tests.web.served_app import ServedApp, serve_app
+from tests.web.test_servers import cookie_of, sent
 
 pytest.importorskip("litestar")
 
@@ -25,67 +21,23 @@ ROOT = Path(__file__).resolve().parents[2]
 DATABASES = ("sqlite", "postgresql")
 
 
-@dataclass
-class Server:
-    database: str
-    base_url: str
-    engine: sa.Engine
-
-    def client(self) -> httpx.Client:
-        """A client that keeps no cookies: each request carries exactly the cookie the test gives it."""
-        client = httpx.Client(base_url=self.base_url, timeout=30)
-        client.event_hooks["response"] = [lambda response: client.cookies.clear()]
-        return client
-
-    def rows(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.exec_driver_sql("SELECT count(*) FROM sessions").scalar_one())
-
-    def read(self, cookie: str | None) -> dict[str, object]:
-        with self.client() as client:
-            return dict(client.get("/read", headers=sent(cookie)).json())
-
-    def fire(self, cookie: str | None, paths: list[str]) -> list[int]:
-        """POST every path at once, all with the same cookie."""
-
-        async def run() -> list[int]:
-            async with httpx.AsyncClient(base_url=self.base_url, timeout=60, headers=sent(cookie)) as client:
-                responses = await asyncio.gather(*(client.post(path) for path in paths))
-            return [r.status_code for r in responses]
-
-        return asyncio.run(run())
-
-
 @pytest.fixture(scope="module", params=DATABASES)
-def server(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[Server]:
-    database = str(request.param)
-    backend = backend_for(database, tmp_root)
-    port = free_port()
-    log = tmp_root / f"litestar-{database}.log"
+def server(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[ServedApp]:
     command = [
         sys.executable, "-m", "uvicorn", "tests.web.litestar_apps:litestar_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
     ]  # fmt: skip
-    env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": backend.url, "PYTHONPATH": str(ROOT)}
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_until_up(process, port, log)
-            yield Server(database, f"http://127.0.0.1:{port}", backend.engine)
-        finally:
-            process.terminate()
-            process.wait(10)
+    with serve_app("litestar", str(request.param), tmp_root, command) as served:
+        yield served
 
 
 @pytest.fixture
-def srv(server: Server) -> Server:
+def srv(server: ServedApp) -> ServedApp:
     """The module's server, with an empty sessions table."""
-    with server.engine.begin() as conn:
-        conn.exec_driver_sql("DELETE FROM sessions")
-    return server
+    return server.empty()
 
 
-def test_fifty_concurrent_pushes_to_one_session_are_all_kept(srv: Server) -> None:
+def test_fifty_concurrent_pushes_to_one_session_are_all_kept(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/seed"))
     assert cookie
@@ -96,7 +48,7 @@ def test_fifty_concurrent_pushes_to_one_session_are_all_kept(srv: Server) -> Non
     assert data["seed"] is True
 
 
-def test_fifty_concurrent_set_session_replacements_merge_per_key(srv: Server) -> None:
+def test_fifty_concurrent_set_session_replacements_merge_per_key(srv: ServedApp) -> None:
     """Each request reads the session, waits, and replaces it with one more item: the replacement is
     a change set against what the request loaded, so the 49 others are merged, not overwritten."""
     with srv.client() as client:
@@ -108,7 +60,7 @@ def test_fifty_concurrent_set_session_replacements_merge_per_key(srv: Server) ->
     assert data["seed"] is True
 
 
-def test_login_rotates_the_cookie_and_the_old_one_no_longer_works(srv: Server) -> None:
+def test_login_rotates_the_cookie_and_the_old_one_no_longer_works(srv: ServedApp) -> None:
     with srv.client() as client:
         before = cookie_of(client.post("/set/cart"))
         login = client.post("/login/alice", headers=sent(before))
@@ -122,7 +74,7 @@ def test_login_rotates_the_cookie_and_the_old_one_no_longer_works(srv: Server) -
     assert srv.rows() == 1
 
 
-def test_clear_session_invalidates_the_session(srv: Server) -> None:
+def test_clear_session_invalidates_the_session(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/login/bob"))
         client.post("/set/cart", headers=sent(cookie))
@@ -135,7 +87,7 @@ def test_clear_session_invalidates_the_session(srv: Server) -> None:
     assert srv.read(cookie) == {"data": {}, "user": None, "key": None}
 
 
-def test_set_session_replaces_the_data(srv: Server) -> None:
+def test_set_session_replaces_the_data(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/kept"))
         client.post("/set/dropped", headers=sent(cookie))
@@ -154,7 +106,7 @@ def test_set_session_replaces_the_data(srv: Server) -> None:
     assert srv.rows() == 1
 
 
-def test_a_read_only_request_sends_no_cookie(srv: Server) -> None:
+def test_a_read_only_request_sends_no_cookie(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/a"))
         for path in ("/read", "/untouched"):
@@ -166,7 +118,7 @@ def test_a_read_only_request_sends_no_cookie(srv: Server) -> None:
     assert srv.rows() == 1
 
 
-def test_an_endpoint_marked_blocking_runs_one_request_of_a_session_at_a_time(srv: Server) -> None:
+def test_an_endpoint_marked_blocking_runs_one_request_of_a_session_at_a_time(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/seed"))
 

@@ -5,19 +5,15 @@ per-key merges, a new id at login, a deleted row when a logged-in session is cle
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import backend_for
-from tests.web.test_servers import cookie_of, free_port, sent, wait_until_up
+from tests.web.served_app import ServedApp, serve_app
+from tests.web.test_servers import cookie_of, sent
 
 pytest.importorskip("quart")
 
@@ -25,68 +21,24 @@ ROOT = Path(__file__).resolve().parents[2]
 DATABASES = ("sqlite", "postgresql")
 
 
-@dataclass
-class Server:
-    database: str
-    base_url: str
-    engine: sa.Engine
-
-    def client(self) -> httpx.Client:
-        """A client that keeps no cookies: each request carries exactly the cookie the test gives it."""
-        client = httpx.Client(base_url=self.base_url, timeout=30)
-        client.event_hooks["response"] = [lambda response: client.cookies.clear()]
-        return client
-
-    def rows(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.exec_driver_sql("SELECT count(*) FROM sessions").scalar_one())
-
-    def read(self, cookie: str | None) -> dict[str, object]:
-        with self.client() as client:
-            return dict(client.get("/read", headers=sent(cookie)).json())
-
-    def fire(self, cookie: str | None, paths: list[str]) -> list[int]:
-        """POST every path at once, all with the same cookie."""
-
-        async def run() -> list[int]:
-            async with httpx.AsyncClient(base_url=self.base_url, timeout=60, headers=sent(cookie)) as client:
-                responses = await asyncio.gather(*(client.post(path) for path in paths))
-            return [r.status_code for r in responses]
-
-        return asyncio.run(run())
-
-
 @pytest.fixture(scope="module", params=DATABASES)
-def server(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[Server]:
-    database = str(request.param)
-    backend = backend_for(database, tmp_root)
-    port = free_port()
-    log = tmp_root / f"quart-{database}.log"
+def server(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[ServedApp]:
     command = [
-        sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+        sys.executable, "-m", "hypercorn", "--bind", "127.0.0.1:{port}", "--log-level", "warning",
         "tests.web.quart_apps:quart_app()",
     ]  # fmt: skip
-    env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": backend.url, "PYTHONPATH": str(ROOT)}
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_until_up(process, port, log)
-            yield Server(database, f"http://127.0.0.1:{port}", backend.engine)
-        finally:
-            process.terminate()
-            process.wait(10)
+    with serve_app("quart", str(request.param), tmp_root, command) as served:
+        yield served
 
 
 @pytest.fixture
-def srv(server: Server) -> Server:
+def srv(server: ServedApp) -> ServedApp:
     """The module's server, with an empty sessions table."""
-    with server.engine.begin() as conn:
-        conn.exec_driver_sql("DELETE FROM sessions")
-    return server
+    return server.empty()
 
 
 @pytest.mark.parametrize("route", ["push", "append"], ids=["session.push", "setdefault-append"])
-def test_fifty_concurrent_appends_to_one_session_are_all_kept(srv: Server, route: str) -> None:
+def test_fifty_concurrent_appends_to_one_session_are_all_kept(srv: ServedApp, route: str) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/seed"))
     assert cookie
@@ -97,7 +49,7 @@ def test_fifty_concurrent_appends_to_one_session_are_all_kept(srv: Server, route
     assert data["seed"] is True
 
 
-def test_login_rotates_the_cookie_and_the_old_one_no_longer_works(srv: Server) -> None:
+def test_login_rotates_the_cookie_and_the_old_one_no_longer_works(srv: ServedApp) -> None:
     with srv.client() as client:
         before = cookie_of(client.post("/set/cart"))
         login = client.post("/login/alice", headers=sent(before))
@@ -111,7 +63,7 @@ def test_login_rotates_the_cookie_and_the_old_one_no_longer_works(srv: Server) -
     assert srv.rows() == 1
 
 
-def test_clearing_a_logged_in_session_invalidates_it(srv: Server) -> None:
+def test_clearing_a_logged_in_session_invalidates_it(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/login/bob"))
         client.post("/set/cart", headers=sent(cookie))
@@ -124,7 +76,7 @@ def test_clearing_a_logged_in_session_invalidates_it(srv: Server) -> None:
     assert srv.read(cookie) == {"data": {}, "user": None, "key": None}
 
 
-def test_a_read_only_request_sends_no_cookie(srv: Server) -> None:
+def test_a_read_only_request_sends_no_cookie(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/a"))
         for path in ("/read", "/untouched"):
@@ -135,7 +87,7 @@ def test_a_read_only_request_sends_no_cookie(srv: Server) -> None:
     assert srv.rows() == 1
 
 
-def test_a_view_marked_blocking_runs_one_request_of_a_session_at_a_time(srv: Server) -> None:
+def test_a_view_marked_blocking_runs_one_request_of_a_session_at_a_time(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/seed"))
 
