@@ -143,6 +143,16 @@ def test_the_quart_quick_start(workdir: tuple[Path, dict[str, str]]) -> None:
     _run_app(workdir, _block("asgi", "quart"), "asgi", _login_cart_read)
 
 
+def test_the_flask_login_quick_start(workdir: tuple[Path, dict[str, str]]) -> None:
+    def scenario(client: httpx.Client) -> None:
+        assert client.get("/cart").status_code == 401
+        _login_cart_read(client)
+        assert client.post("/logout").text == "bye"
+        assert client.get("/cart").status_code == 401
+
+    _run_app(workdir, _block("wsgi", "flasklogin"), "wsgi:app", scenario)
+
+
 def test_the_wsgi_quick_start(workdir: tuple[Path, dict[str, str]]) -> None:
     def visits(client: httpx.Client) -> None:
         assert client.get("/").text == "None: visit 1"

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import flask
 import flask_login
+import pytest
 
 from sqla_sessions import DatabaseHandler, SessionConfig
 from sqla_sessions.flask import init_app
 from tests.conftest import Backend
+from tests.web.served_app import ServedApp, serve_app
+from tests.web.test_servers import cookie_of, sent
 
 
 class User(flask_login.UserMixin):
@@ -76,3 +82,34 @@ def test_login_user_regenerates_sets_the_user_and_logout_user_invalidates(db_bac
     assert client.post("/logout").text == "bye"
     assert handler.list_sessions("bob") == []
     assert client.get("/me").status_code == 401
+
+
+@pytest.fixture(scope="module", params=("sqlite", "postgresql"))
+def served(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[ServedApp]:
+    command = [
+        sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "gthread", "--threads", "8",
+        "--bind", "127.0.0.1:{port}", "--log-level", "warning", "tests.web.flask_login_apps:flask_login_app()",
+    ]  # fmt: skip
+    with serve_app("flask-login", str(request.param), tmp_root, command) as app:
+        yield app
+
+
+def test_under_gunicorn_fifty_writes_are_kept_login_rotates_logout_invalidates(served: ServedApp) -> None:
+    served.empty()
+    with served.client() as client:
+        cookie = cookie_of(client.post("/push/seed"))
+    assert cookie is not None
+    assert served.fire(cookie, [f"/push/i{n}" for n in range(50)]) == [200] * 50
+    assert len(served.read(cookie)["items"]) == 51  # type: ignore[arg-type]
+    with served.client() as client:
+        login = client.post("/login/ada?remember=1", headers=sent(cookie))
+        rotated = cookie_of(login)
+    assert rotated is not None and rotated != cookie
+    assert served.read(cookie)["user"] is None  # the id from before the login is dead
+    after = served.read(rotated)
+    assert after["user"] == "ada" and len(after["items"]) == 51  # type: ignore[arg-type]
+    assert after["devices"] == [rotated.split(".")[0]]
+    with served.client() as client:
+        assert client.post("/logout", headers=sent(rotated)).text == "bye"
+    assert served.read(rotated) == {"user": None, "items": [], "devices": []}
+    assert served.rows() == 0
