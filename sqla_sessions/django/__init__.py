@@ -105,6 +105,11 @@ class SessionStore(SessionBase):
     _session_cache: Session
     _session_key: str | None
 
+    ip_address: str | None = None
+    """The client's address, written with the next change (set by `ClientMiddleware`)."""
+    user_agent: str | None = None
+    """The client's user agent, written with the next change (set by `ClientMiddleware`)."""
+
     # -- the session behind `request.session` -----------------------------------------------------------
 
     def _get_session(self, no_load: bool = False) -> Session:
@@ -172,6 +177,10 @@ class SessionStore(SessionBase):
         self._write(session)
 
     def _write(self, session: Session) -> None:
+        if self.ip_address is not None:
+            session.ip_address = self.ip_address
+        if self.user_agent is not None:
+            session.user_agent = self.user_agent
         self._mirror(session)
         try:
             handler().save(session, end_of_request=False)
@@ -233,6 +242,24 @@ class SessionStore(SessionBase):
     def clear_expired(cls) -> None:
         """Delete expired sessions in bounded batches (`gc_batch_size` rows per statement)."""
         handler().gc()
+
+
+class ClientMiddleware:
+    """Write the client's address and user agent on the session's row, for device lists.
+
+    Django's session engine never sees the request: list it after `SessionMiddleware` in
+    `MIDDLEWARE`. Behind a proxy, set `REMOTE_ADDR` from your proxy's header first (as Django asks).
+    """
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        session = getattr(request, "session", None)
+        if isinstance(session, SessionStore):
+            session.ip_address = request.META.get("REMOTE_ADDR") or None
+            session.user_agent = request.META.get("HTTP_USER_AGENT") or None
+        return self.get_response(request)
 
 
 def _copy(session: Session) -> Session:

@@ -125,8 +125,9 @@ def test_fifty_concurrent_writes_login_rotates_logout_invalidates(site: Site) ->
         assert client.get("/me", headers=_sent(cookie)).json() == {"user": None, "cart": []}  # old id dead
         me = client.get("/me", headers=_sent(rotated)).json()
         assert me["user"] == "ada" and len(me["cart"]) == 51  # the anonymous cart survives the login
-        devices = client.get(f"/devices/{site.user_id}").json()["keys"]
-        assert devices == [rotated.split(".")[0]]
+        devices = client.get(f"/devices/{site.user_id}").json()
+        assert devices["keys"] == [rotated.split(".")[0]]
+        assert devices["agents"] == [f"python-httpx/{httpx.__version__}"]  # ClientMiddleware
 
         assert client.post("/logout", headers=_sent(rotated)).status_code == 200
         assert client.get("/me", headers=_sent(rotated)).json() == {"user": None, "cart": []}

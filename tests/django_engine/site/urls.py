@@ -39,7 +39,8 @@ def me(request: HttpRequest) -> JsonResponse:
 
 
 def devices(request: HttpRequest, user_id: str) -> JsonResponse:
-    return JsonResponse({"keys": [info.key for info in handler().list_sessions(user_id)]})
+    devices = handler().list_sessions(user_id)
+    return JsonResponse({"keys": [d.key for d in devices], "agents": [d.user_agent for d in devices]})
 
 
 urlpatterns = [
