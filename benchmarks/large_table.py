@@ -442,9 +442,12 @@ def gc_under_load(
     rng: random.Random,
     batch: int | None,
     pause: float,
+    gc_seconds: float | None = None,
 ) -> tuple[Latencies, Latencies, Sweep, int]:
-    """Load p99 without GC, then with `handler.gc()` sweeping in a thread (its own handler and pool)."""
-    quiet = load_for(handler, cookies, quiet_seconds, rng)
+    """Load p99 without GC (before and after the sweep, pooled: a disturbance in one does not make
+    the ratio), then with `handler.gc()` sweeping in a thread (its own handler and pool), for at most
+    *gc_seconds* (None: until no expired row is left)."""
+    quiet = load_for(handler, cookies, quiet_seconds / 2, rng)
     sweeper = make_handler(db, pool=1)
     sweep = Sweep()
     wal_before = wal_position(sweeper.engine)
@@ -457,12 +460,17 @@ def gc_under_load(
             now = time.perf_counter()
             # A batch's time excludes the pause before it (gc() sleeps between batches, after this call).
             sweep.batches.append((now - last - (pause if sweep.batches else 0), rows))
+            sweep.rows += rows
             last = now
+            if gc_seconds is not None and now - started >= gc_seconds:
+                raise _EnoughSweeping
 
         try:
             # Paced or not, through the public API: `gc(pause=...)` sleeps between batches, so the
             # sweep's WAL and page writes stay a bounded share of the machine.
-            sweep.rows = sweeper.gc(batch, on_batch=batch_done, pause=pause)
+            sweeper.gc(batch, on_batch=batch_done, pause=pause)
+        except _EnoughSweeping:
+            pass
         except BaseException as exc:  # reported by the main thread
             sweep.error = exc
         sweep.seconds = time.perf_counter() - started
@@ -479,7 +487,15 @@ def gc_under_load(
     sweeper.engine.dispose()
     if sweep.error is not None:
         raise sweep.error
+    after = load_for(handler, cookies, quiet_seconds / 2, rng)
+    quiet.loads.extend(after.loads)
+    quiet.saves.extend(after.saves)
+    quiet.misses += after.misses
     return quiet, during, sweep, batch or sweeper.config.gc_batch_size
+
+
+class _EnoughSweeping(Exception):
+    """Ends a sweep bounded by --gc-seconds (raised from its on_batch callback)."""
 
 
 # -- device listing ------------------------------------------------------------------------------------
@@ -709,6 +725,9 @@ def main() -> int:
     parser.add_argument("--quiet-seconds", type=float, default=15, help="load without GC, before the sweep")
     parser.add_argument("--gc-batch", type=int, default=None, help="batch size for gc() (default: the config's)")
     parser.add_argument("--gc-pause", type=float, default=0, help="seconds between batches: a paced sweep")
+    parser.add_argument(
+        "--gc-seconds", type=float, default=None, help="stop the sweep after this long (default: when done)"
+    )
     parser.add_argument("--hot-rows", type=int, default=100_000)
     parser.add_argument("--hot-ops", type=int, default=10_000)
     parser.add_argument("--fillfactors", default="100,90,80,70", help="HOT runs ('': none)")
@@ -757,7 +776,14 @@ def main() -> int:
         misses = s.misses + g.misses
 
         quiet, during, sweep, batch = gc_under_load(
-            large, handlers["large"], cookies["large"], args.quiet_seconds, rng, args.gc_batch, args.gc_pause
+            large,
+            handlers["large"],
+            cookies["large"],
+            args.quiet_seconds,
+            rng,
+            args.gc_batch,
+            args.gc_pause,
+            args.gc_seconds,
         )
         misses += quiet.misses + during.misses
         # Whether batches slow down as the sweep walks the expiry index past the entries it deleted.
@@ -770,8 +796,10 @@ def main() -> int:
         first, last = rate(full[:tenth]), rate(full[-tenth:])
         slowest = max(d for d, _ in sweep.batches) * 1000
         paced = f", {args.gc_pause:g} s between batches" if args.gc_pause else ""
+        bounded = f" (stopped after {args.gc_seconds:g} s)" if args.gc_seconds else ""
         print(
-            f"\n== GC of {sweep.rows:,} expired rows among {args.rows:,} live, batches of {batch}{paced}, under load =="
+            f"\n== GC of {sweep.rows:,} expired rows{bounded} among {args.rows:,} live, batches of {batch}{paced}, "
+            "under load =="
         )
         print(f"{'':<14} {'quiet':>10} {'during GC':>12} {'ratio':>7}  target")
         for label, a, b, target in (
@@ -784,7 +812,8 @@ def main() -> int:
             f"sweep: {sweep.seconds:.1f} s, {sweep.rows / sweep.seconds:,.0f} rows/s "
             f"(first tenth of the batches {first:,.0f} rows/s, last tenth {last:,.0f}, slowest batch "
             f"{slowest:.0f} ms); "
-            f"{len(during.loads):,} requests meanwhile, {len(quiet.loads):,} in {args.quiet_seconds:.0f} s before"
+            f"{len(during.loads):,} requests meanwhile, {len(quiet.loads):,} in {args.quiet_seconds:.0f} s "
+            "before and after"
         )
         print(
             f"WAL meanwhile: {sweep.wal_bytes / 2**20:,.0f} MiB ({sweep.wal_bytes / max(1, sweep.rows):,.0f} bytes "
