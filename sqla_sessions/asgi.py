@@ -251,7 +251,11 @@ def request_info(scope: Scope) -> RequestInfo:
         elif name == b"host":
             host = raw_value.decode("latin-1")
         elif name == b"x-requested-with":
-            xhr = raw_value.lower() == b"xmlhttprequest"
+            xhr = xhr or raw_value.lower() == b"xmlhttprequest"
+        elif name in (b"hx-request", b"turbo-frame"):  # htmx, Turbo: a fragment, not a page
+            xhr = True
+        elif name == b"sec-fetch-mode":  # a browser's fetch() or XHR (only a navigation shows a page)
+            xhr = xhr or raw_value.lower() != b"navigate"
         elif name in (b"sec-purpose", b"purpose", b"x-moz"):
             prefetch = prefetch or b"prefetch" in raw_value.lower()
     scheme = scope.get("scheme", "http")

@@ -237,8 +237,8 @@ def config_from_flask_settings(settings: Mapping[str, Any], flask_defaults: Mapp
     values: dict[str, Any] = {}
     for setting, name in _FLASK_SETTINGS.items():
         value = settings.get(setting)
-        if value == flask_defaults.get(setting) or value is None:
-            continue  # Flask's default, not the app's choice: ours stands
+        if value == flask_defaults.get(setting) or value is None or (name == "cookie_domain" and value is False):
+            continue  # Flask's default (or its old "no domain", False), not the app's choice: ours stands
         if name == "lifetime":
             seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
             value = max(1, math.ceil(seconds / 60))

@@ -189,9 +189,15 @@ def _bridge_flask_login(app: Flask) -> None:
     Flask-Login writes its keys before it signals, and our login starts from an empty session when
     another user was logged in: its keys are carried over. Signals are app-scoped: other apps of the
     process are untouched.
+
+    "Remember me" is ours, not Flask-Login's stateless `remember_token` cookie (which a revocation
+    cannot reach): `login_user(user, remember=True)` makes a remembered session and Flask-Login
+    sets no cookie of its own; a `remember_token` it set earlier logs the user in once more, into a
+    new remembered session (a change of privilege, like any login: a session id planted in the
+    browser does not become the user's), and is then deleted.
     """
     try:
-        from flask_login import user_logged_in, user_logged_out
+        from flask_login import user_loaded_from_cookie, user_logged_in, user_logged_out
     except ImportError:
         return
 
@@ -200,9 +206,21 @@ def _bridge_flask_login(app: Flask) -> None:
         if not isinstance(current, Session):
             return
         kept = _flask_login_keys(current)
-        # login_user(remember=True): one long-lived session the user sees among their devices.
-        current.login(user.get_id(), remember=kept.get("_remember") == "set")
+        remember = kept.pop("_remember", None) == "set"
+        kept.pop("_remember_seconds", None)
+        current.login(user.get_id(), remember=remember)
         current.update(kept)
+        for key in ("_remember", "_remember_seconds"):  # no remember_token cookie: ours does the job
+            current.pop(key, None)
+
+    def loaded_from_cookie(sender: Flask, user: Any, **_: Any) -> None:
+        current: object = flask_session
+        if not isinstance(current, Session):
+            return
+        kept = _flask_login_keys(current)
+        current.login(user.get_id(), remember=True)
+        current.update(kept)
+        current["_remember"] = "clear"  # Flask-Login deletes its cookie: the remembered session replaces it
 
     def logged_out(sender: Flask, user: Any, **_: Any) -> None:
         current: object = flask_session
@@ -212,4 +230,5 @@ def _bridge_flask_login(app: Flask) -> None:
             current.update(kept)
 
     user_logged_in.connect(logged_in, app, weak=False)
+    user_loaded_from_cookie.connect(loaded_from_cookie, app, weak=False)
     user_logged_out.connect(logged_out, app, weak=False)

@@ -68,6 +68,7 @@ logger = logging.getLogger("sqla_sessions")
 #: `scope["session"]`.
 SESSION_KEY = "sqla_sessions.session"
 _NEXT = "sqla_sessions.litestar.next"  # the route's own app, for the one shared middleware to call
+_CLEARED = "sqla_sessions.litestar.cleared"  # clear_session() invalidated the session already
 
 
 class SqlaSessionsPlugin(InitPlugin):
@@ -140,6 +141,7 @@ async def _dispatch(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -
     if scope["type"] != "http" or not isinstance(session, Session):
         await app(cast(Scope, scope), cast(Receive, receive), cast(Send, send))
         return
+    scope = _WatchedScope(scope)
 
     async def send_settled(message: asgi.Message) -> None:
         if message["type"] == "http.response.start":
@@ -147,6 +149,20 @@ async def _dispatch(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -
         await send(message)
 
     await app(cast(Scope, scope), cast(Receive, receive), cast(Send, send_settled))
+
+
+class _WatchedScope(dict[str, Any]):
+    """The route's scope. `clear_session()` (which sets `scope["session"]` to Empty) invalidates at
+    once: a `set_session()` after it (a "you are logged out" notice) then fills the new, anonymous
+    session instead of replacing the data of the logged-in one."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "session" and (value is Empty or value is None):
+            session = self.get(SESSION_KEY)
+            if isinstance(session, Session):
+                session.invalidate()
+                super().__setitem__(_CLEARED, True)
+        super().__setitem__(key, value)
 
 
 def get_session(connection: ASGIConnection[Any, Any, Any, Any]) -> Session:
@@ -175,7 +191,8 @@ def _settle(scope: asgi.Scope) -> Session:
     session = cast(Session, scope[SESSION_KEY])
     current: object = scope.get("session")
     if current is None or current is Empty:
-        session.invalidate()  # request.clear_session()
+        if not scope.pop(_CLEARED, False):  # else invalidated already, when it was cleared
+            session.invalidate()  # request.clear_session()
     elif current is not session:
         replace_data(session, _as_dict(current, scope))  # request.set_session(data)
     else:

@@ -90,6 +90,7 @@ class Session(StoreApi):
         "_keep_previous_id",
         "_generation",
         "_lifetime",
+        "_lifetime_changed",
         "_gone",
         "_id",
         "_id_changed",
@@ -129,6 +130,7 @@ class Session(StoreApi):
         self._flash_shown: set[str] = set()  # those of them this request read
         self._page_shown = False  # this request rendered an HTML page (every flash value counts as shown)
         self._lifetime: tuple[int | None, int | None] | None = None  # set_lifetime() in this request
+        self._lifetime_changed = False  # a save of this request stored a new lifetime (the cookie follows)
         self._ensure_stored = False
         self._generation = 0  # changes of privilege and invalidations in this request
         self._saved_callbacks: list[tuple[Callable[[], None], str]] = []
@@ -282,6 +284,11 @@ class Session(StoreApi):
         """
         self._lifetime = (_seconds(idle, "idle"), _seconds(absolute, "absolute"))
         self._accessed = True
+
+    @property
+    def lifetime_changed(self) -> bool:
+        """True when a save of this request stored a new lifetime (a cookie is due, persistent or not)."""
+        return self._lifetime_changed
 
     def ensure_stored(self) -> None:
         """Store this session at its next save even if it holds nothing (Django's `create()`).
@@ -465,7 +472,8 @@ class Session(StoreApi):
         Logging in as another user than the current one starts from an empty session. *remember*
         ("remember me"): the session lives `remember_lifetime` minutes idle (and at least as long
         despite an `absolute_lifetime`), its cookie outlives the browser; one row the user can see
-        among their devices and revoke, not a separate token.
+        among their devices and revoke, not a separate token. A login without it ends a lifetime
+        the session had of its own (the user did not ask to be remembered this time).
         """
         if user_id is None:
             raise ValueError("login() needs a user id")
@@ -481,6 +489,8 @@ class Session(StoreApi):
             remembered = config.remember_lifetime * 60
             absolute = config.absolute_lifetime_seconds
             self.set_lifetime(remembered, None if absolute is None else max(absolute, remembered))
+        elif self.lifetime != (None, None):
+            self.set_lifetime()
 
     def logout(self) -> None:
         """Forget the user and everything in the session (invalidate)."""
@@ -638,6 +648,8 @@ class Session(StoreApi):
         self._base_user_id = self._user_id = record.user_id
         self._id_changed = False
         self._keep_previous_id = False
+        if unit.lifetime is not None:
+            self._lifetime_changed = True
         self._lifetime = None
         self._ensure_stored = False
 
@@ -673,8 +685,8 @@ class Session(StoreApi):
         self._page_shown = True
 
     def _age_flash(self) -> None:
-        if _FLASH not in self._raw and _FLASH not in self._live:
-            return
+        if _FLASH not in self._live and not _flash_pending(self._raw.get(_FLASH)):
+            return  # nothing flashed in this request, nothing left to show from earlier ones
         store = self._store
         if self._page_shown or (store is not None and store.config.flash_aging == "request"):
             self.age_flash_data()
@@ -725,6 +737,11 @@ def _flash_keys(state: Any) -> frozenset[str]:
         return frozenset()
     old = state.get("old")
     return frozenset(k for k in old if type(k) is str) if type(old) is list else frozenset()
+
+
+def _flash_pending(state: Any) -> bool:
+    """Whether a stored flash state (raw) still names keys to age."""
+    return type(state) is dict and any(type(state.get(part)) is list and state[part] for part in ("new", "old"))
 
 
 def _seconds(value: int | timedelta | None, name: str) -> int | None:

@@ -140,10 +140,10 @@ class StoreApi(MutableMapping[str, Any]):
         return (list(new) if isinstance(new, list) else []), (list(old) if isinstance(old, list) else [])
 
     def _set_flash(self, new: list[str], old: list[str]) -> None:
-        if new or old:
+        # Emptied, the state stays (empty lists) rather than going: a removal would beat another
+        # request's concurrent flash() in the merge, and leave its value behind for good.
+        if new or old or _FLASH in self:
             self[_FLASH] = {"new": new, "old": old}
-        else:
-            self.pop(_FLASH, None)
 
     # -- CSRF token and previous URL --------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from .config import SessionConfig
 from .errors import SessionInterrupted
 from .merge import ChangeSet, apply_changes
 from .records import Record, SaveAction
+from .store_api import TOKEN_KEY
 
 #: Reserved session key: ids of the latest background jobs whose changes landed (exactly-once effects).
 JOBS_KEY = "_jobs"
@@ -121,6 +122,10 @@ def successor(
         if type(done) is list and unit.job_id in done:
             raise JobAlreadyApplied(f"job {unit.job_id} already landed")
     raw = apply_changes(current_raw, unit.changes)
+    if key != current.key and TOKEN_KEY in raw and TOKEN_KEY not in unit.changes.updates:
+        # A change of privilege renews the CSRF token it knows of; one another request created under
+        # the old id meanwhile (perhaps an attacker holding a planted id) must not cross over.
+        raw = {k: v for k, v in raw.items() if k != TOKEN_KEY}
     activity = unit.record_activity and expiry.activity_due(current, now)
     idle, absolute = (current.idle_lifetime, current.absolute_lifetime) if unit.lifetime is None else unit.lifetime
     record = Record(

@@ -67,6 +67,7 @@ class RequestInfo:
     client_ip: str | None = None
     user_agent: str | None = None
     xhr: bool = False
+    """A script's request for a part of a page (XHR, fetch(), htmx, Turbo frames), not a page shown."""
     prefetch: bool = False
 
 
@@ -157,7 +158,9 @@ class SessionCycle:
         elif not session.is_new and session.id != presented_id:
             # A row the browser does not hold the id of: created, or its id regenerated, in this request.
             cookie = self._set(session, info)
-        elif session.expiry_moved and (not self.config.expire_on_close or session.lifetime[0] is not None):
+        elif session.expiry_moved and (
+            not self.config.expire_on_close or session.lifetime[0] is not None or session.lifetime_changed
+        ):  # with expire_on_close, a lifetime back to the config's turns the cookie into a browser-session one
             cookie = self._set(session, info)  # sliding expiry (a touch or a write): at most once per touch_interval
         elif (
             presented_id is not None

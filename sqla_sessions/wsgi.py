@@ -170,7 +170,10 @@ def request_info(environ: WSGIEnvironment) -> RequestInfo:
         cookie_headers=[cookie] if cookie else [],
         client_ip=environ.get("REMOTE_ADDR"),
         user_agent=environ.get("HTTP_USER_AGENT"),
-        xhr=environ.get("HTTP_X_REQUESTED_WITH", "").lower() == "xmlhttprequest",
+        xhr=environ.get("HTTP_X_REQUESTED_WITH", "").lower() == "xmlhttprequest"
+        or "HTTP_HX_REQUEST" in environ  # htmx, Turbo: a fragment, not a page
+        or "HTTP_TURBO_FRAME" in environ
+        or environ.get("HTTP_SEC_FETCH_MODE", "navigate").lower() != "navigate",  # fetch() or XHR
         prefetch="prefetch" in purpose,
     )
 

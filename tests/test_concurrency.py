@@ -144,3 +144,26 @@ def test_clock_fixture_is_independent(clock: FakeClock) -> None:
     before = clock()
     clock.advance(5)
     assert clock() == before + 5
+
+
+def test_concurrent_sweeps_split_the_expired_rows_and_spare_the_live_ones(db_backend: Backend) -> None:
+    """Two GC sweeps at once (SKIP LOCKED on PostgreSQL; DELETE … LIMIT elsewhere) delete each
+    expired row once, while requests keep the live sessions alive."""
+    clock = FakeClock()
+    handler = DatabaseHandler(db_backend.engine, SessionConfig(lottery=(0, 1), lifetime=10), clock=clock)
+    for n in range(600):
+        session = handler.load(None)
+        session["n"] = n
+        session.save()
+    clock.advance(11 * 60)
+    live = []
+    for n in range(50):
+        session = handler.load(None)
+        session["live"] = n
+        session.save()
+        live.append(session.id)
+    with ThreadPoolExecutor(2) as sweepers:
+        counts = list(sweepers.map(lambda _: handler.gc(batch_size=25), range(2)))
+    assert sum(counts) == 600
+    assert all(handler.load(session_id)["live"] >= 0 for session_id in live)
+    assert handler.stats().live == 50 and handler.stats().expired == 0

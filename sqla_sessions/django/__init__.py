@@ -219,7 +219,16 @@ class SessionStore(SessionBase):
         session = self._session
         session.change_privilege()
         session.ensure_stored()
-        self._write(session)
+        try:
+            self._write(session)
+        except UpdateError:
+            # The session ended meanwhile (the same login form submitted twice, a logout in another
+            # tab): the login starts a session of its own from what this request saw, as Django's
+            # create() would; nothing that held the old one reaches it.
+            fresh = _copy(session)
+            fresh.ensure_stored()
+            self._write(fresh)
+            self._session_cache = fresh
 
     def flush(self) -> None:
         """End the session: the row is deleted now, and the session starts over empty under a new id."""
@@ -275,8 +284,8 @@ def _lifetime(expiry: Any, created_at: int | None) -> tuple[int | None, int | No
     """
     if not expiry or isinstance(expiry, bool):
         return None, None
-    if isinstance(expiry, int):
-        return expiry, None
+    if isinstance(expiry, int | float):
+        return math.floor(expiry), None
     if isinstance(expiry, str):
         try:
             expiry = datetime.fromisoformat(expiry)

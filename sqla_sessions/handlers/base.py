@@ -143,8 +143,11 @@ class BaseHandler(ABC, Generic[C]):
         """
 
     @abstractmethod
-    def _touch(self, conn: C, key: str, *, last_activity: int, expires_at: int, now: int) -> bool:
-        """Refresh activity and expiry of an unexpired row; False if it is gone."""
+    def _touch(self, conn: C, key: str, *, version: int, last_activity: int, expires_at: int, now: int) -> bool:
+        """Refresh activity and expiry of the unexpired row if it still has *version*; False otherwise.
+
+        The version guard: the expiry was computed from the row as loaded (its own lifetime), and a
+        write since may have changed that lifetime; a stale touch must not undo it."""
 
     @abstractmethod
     def _delete(self, conn: C, key: str) -> bool:
@@ -430,8 +433,10 @@ class BaseHandler(ABC, Generic[C]):
         expires_at = self.expiry.expires_at(record.created_at, now, record)
         if self.codec.needs_reseal(record.payload):
             return self._reseal(conn, record, now, expires_at)
-        if not self._touch(conn, record.key, last_activity=now, expires_at=expires_at, now=now):
-            raise SessionInterrupted("the session was destroyed or expired since it was loaded")
+        if not self._touch(conn, record.key, version=record.version, last_activity=now, expires_at=expires_at, now=now):
+            if self._fetch(conn, record.key, now) is None:  # the rare path: tell "gone" from "written meanwhile"
+                raise SessionInterrupted("the session was destroyed or expired since it was loaded")
+            return Saved(SaveAction.NOTHING, None, {}, False)  # written meanwhile: that write is newer
         touched = dataclasses.replace(record, last_activity=now, expires_at=expires_at)
         return Saved(SaveAction.TOUCHED, touched, {}, True)
 

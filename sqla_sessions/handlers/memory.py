@@ -66,10 +66,10 @@ class MemoryHandler(BaseHandler[None]):
             self._put(merged[0])
             return merged
 
-    def _touch(self, conn: None, key: str, *, last_activity: int, expires_at: int, now: int) -> bool:
+    def _touch(self, conn: None, key: str, *, version: int, last_activity: int, expires_at: int, now: int) -> bool:
         with self._lock:
             row = self._rows.get(key)
-            if row is None or row.expires_at <= now:
+            if row is None or row.expires_at <= now or row.version != version:
                 return False
             row.last_activity = last_activity
             row.expires_at = expires_at

@@ -140,6 +140,29 @@ class EngineTests(SimpleTestCase):
         session.save()
         assert handler().load(session.session_key).lifetime == (None, None)
 
+    def test_a_login_whose_session_moved_meanwhile_starts_afresh(self) -> None:
+        session = SessionStore()
+        session["cart"] = ["apple"]
+        session.save()
+        key = session.session_key
+        first, second = SessionStore(key), SessionStore(key)  # the login form submitted twice
+        assert first["cart"] == second["cart"] == ["apple"]
+        first.cycle_key()
+        first["_auth_user_id"] = "5"
+        first.save()
+        second.cycle_key()  # the row moved away: no UpdateError (Django's own backend never fails here)
+        second["_auth_user_id"] = "5"
+        second.save()
+        assert SessionStore(second.session_key)["cart"] == ["apple"] and not second.exists(key)
+        assert len(handler().list_sessions(5)) == 2  # two logins, two devices; neither reaches the old id
+
+    def test_set_expiry_seconds_may_be_a_float(self) -> None:
+        session = SessionStore()
+        session["x"] = 1
+        session.set_expiry(300.5)
+        session.save()
+        assert handler().load(session.session_key).lifetime == (300, None)
+
     def test_set_expiry_date_is_fixed(self) -> None:
         session = SessionStore()
         session["x"] = 1

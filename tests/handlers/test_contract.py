@@ -261,6 +261,18 @@ def test_a_session_of_its_own_lifetime_slides_by_it_on_touches_and_merges(
     assert handler.load(session_id).is_new
 
 
+def test_a_stale_touch_never_undoes_a_new_lifetime(make_handler: HandlerFactory, clock: FakeClock) -> None:
+    handler = make_handler(lifetime=10, touch_interval=60)
+    session_id = new_stored(handler)
+    clock.advance(61)
+    stale = handler.load(session_id)  # a read-only request whose touch is due, loaded before the change
+    remembered = handler.load(session_id)
+    remembered.set_lifetime(idle=3600)
+    remembered.save()
+    assert stale.save() is SaveAction.NOTHING  # its expiry came from the old lifetime: not written
+    assert handler.load(session_id).expires_at == int(clock()) + 3600
+
+
 def test_a_lifetime_in_the_past_ends_the_session_at_save(handler: Handler) -> None:
     session_id = new_stored(handler)
     session = handler.load(session_id)
@@ -332,6 +344,29 @@ def test_touch_of_a_destroyed_session_raises(handler: Handler, clock: FakeClock)
 
 
 # -- regenerate, invalidate, login, logout ----------------------------------------------------------
+
+
+def test_a_token_created_under_the_old_id_during_a_login_does_not_cross_over(handler: Handler) -> None:
+    session_id = new_stored(handler)
+    victim = handler.load(session_id)  # no CSRF token yet (tokens are created on first use)
+    attacker = handler.load(session_id)  # holds the same (planted) id
+    planted_token = attacker.token()
+    attacker.save()
+    victim.login("ada")
+    victim.save()
+    after = handler.load(victim.id)
+    assert after.user_id == "ada" and after.get("_token") != planted_token
+
+
+def test_a_login_without_remember_ends_a_remembered_lifetime(make_handler: HandlerFactory) -> None:
+    handler = make_handler()
+    session = handler.load(None)
+    session.login("ada", remember=True)
+    session.save()
+    again = handler.load(session.id)
+    again.login("ada")
+    again.save()
+    assert handler.load(again.id).lifetime == (None, None)
 
 
 def test_regenerate_keeps_key_and_data_and_kills_the_old_id(handler: Handler) -> None:
@@ -722,7 +757,24 @@ def test_flash_outlives_requests_that_never_showed_it(make_handler: HandlerFacto
     assert "status" not in after and after["other"] == "note"  # only what was read went
     after.mark_page_shown()  # a rendered page shows every flashed value
     after.save()
-    assert "other" not in handler.load(session.id) and "_flash" not in handler.load(session.id)
+    final = handler.load(session.id)
+    assert "other" not in final and final["_flash"] == {"new": [], "old": []}  # emptied, kept (merges)
+
+
+def test_a_flash_racing_the_request_that_empties_the_state_is_kept_and_aged(handler: Handler) -> None:
+    session = handler.load(None)
+    session.flash("notice", "Profile updated")
+    session.save()
+    showing = handler.load(session.id)  # the page that shows it (and empties the flash state)
+    flashing = handler.load(session.id)  # another tab flashes meanwhile
+    assert showing["notice"] == "Profile updated"
+    flashing.flash("saved", "Saved")
+    showing.save()
+    flashing.save()  # merged onto the emptied state: both list edits compose
+    page = handler.load(session.id)
+    assert page["saved"] == "Saved" and "notice" not in page
+    page.save()
+    assert "saved" not in handler.load(session.id)  # aged like any flash: nothing left behind
 
 
 def test_flash_aging_request_is_laravels_rule(make_handler: HandlerFactory) -> None:

@@ -83,6 +83,12 @@ def litestar_app() -> Any:
         request.clear_session()
         return {"ok": True}
 
+    @post("/logout-with-notice", status_code=200)
+    async def log_out_with_notice(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        request.clear_session()
+        request.set_session({"notice": "You are logged out"})  # the natural pattern after a clear
+        return {"ok": True}
+
     @post("/marked", status_code=200)
     @blocking
     async def marked(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -95,6 +101,6 @@ def litestar_app() -> Any:
     config = SessionConfig(database_url=os.environ["SQLA_SESSIONS_DATABASE_URL"], lottery=(1, 10))
     handlers = [read, untouched, set_key, push, replace_append, replace, replace_model, replace_then_read]
     return Litestar(
-        route_handlers=[*handlers, log_in, log_out, marked],
+        route_handlers=[*handlers, log_in, log_out, log_out_with_notice, marked],
         plugins=[SqlaSessionsPlugin(config)],
     )

@@ -47,6 +47,8 @@ def test_the_settings_an_app_changed_become_the_defaults(monkeypatch: pytest.Mon
     monkeypatch.setenv("SQLA_SESSIONS_LIFETIME", "5")
     config = config_from_app(app)
     assert (config.cookie_name, config.lifetime) == ("app_wins", 5)  # app.config, then the environment
+    app.config["SESSION_COOKIE_DOMAIN"] = False  # Flask's old spelling of "no domain"
+    assert config_from_app(app).cookie_domain is None
     app.config["PERMANENT_SESSION_LIFETIME"] = 60  # seconds, as Flask also accepts
     monkeypatch.delenv("SQLA_SESSIONS_LIFETIME")
     assert config_from_app(app).lifetime == 1

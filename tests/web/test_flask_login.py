@@ -113,3 +113,29 @@ def test_under_gunicorn_fifty_writes_are_kept_login_rotates_logout_invalidates(s
         assert client.post("/logout", headers=sent(rotated)).text == "bye"
     assert served.read(rotated) == {"user": None, "items": [], "devices": []}
     assert served.rows() == 0
+
+
+def test_remember_me_is_our_remembered_session_and_a_revocation_ends_it(db_backend: Backend) -> None:
+    app, handler = _app(db_backend)
+    client = app.test_client()
+    login = client.post("/login/ada")  # login_user(remember=True)
+    assert not any(h.startswith("remember_token=") for h in login.headers.getlist("Set-Cookie"))
+    assert client.get("/me").status_code == 200
+    assert handler.revoke_user("ada") == 1
+    assert client.get("/me").status_code == 401  # no stateless token logs the user back in
+
+
+def test_a_remember_token_from_before_logs_in_once_into_a_rotated_remembered_session(db_backend: Backend) -> None:
+    app, handler = _app(db_backend)
+    client = app.test_client()
+    planted = _cookie(client.post("/cart/bait"))  # an anonymous session id an attacker could plant
+    with app.test_request_context():
+        token = flask_login.utils.encode_cookie("ada")  # a remember_token Flask-Login issued earlier
+    client.set_cookie("remember_token", token)
+    me = client.get("/me")
+    assert me.json == {"user": "ada", "cart": ["bait"]}
+    rotated = _cookie(me)
+    assert rotated != planted and handler.load(planted).is_new  # a change of privilege: the planted id is dead
+    assert any(h.startswith("remember_token=;") for h in me.headers.getlist("Set-Cookie"))  # converted
+    (device,) = handler.list_sessions("ada")
+    assert device.key == handler.load(rotated).key and handler.load(rotated).lifetime[0] is not None

@@ -87,6 +87,17 @@ def test_clear_session_invalidates_the_session(srv: ServedApp) -> None:
     assert srv.read(cookie) == {"data": {}, "user": None, "key": None}
 
 
+def test_clear_session_then_set_session_logs_out_into_a_new_session(srv: ServedApp) -> None:
+    with srv.client() as client:
+        cookie = cookie_of(client.post("/login/alice"))
+        logout = client.post("/logout-with-notice", headers=sent(cookie))
+    fresh = cookie_of(logout)
+    assert fresh is not None and fresh != cookie
+    assert srv.read(cookie) == {"data": {}, "user": None, "key": None}  # the logged-in id is dead
+    after = srv.read(fresh)
+    assert after["user"] is None and after["data"] == {"notice": "You are logged out"}
+
+
 def test_set_session_replaces_the_data(srv: ServedApp) -> None:
     with srv.client() as client:
         cookie = cookie_of(client.post("/set/kept"))

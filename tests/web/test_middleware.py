@@ -520,3 +520,18 @@ def test_a_wsgi_request_in_flight_during_a_login_leaves_the_new_cookie_alone(mem
     status, headers, _ = run_wsgi(WsgiMiddleware(app, handler=memory), cookie=cookie)
     assert status.startswith("200") and not [v for k, v in headers if k.lower() == "set-cookie"]
     assert "late" not in memory.load_by_key(memory.list_sessions("bob")[0].key)  # type: ignore[operator]
+
+
+def test_with_expire_on_close_a_remembered_cookie_persists_and_forgetting_ends_it(clock: FakeClock) -> None:
+    handler = MemoryHandler(SessionConfig(lottery=(0, 1), expire_on_close=True), clock=clock)
+    steps: dict[str, Callable[[Session], Any]] = {
+        "remember": lambda s: s.login("ada", remember=True),
+        "forget": lambda s: s.set_lifetime(),
+    }
+    mode = {"step": "remember"}
+    app = AsgiMiddleware(asgi_app(lambda s: steps[mode["step"]](s)), handler=handler)
+    remembered = cookie_header(call(app, "POST"))
+    assert "Max-Age=2592000" in remembered  # a remembered login outlives the browser
+    mode["step"] = "forget"
+    forgotten = cookie_header(call(app, "POST", cookie=remembered.split(";", 1)[0].split("=", 1)[1]))
+    assert "Max-Age" not in forgotten  # back to the config's: a browser-session cookie replaces it

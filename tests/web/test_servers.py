@@ -262,6 +262,12 @@ def test_previous_url_is_recorded_for_html_pages_of_existing_sessions(srv: Serve
         assert "/page?from=1" in page.text
         client.get("/page", headers={**sent(cookie), "X-Requested-With": "XMLHttpRequest"})
         assert "/page?from=1" not in client.get("/page", headers=sent(cookie)).text
+        partials = ({"X-Requested-With": "XMLHttpRequest"}, {"HX-Request": "true"}, {"Turbo-Frame": "cart"})
+        for partial in (*partials, {"Sec-Fetch-Mode": "cors"}):  # fragments and fetch() are not pages
+            client.get("/page?partial=1", headers={**sent(cookie), **partial})
+        assert "partial" not in client.get("/page", headers=sent(cookie)).text
+        client.get("/page?nav=1", headers={**sent(cookie), "Sec-Fetch-Mode": "navigate"})
+        assert "/page?nav=1" in client.get("/page", headers=sent(cookie)).text
 
 
 def test_a_logout_in_another_tab_is_not_undone(srv: Server) -> None:
