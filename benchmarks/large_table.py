@@ -796,7 +796,8 @@ def main() -> int:
         first, last = rate(full[:tenth]), rate(full[-tenth:])
         slowest = max(d for d, _ in sweep.batches) * 1000
         paced = f", {args.gc_pause:g} s between batches" if args.gc_pause else ""
-        bounded = f" (stopped after {args.gc_seconds:g} s)" if args.gc_seconds else ""
+        stopped = args.gc_seconds is not None and sweep.seconds >= args.gc_seconds
+        bounded = f" (stopped after {args.gc_seconds:g} s)" if stopped else ""
         print(
             f"\n== GC of {sweep.rows:,} expired rows{bounded} among {args.rows:,} live, batches of {batch}{paced}, "
             "under load =="
