@@ -38,6 +38,7 @@ from ..config import SessionConfig
 from ..errors import SessionInterrupted
 from ..handlers.database import DatabaseHandler
 from ..session import Session
+from ..store_api import TOKEN_KEY
 
 #: The session key `django.contrib.auth` stores the logged-in user's primary key under.
 AUTH_USER_KEY = "_auth_user_id"
@@ -196,6 +197,7 @@ class SessionStore(SessionBase):
             # Django decides what the session holds; our login()/logout() decide who owns it and under
             # which id: a change of privilege (new id and key, the old id dead) even without cycle_key().
             kept = session.all()
+            kept.pop(TOKEN_KEY, None)  # a CSRF token of ours is renewed by the change, never carried over
             if user_id is None:
                 session.logout()
             else:
