@@ -175,3 +175,11 @@ def test_what_clients_and_operators_typed_is_shown_as_text_not_markup(sqlite_url
     assert revoked.exit_code != 0 and "[/x]" in revoked.output and "Traceback" not in revoked.output
     by_user = runner.invoke(main, ["revoke", "--user", "[/x]", "--database-url", sqlite_url])
     assert by_user.exit_code == 0 and "[/x]" in by_user.output
+
+
+def test_gc_can_be_paced(sqlite_url: str) -> None:
+    result = CliRunner().invoke(main, ["gc", "--database-url", sqlite_url, "--batch-size", "5", "--pause", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert "deleted" in result.output
+    bad = CliRunner().invoke(main, ["gc", "--database-url", sqlite_url, "--pause", "-1"])
+    assert bad.exit_code != 0
