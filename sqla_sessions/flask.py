@@ -207,8 +207,10 @@ def _bridge_flask_login(app: Flask) -> None:
             return
         kept = _flask_login_keys(current)
         remember = kept.pop("_remember", None) == "set"
-        kept.pop("_remember_seconds", None)
+        duration = kept.pop("_remember_seconds", None)  # login_user(..., duration=timedelta(...))
         current.login(user.get_id(), remember=remember)
+        if remember and isinstance(duration, int | float) and duration > 0:
+            current.set_lifetime(int(duration), current.lifetime[1])
         current.update(kept)
         for key in ("_remember", "_remember_seconds"):  # no remember_token cookie: ours does the job
             current.pop(key, None)
@@ -229,6 +231,18 @@ def _bridge_flask_login(app: Flask) -> None:
             current.logout()
             current.update(kept)
 
+    def no_refreshed_remember_cookie() -> None:
+        # REMEMBER_COOKIE_REFRESH_EACH_REQUEST makes Flask-Login issue its stateless remember_token
+        # on every response of a logged-in user: a revoked device would come straight back with it.
+        if app.config.get("REMEMBER_COOKIE_REFRESH_EACH_REQUEST"):
+            app.config["REMEMBER_COOKIE_REFRESH_EACH_REQUEST"] = False
+            logger.warning(
+                "REMEMBER_COOKIE_REFRESH_EACH_REQUEST turned off: remember-me is a remembered session here "
+                "(revocable), not Flask-Login's remember_token cookie"
+            )
+
+    no_refreshed_remember_cookie()
+    app.before_request_funcs.setdefault(None, []).insert(0, no_refreshed_remember_cookie)  # set after init_app
     user_logged_in.connect(logged_in, app, weak=False)
     user_loaded_from_cookie.connect(loaded_from_cookie, app, weak=False)
     user_logged_out.connect(logged_out, app, weak=False)

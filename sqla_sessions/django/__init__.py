@@ -42,6 +42,8 @@ from ..store_api import TOKEN_KEY
 
 #: The session key `django.contrib.auth` stores the logged-in user's primary key under.
 AUTH_USER_KEY = "_auth_user_id"
+#: What `django.contrib.auth` keeps in the session about its logged-in user.
+DJANGO_AUTH_KEYS = (AUTH_USER_KEY, "_auth_user_backend", "_auth_user_hash")
 #: Where `set_expiry()` keeps the session's own expiry (Django's name, in the session data).
 EXPIRY_KEY = "_session_expiry"
 
@@ -228,6 +230,10 @@ class SessionStore(SessionBase):
             # tab): the login starts a session of its own from what this request saw, as Django's
             # create() would; nothing that held the old one reaches it.
             fresh = _copy(session)
+            for key in DJANGO_AUTH_KEYS:
+                # A login sets them again right after cycle_key(); anything else (a password change in
+                # a request that raced a revocation) must not bring the revoked user back.
+                fresh.pop(key, None)
             fresh.ensure_stored()
             self._write(fresh)
             self._session_cache = fresh

@@ -210,11 +210,20 @@ class DatabaseHandler(BaseHandler[Connection]):
             # split the work), then deleted by its rows' physical addresses (a TID scan), not looked up
             # once more each through the primary key: about a third less time per batch on a large
             # table. A locked row cannot move, so its ctid stays valid to the end of the statement.
-            name = self.engine.dialect.identifier_preparer.quote(t.name)
-            return sa.text(
-                f"DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {name} WHERE expires_at <= :now "
-                f"ORDER BY expires_at LIMIT {int(limit)} FOR UPDATE SKIP LOCKED))"
+            # Core, not text: a `schema_translate_map` (a schema per tenant) must reach this statement too.
+            found = t.alias("expired")
+            located: sa.Select[Any] = (
+                sa.select(sa.literal_column("expired.ctid"))
+                .select_from(found)
+                .where(found.c.expires_at <= sa.bindparam("now", type_=sa.BigInteger))
+                .order_by(found.c.expires_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
             )
+            ctid: sa.ColumnClause[Any] = sa.literal_column(
+                "ctid"
+            )  # unqualified: the DELETE's own table (the subquery's is "expired")
+            return sa.delete(t).where(ctid == sa.func.any(sa.func.array(located.scalar_subquery())))
         batch = sa.select(t.c.key).where(expired).order_by(t.c.expires_at).limit(limit)
         return sa.delete(t).where(t.c.key.in_(batch.scalar_subquery()))
 

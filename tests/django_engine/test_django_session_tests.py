@@ -156,6 +156,18 @@ class EngineTests(SimpleTestCase):
         assert SessionStore(second.session_key)["cart"] == ["apple"] and not second.exists(key)
         assert len(handler().list_sessions(5)) == 2  # two logins, two devices; neither reaches the old id
 
+    def test_a_cycle_key_racing_a_revocation_does_not_bring_the_user_back(self) -> None:
+        session = SessionStore()
+        session["_auth_user_id"] = "7"
+        session["cart"] = [1]
+        session.save()
+        in_flight = SessionStore(session.session_key)
+        assert in_flight["_auth_user_id"] == "7"
+        assert handler().revoke_user(7) == 1  # "log out everywhere"
+        in_flight.cycle_key()  # e.g. update_session_auth_hash() in a password change that raced it
+        assert handler().list_sessions(7) == []
+        assert SessionStore(in_flight.session_key).load() == {"cart": [1]}  # anonymous from here on
+
     def test_set_expiry_seconds_may_be_a_float(self) -> None:
         session = SessionStore()
         session["x"] = 1

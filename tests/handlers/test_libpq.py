@@ -257,6 +257,16 @@ def test_a_schema_translate_map_is_honoured(pg: Backend) -> None:
         with pg.engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT count(*) FROM public.sessions").scalar() == 0
             assert conn.exec_driver_sql("SELECT count(*) FROM tenant_a.sessions").scalar() == 1
+        # GC too: each tenant's sweep deletes from its own table, never another's.
+        other = DatabaseHandler(pg.engine)
+        _stored(other)  # one session in public
+        with pg.engine.begin() as conn:
+            for schema in ("public", "tenant_a"):
+                conn.exec_driver_sql(f"UPDATE {schema}.sessions SET expires_at = 1")
+        assert handler.gc() == 1
+        with pg.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM public.sessions").scalar() == 1
+            assert conn.exec_driver_sql("SELECT count(*) FROM tenant_a.sessions").scalar() == 0
     finally:
         engine.dispose()
         with pg.engine.begin() as conn:

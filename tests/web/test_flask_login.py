@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,22 @@ def test_a_remember_token_from_before_logs_in_once_into_a_rotated_remembered_ses
     assert any(h.startswith("remember_token=;") for h in me.headers.getlist("Set-Cookie"))  # converted
     (device,) = handler.list_sessions("ada")
     assert device.key == handler.load(rotated).key and handler.load(rotated).lifetime[0] is not None
+
+
+def test_refreshing_remember_cookies_is_turned_off_and_duration_is_the_lifetime(db_backend: Backend) -> None:
+    app, handler = _app(db_backend)
+    app.config["REMEMBER_COOKIE_REFRESH_EACH_REQUEST"] = True  # set after init_app: still turned off
+
+    @app.post("/short/<name>")
+    def short(name: str) -> str:
+        flask_login.login_user(User(name), remember=True, duration=timedelta(hours=1))
+        return "ok"
+
+    client = app.test_client()
+    login = client.post("/short/ada")
+    assert not any(h.startswith("remember_token=") for h in login.headers.getlist("Set-Cookie"))
+    assert not any(h.startswith("remember_token=") for h in client.get("/me").headers.getlist("Set-Cookie"))
+    assert app.config["REMEMBER_COOKIE_REFRESH_EACH_REQUEST"] is False
+    assert handler.load(_cookie(login)).lifetime[0] == 3600  # duration= is the remembered lifetime
+    handler.revoke_user("ada")
+    assert client.get("/me").status_code == 401
