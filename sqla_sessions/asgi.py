@@ -26,12 +26,14 @@ from .locking import Blocking, blocking_matcher
 from .records import SaveAction
 from .session import Session
 from .web import (
+    RETRY_AFTER,
     SAVE_ERRORS,
     STORE_ERRORS,
     Headers,
     RequestInfo,
     SessionCycle,
     describe_store,
+    error_headers,
     http_reason,
     resolve_handler,
     store_failure,
@@ -51,9 +53,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Where an endpoint finds the `AsyncSessionStore` (for `await store.save(session)` / `reload`).
 STORE_KEY = "sqla_sessions.store"
-
-#: Seconds a client is told to wait after a 503 caused by an unreachable database.
-RETRY_AFTER = 5
 
 
 class SessionMiddleware:
@@ -289,8 +288,8 @@ def _content_type(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 async def _send_error(send: Send, status: int, *, retry_after: int) -> None:
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
-    if status != 500:
-        headers.append((b"retry-after", str(retry_after).encode()))
+    headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error_headers(status, retry_after)
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": http_reason(status).encode()})

@@ -38,8 +38,18 @@ from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .session import Session
-from .web import STORE_ERRORS, SessionCycle, describe_store, http_reason, resolve_handler, store_failure, sweep_batches
-from .wsgi import RETRY_AFTER, finish_response, request_info
+from .web import (
+    RETRY_AFTER,
+    STORE_ERRORS,
+    SessionCycle,
+    describe_store,
+    error_headers,
+    http_reason,
+    resolve_handler,
+    store_failure,
+    sweep_batches,
+)
+from .wsgi import finish_response, request_info
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -98,9 +108,8 @@ class SqlaSessionInterface(SessionInterface):
         if isinstance(outcome, int):
             response.status = http_reason(outcome)
             response.set_data(response.status.encode())
-            response.content_type = "text/plain; charset=utf-8"
-            if outcome != 500:
-                response.headers["Retry-After"] = "5"
+            for name, value in error_headers(outcome):
+                response.headers[name] = value
             return
         for name, value in outcome:
             response.headers.add(name, value)
@@ -147,10 +156,7 @@ def init_app(
         return _error(store_failure(exc, interface.cycle.store) or 500, RETRY_AFTER)
 
     def _error(status: int, retry_after: int) -> Response:
-        response = app.response_class(http_reason(status), status=status, content_type="text/plain; charset=utf-8")
-        if status != 500:
-            response.headers["Retry-After"] = str(retry_after)
-        return response
+        return app.response_class(http_reason(status), status=status, headers=error_headers(status, retry_after))
 
     app.register_error_handler(StoreUnavailable, _store_failed)
     app.register_error_handler(StoreMisconfigured, _store_failed)

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 try:
     from litestar.config.app import AppConfig
     from litestar.connection import ASGIConnection
-    from litestar.enums import MediaType
     from litestar.exceptions import ImproperlyConfiguredException
     from litestar.middleware import DefineMiddleware
     from litestar.plugins import InitPlugin
@@ -56,7 +55,7 @@ from .handlers.base import BaseHandler
 from .locking import Blocking, blocking_matcher, is_marked_blocking
 from .session import Session
 from .unit import JOBS_KEY
-from .web import http_reason, store_failure
+from .web import error_headers, http_reason, store_failure
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -114,10 +113,9 @@ class SqlaSessionsPlugin(InitPlugin):
 
     def _store_failed(self, request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
         status = store_failure(exc, self.middleware.cycle.store) or 500
-        headers = {"Cache-Control": "no-store"}
-        if status != 500:
-            headers["Retry-After"] = str(asgi.RETRY_AFTER)
-        return Response(http_reason(status), status_code=status, media_type=MediaType.TEXT, headers=headers)
+        headers = dict(error_headers(status))
+        media_type = headers.pop("Content-Type")  # Litestar sets it from media_type
+        return Response(http_reason(status), status_code=status, media_type=media_type, headers=headers)
 
 
 class _RouteSessions:

@@ -43,17 +43,19 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from .aio import AsyncBlockingSession, AsyncSessionStore
-from .asgi import RETRY_AFTER, Scope, finish_response, request_info, same_origin
+from .asgi import Scope, finish_response, request_info, same_origin
 from .config import SessionConfig, config_from_flask_settings
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
 from .locking import Blocking, blocking_matcher, is_marked_blocking
 from .session import Session
 from .web import (
+    RETRY_AFTER,
     STORE_ERRORS,
     RequestInfo,
     SessionCycle,
     describe_store,
+    error_headers,
     http_reason,
     resolve_handler,
     store_failure,
@@ -146,10 +148,8 @@ class SqlaSessionInterface(SessionInterface):
         if isinstance(outcome, int):
             response.status_code = outcome
             response.set_data(http_reason(outcome))
-            response.content_type = "text/plain; charset=utf-8"
-            response.headers["Cache-Control"] = "no-store"
-            if outcome != 500:
-                response.headers["Retry-After"] = str(RETRY_AFTER)
+            for name, value in error_headers(outcome):
+                response.headers[name] = value
             return
         for name, value in outcome:
             response.headers.add(name, value)
@@ -225,11 +225,7 @@ def init_app(
         return _error(store_failure(exc, interface.cycle.store) or 500, RETRY_AFTER)
 
     def _error(status: int, retry_after: int) -> Response:
-        response = app.response_class(http_reason(status), status=status, content_type="text/plain; charset=utf-8")
-        response.headers["Cache-Control"] = "no-store"
-        if status != 500:
-            response.headers["Retry-After"] = str(retry_after)
-        return response
+        return app.response_class(http_reason(status), status=status, headers=dict(error_headers(status, retry_after)))
 
     app.register_error_handler(StoreUnavailable, _store_failed)
     app.register_error_handler(StoreMisconfigured, _store_failed)

@@ -235,6 +235,19 @@ def store_failure(exc: BaseException, store: str) -> int | None:
     return None
 
 
+#: Seconds a client is told to wait after a 503 (an unreachable store, a pool that stayed dry).
+RETRY_AFTER = 5
+
+
+def error_headers(status: int, retry_after: int = RETRY_AFTER) -> Headers:
+    """The headers of a response the session layer gives instead of the app's (every integration's):
+    plain text, never cached, and `Retry-After` unless it is a 500 (a misconfiguration: no retry helps)."""
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+    if status != 500:
+        headers.append(("Retry-After", str(retry_after)))
+    return headers
+
+
 def http_reason(status: int) -> str:
     """`423 Locked`-style status line text."""
     try:

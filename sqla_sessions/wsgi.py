@@ -19,12 +19,14 @@ from .handlers.base import BaseHandler
 from .locking import Blocking, BlockingSession, blocking_matcher
 from .records import SaveAction
 from .web import (
+    RETRY_AFTER,
     SAVE_ERRORS,
     STORE_ERRORS,
     Headers,
     RequestInfo,
     SessionCycle,
     describe_store,
+    error_headers,
     http_reason,
     resolve_handler,
     store_failure,
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sqla_sessions")
 
 ENVIRON_KEY = "sqla_sessions.session"
-RETRY_AFTER = 5
 
 
 class SessionMiddleware:
@@ -85,7 +86,7 @@ class SessionMiddleware:
             outcome = finish_response(self.cycle, held, info, presented, code, _content_type(headers))
             if isinstance(outcome, int):
                 replaced.append(http_reason(outcome).encode())
-                return start_response(http_reason(outcome), _error_headers(outcome), exc_info)
+                return start_response(http_reason(outcome), error_headers(outcome), exc_info)
             return start_response(status, headers + outcome, exc_info)
 
         try:
@@ -185,15 +186,8 @@ def _content_type(headers: list[tuple[str, str]]) -> str:
     return ""
 
 
-def _error_headers(status: int, retry_after: int = RETRY_AFTER) -> list[tuple[str, str]]:
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
-    if status != 500:
-        headers.append(("Retry-After", str(retry_after)))
-    return headers
-
-
 def _error(
     start_response: StartResponse, status: int, retry_after: int = RETRY_AFTER, exc_info: Any = None
 ) -> list[bytes]:
-    start_response(http_reason(status), _error_headers(status, retry_after), exc_info)
+    start_response(http_reason(status), error_headers(status, retry_after), exc_info)
     return [http_reason(status).encode()]

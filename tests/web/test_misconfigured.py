@@ -59,6 +59,8 @@ def test_a_missing_table_is_one_line_and_a_500_on_every_server_interface(
     assert asgi.status_code == asgi_write.status_code == 500 and "retry-after" not in asgi.headers
     assert wsgi_status.startswith("500") and "Retry-After" not in dict(wsgi_headers)
     assert flasked.status_code == 500 and "Retry-After" not in flasked.headers
+    for headers in (asgi.headers, dict(wsgi_headers), flasked.headers):  # one policy, every integration
+        assert headers["Cache-Control"] == "no-store" and headers["Content-Type"] == "text/plain; charset=utf-8"
     lines = [r for r in caplog.records if "misconfigured" in r.getMessage()]
     assert len(lines) == 4 and all(r.exc_info is None for r in lines)  # one line each, no traceback
     assert f"table not found: table '{table}' in " in lines[0].getMessage()
