@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import backend_for
-from tests.web.test_servers import free_port, wait_until_up
+from tests.web.served_app import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = "tests.django_engine.site.settings"

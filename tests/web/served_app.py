@@ -1,10 +1,12 @@
-"""One app under a real server on a throwaway database, driven over HTTP (the Litestar and Quart tests)."""
+"""A real server on a throwaway database, driven over HTTP, and the helpers the real-server tests share."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,9 +16,39 @@ import httpx
 import sqlalchemy as sa
 
 from tests.conftest import backend_for
-from tests.web.test_servers import free_port, sent, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_up(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
+
+
+def sent(cookie: str | None) -> dict[str, str]:
+    return {"Cookie": f"session={cookie}"} if cookie else {}
+
+
+def cookie_of(response: httpx.Response) -> str | None:
+    for header in response.headers.get_list("set-cookie"):
+        name, _, rest = header.partition("=")
+        if name == "session":
+            return rest.split(";", 1)[0]
+    return None
 
 
 @dataclass

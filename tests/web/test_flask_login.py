@@ -15,8 +15,7 @@ import pytest
 from sqla_sessions import DatabaseHandler, SessionConfig
 from sqla_sessions.flask import init_app
 from tests.conftest import Backend
-from tests.web.served_app import ServedApp, serve_app
-from tests.web.test_servers import cookie_of, sent
+from tests.web.served_app import ServedApp, cookie_of, sent, serve_app
 
 
 class User(flask_login.UserMixin):

@@ -4,16 +4,14 @@ meaning, and keep ours: per-key merges, a new id at login, a deleted row at logo
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.web.served_app import ServedApp, serve_app
-from tests.web.test_servers import cookie_of, sent
+from tests.web.served_app import ServedApp, cookie_of, sent, serve_app
+from tests.web.session_routes import SessionRouteTests
 
 pytest.importorskip("litestar")
 
@@ -37,17 +35,6 @@ def srv(server: ServedApp) -> ServedApp:
     return server.empty()
 
 
-def test_fifty_concurrent_pushes_to_one_session_are_all_kept(srv: ServedApp) -> None:
-    with srv.client() as client:
-        cookie = cookie_of(client.post("/set/seed"))
-    assert cookie
-    assert srv.fire(cookie, [f"/push/i{n}" for n in range(50)]) == [200] * 50
-    data = srv.read(cookie)["data"]
-    assert isinstance(data, dict)
-    assert sorted(data["items"]) == sorted(f"i{n}" for n in range(50))
-    assert data["seed"] is True
-
-
 def test_fifty_concurrent_set_session_replacements_merge_per_key(srv: ServedApp) -> None:
     """Each request reads the session, waits, and replaces it with one more item: the replacement is
     a change set against what the request loaded, so the 49 others are merged, not overwritten."""
@@ -58,33 +45,6 @@ def test_fifty_concurrent_set_session_replacements_merge_per_key(srv: ServedApp)
     assert isinstance(data, dict)
     assert sorted(data["items"]) == sorted(f"r{n}" for n in range(50))
     assert data["seed"] is True
-
-
-def test_login_rotates_the_cookie_and_the_old_one_no_longer_works(srv: ServedApp) -> None:
-    with srv.client() as client:
-        before = cookie_of(client.post("/set/cart"))
-        login = client.post("/login/alice", headers=sent(before))
-    after = cookie_of(login)
-    assert login.json() == {"user": "alice"}
-    assert after and before and after != before
-    assert after.split(".")[0] != before.split(".")[0]  # a new row key, not only a new secret
-    assert srv.read(before)["data"] == {}
-    me = srv.read(after)
-    assert me["data"] == {"cart": True} and me["user"] == "alice"
-    assert srv.rows() == 1
-
-
-def test_clear_session_invalidates_the_session(srv: ServedApp) -> None:
-    with srv.client() as client:
-        cookie = cookie_of(client.post("/login/bob"))
-        client.post("/set/cart", headers=sent(cookie))
-        assert srv.rows() == 1
-        logout = client.post("/logout", headers=sent(cookie))
-    assert logout.status_code == 200
-    deletion = [h for h in logout.headers.get_list("set-cookie") if h.startswith("session=")]
-    assert deletion and "Max-Age=0" in deletion[0]
-    assert srv.rows() == 0
-    assert srv.read(cookie) == {"data": {}, "user": None, "key": None}
 
 
 def test_clear_session_then_set_session_logs_out_into_a_new_session(srv: ServedApp) -> None:
@@ -117,27 +77,12 @@ def test_set_session_replaces_the_data(srv: ServedApp) -> None:
     assert srv.rows() == 1
 
 
-def test_a_read_only_request_sends_no_cookie(srv: ServedApp) -> None:
+def test_a_request_no_route_matches_makes_no_session(srv: ServedApp) -> None:
     with srv.client() as client:
-        cookie = cookie_of(client.post("/set/a"))
-        for path in ("/read", "/untouched"):
-            response = client.get(path, headers=sent(cookie))
-            assert response.status_code == 200
-            assert response.headers.get_list("set-cookie") == []
-        assert client.get("/read").headers.get_list("set-cookie") == []  # no session yet: none made
+        cookie_of(client.post("/set/a"))
         assert client.get("/no-such-route").status_code == 404
     assert srv.rows() == 1
 
 
-def test_an_endpoint_marked_blocking_runs_one_request_of_a_session_at_a_time(srv: ServedApp) -> None:
-    with srv.client() as client:
-        cookie = cookie_of(client.post("/set/seed"))
-
-    async def run() -> list[dict[str, float]]:
-        async with httpx.AsyncClient(base_url=srv.base_url, timeout=60, headers=sent(cookie)) as client:
-            responses = await asyncio.gather(*(client.post("/marked") for _ in range(4)))
-        return [r.json() for r in responses]
-
-    spans = sorted(asyncio.run(run()), key=lambda span: span["enter"])
-    assert all(earlier["exit"] <= later["enter"] for earlier, later in zip(spans, spans[1:], strict=False))
-    assert sorted(span["n"] for span in spans) == [1, 2, 3, 4]
+class TestSessionRoutes(SessionRouteTests):
+    """`clear_session()` is the logout; `get_session(request).push()` the append."""

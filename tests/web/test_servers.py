@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,11 @@ from typing import BinaryIO
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from tests.conftest import backend_for
+from tests.web.served_app import ServedApp, cookie_of, free_port, sent, wait_until_up
+
+__all__ = ["cookie_of", "free_port", "sent", "wait_until_up"]  # imported from here by other tests
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORKS = {
@@ -31,31 +32,12 @@ DATABASES = ("sqlite", "postgresql")
 
 
 @dataclass
-class Server:
+class Server(ServedApp):
     framework: str
-    database: str
-    base_url: str
-    engine: sa.Engine
     process: subprocess.Popen[bytes]
-
-    def client(self) -> httpx.Client:
-        """A client that keeps no cookies: each request carries exactly the cookie the test gives it."""
-        client = httpx.Client(base_url=self.base_url, timeout=30)
-        client.event_hooks["response"] = [lambda response: client.cookies.clear()]
-        return client
-
-    def rows(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.exec_driver_sql("SELECT count(*) FROM sessions").scalar_one())
 
     def statements(self, client: httpx.Client) -> int:
         return int(client.get("/stats").json()["statements"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(
@@ -76,19 +58,6 @@ def start_server(
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_until_up(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module", params=[(f, d) for f in FRAMEWORKS for d in DATABASES], ids=lambda p: f"{p[0]}-{p[1]}")
 def server(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[Server]:
     framework, database = request.param
@@ -99,7 +68,7 @@ def server(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[Server]:
         process = start_server(framework, backend.url, port, log_file)
         try:
             wait_until_up(process, port, log)
-            yield Server(framework, database, f"http://127.0.0.1:{port}", backend.engine, process)
+            yield Server(database, f"http://127.0.0.1:{port}", backend.engine, framework=framework, process=process)
         finally:
             process.terminate()
             process.wait(10)
@@ -111,18 +80,6 @@ def srv(server: Server) -> Server:
     with server.engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM sessions")
     return server
-
-
-def sent(cookie: str | None) -> dict[str, str]:
-    return {"Cookie": f"session={cookie}"} if cookie else {}
-
-
-def cookie_of(response: httpx.Response) -> str | None:
-    for header in response.headers.get_list("set-cookie"):
-        name, _, rest = header.partition("=")
-        if name == "session":
-            return rest.split(";", 1)[0]
-    return None
 
 
 def test_fifty_concurrent_requests_of_one_session_lose_nothing(srv: Server) -> None:
