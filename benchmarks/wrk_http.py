@@ -1,6 +1,6 @@
 """HTTP throughput measured with wrk (C), so the load generator is never the bottleneck.
 
-    python benchmarks/wrk_http.py [--seconds 8] [--connections 64] [--pg URL] [--compare REV]
+    python benchmarks/wrk_http.py [--seconds 8] [--connections 64] [--pg URL] [--apps A,B] [--compare REV]
 
 One uvicorn worker pinned to core 0, wrk pinned to core 1 with one thread per connection, so each
 connection keeps one session cookie of its own (a Lua script hands thread *i* cookie *i*). Per app
@@ -8,8 +8,9 @@ and route it prints req/s, p50/p99 latency, server CPU per request and the serve
 (from /proc), and the ratio to Starlette's cookie sessions in the same run; the cookie baseline's
 utilisation shows whether the server, not wrk, was the bottleneck.
 
-`--compare REV` also serves the sqla_sessions app from a checkout of git revision REV (a worktree
-in a temporary folder), for before/after measurements of a change.
+`--apps` picks the apps of `http_apps.py` (the first is the baseline). `--compare REV` also serves
+the others from a checkout of git revision REV (a worktree in a temporary folder), for before/after
+measurements of a change.
 """
 
 from __future__ import annotations
@@ -212,6 +213,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--compare", metavar="REV", help="also serve sqla_sessions from this git revision")
+    parser.add_argument(
+        "--apps",
+        default="cookie,sqla,sqla_defaults",
+        help="apps of benchmarks/http_apps.py, without _app (e.g. flask_cookie,flask_sqla,starsessions)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
@@ -224,9 +230,7 @@ def main() -> None:
     upgrade(args.pg, table=table)
     env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": args.pg, "SQLA_SESSIONS_TABLE": table}
     apps: list[tuple[str, str, Path, dict[str, str]]] = [
-        ("cookie (Starlette)", "cookie_app", ROOT, env),
-        ("sqla_sessions", "sqla_app", ROOT, env),
-        ("sqla_sessions, defaults", "sqla_defaults_app", ROOT, env),
+        (name, f"{name}_app", ROOT, env) for name in args.apps.split(",")
     ]
     tables = [table]
     worktree = None
@@ -238,8 +242,8 @@ def main() -> None:
         migrate = f"from sqla_sessions import upgrade; upgrade({args.pg!r}, table={tables[-1]!r})"
         subprocess.run([sys.executable, "-c", migrate], cwd=worktree, check=True, env={**os.environ, "PYTHONPATH": "."})
         old_env = {**env, "SQLA_SESSIONS_TABLE": tables[-1]}
-        apps.append((f"sqla_sessions @ {args.compare}", "sqla_app", worktree, old_env))
-        apps.append((f"sqla_sessions, defaults @ {args.compare}", "sqla_defaults_app", worktree, old_env))
+        for name in args.apps.split(",")[1:]:
+            apps.append((f"{name} @ {args.compare}", f"{name}_app", worktree, old_env))
     try:
         figures = {
             name: measure(factory, app_env, code, args.connections, args.seconds, args.pg)
@@ -255,7 +259,7 @@ def main() -> None:
                 conn.exec_driver_sql(f'DROP TABLE IF EXISTS "sqla_sessions_alembic_version_{name}"')
         engine.dispose()
 
-    baseline = figures["cookie (Starlette)"]
+    baseline = next(iter(figures.values()))
     print(f"wrk, {args.connections} connections (one session each), {args.seconds:g} s per run, server on core 0")
     head = f"{'app':<32} {'route':<10} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
     print(f"{head} {'CPU/req':>9} {'util':>5} {'conns':>6} err")

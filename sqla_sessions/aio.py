@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from .batching import Batcher
 from .config import SessionConfig
 from .errors import LockTimeout, SessionInterrupted
 from .handlers.base import BaseHandler
@@ -38,6 +39,7 @@ from .locking import LOST_LOCK, LockedRequest, lost_lock, poll_delays
 from .records import SaveAction, SessionInfo
 from .session import Session
 from .threads import WorkerThreads
+from .unit import Saved, UnitOfWork
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -50,6 +52,11 @@ THREADS = 32
 #: Blocking requests of one session that may queue in one process behind the one that waits for or
 #: holds its lock; more are answered `lock_timeout_status` (423) at once.
 MAX_QUEUED_PER_SESSION = 8
+#: Batches of loads, and of saves, running at once (each on one thread and one connection), and their
+#: largest size (see `sqla_sessions.batching`).
+LOAD_BATCHES = 4
+SAVE_BATCHES = 4
+MAX_BATCH = 64
 
 
 class _Gate:
@@ -94,6 +101,8 @@ class AsyncSessionStore:
         self._threads: WorkerThreads | None = None
         self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
         self._pending: set[asyncio.Future[None]] = set()  # what cancelled requests still finish (see aclose)
+        self._loads: Batcher[tuple[str, float], Session] | None = None
+        self._saves: Batcher[tuple[UnitOfWork, float], Saved] | None = None
         if not isinstance(handler, DatabaseHandler):
             return
         if async_engine == "auto":
@@ -105,6 +114,11 @@ class AsyncSessionStore:
             self._engine = async_engine
         if self._engine is None:
             self._threads = WorkerThreads(THREADS)
+            self._loads = Batcher(self._threads, self._load_batch, max_in_flight=LOAD_BATCHES, max_size=MAX_BATCH)
+            if handler.batches_writes:
+                self._saves = Batcher(
+                    self._threads, self._save_batch, max_in_flight=SAVE_BATCHES, max_size=MAX_BATCH, keep_cancelled=True
+                )
 
     @property
     def mode(self) -> str:
@@ -114,9 +128,31 @@ class AsyncSessionStore:
     async def load(self, session_id: str | None) -> Session:
         session = self.handler.fresh_unless_valid(session_id)
         if session is None:
-            session = await self.run_on_connection(self.handler.load_on, session_id)
+            assert session_id is not None
+            if self._loads is not None:
+                session = await self._loads.submit((session_id, time.monotonic() + self.config.pool_timeout))
+            else:
+                session = await self.run_on_connection(self.handler.load_on, session_id)
         session.bind(self.handler, self)
         return session
+
+    def _load_batch(self, batch: list[tuple[str, float]]) -> list[Session | Exception]:
+        """In a worker thread: the loads of concurrent requests, one read for all (`load_many_on`)."""
+        return self._in_time(batch, self.handler.load_many_on)
+
+    def _save_batch(self, batch: list[tuple[UnitOfWork, float]]) -> list[Saved | Exception]:
+        """In a worker thread: the saves of concurrent requests, the plain ones in one statement (`write_many_on`)."""
+        return self._in_time(batch, self.handler.write_many_on)
+
+    def _in_time(self, batch: list[tuple[Any, float]], run: Callable[[Any, list[Any]], list[Any]]) -> list[Any]:
+        """`run(connection, items)` for the items of *batch* still within their deadline; one queued past
+        it fails as a pool timeout would, as any call queued behind busy threads."""
+        now = time.monotonic()
+        late = [now > deadline for _, deadline in batch]
+        items = [item for (item, _), is_late in zip(batch, late, strict=True) if not is_late]
+        done = iter(self._run_in_thread(run, (items,)) if items else ())
+        timeout = f"no worker thread free within pool_timeout ({self.config.pool_timeout:g} s)"
+        return [PoolTimeout(timeout) if is_late else next(done) for is_late in late]
 
     async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
         handler = self.handler
@@ -125,7 +161,10 @@ class AsyncSessionStore:
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                saved = await self.run_on_connection(handler.write_on, unit)
+                if self._saves is not None:
+                    saved = await self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
+                else:
+                    saved = await self.run_on_connection(handler.write_on, unit)
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -214,9 +253,12 @@ class AsyncSessionStore:
         """Dispose of what this store created (its AsyncEngine, its threads), once what cancelled requests
         still finish is done: a save and its commit, its jobs, the connection given back (bounded by a
         lock's hold and a pool wait)."""
+        bound = self.config.block_lock_seconds + self.config.pool_timeout
         if self._pending:
-            bound = self.config.block_lock_seconds + self.config.pool_timeout
             await asyncio.wait(list(self._pending), timeout=bound)
+        for batcher in (self._loads, self._saves):
+            if batcher is not None:
+                await batcher.drain(bound)
         if self._engine is not None and self._owns_engine:
             await self._engine.dispose()
         if self._threads is not None:

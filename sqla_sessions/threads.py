@@ -40,13 +40,17 @@ class WorkerThreads:
 
         Cancelling the awaiting task does not stop the call; its result is dropped.
         """
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue `fn(*args)` for a worker thread; the future (of the running loop) gets what it returned
+        or raised. Cancelling the future does not stop the call."""
         if self._closed:
             raise RuntimeError("WorkerThreads is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, future, fn, args))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((future.get_loop(), future, fn, args))
         self._count_on_a_thread()
-        return await future
+        return future
 
     def close(self) -> None:
         """Let the threads finish the jobs queued so far, then end (without waiting for them here)."""

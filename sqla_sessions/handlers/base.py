@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from ..batching import ThreadBatcher
 from ..codec import CorruptPayload, PayloadCodec
 from ..config import SessionConfig
 from ..errors import SessionInterrupted
@@ -115,6 +116,23 @@ class BaseHandler(ABC, Generic[C]):
         self.codec = PayloadCodec(self.config)
         self.expiry = Expiry(self.config)
         self._clock = clock
+        # Loads and saves of concurrent threads run together where it pays (`DatabaseHandler`).
+        self._loads: ThreadBatcher[str, Session] | None = None
+        self._saves: ThreadBatcher[UnitOfWork, Saved] | None = None
+
+    def batch_concurrent_calls(self, *, loads: bool, saves: bool, in_flight: int = 4, max_size: int = 64) -> None:
+        """Run the `load`s and `save`s that threads make at the same moment as one statement per batch
+        (`sqla_sessions.batching`); off for both by default here, on where the handler measures a win."""
+        self._loads = ThreadBatcher(self._load_batch, max_in_flight=in_flight, max_size=max_size) if loads else None
+        self._saves = ThreadBatcher(self._save_batch, max_in_flight=in_flight, max_size=max_size) if saves else None
+
+    def _load_batch(self, session_ids: list[str]) -> list[Session | Exception]:
+        with self.connect() as conn:
+            return self.load_many_on(conn, session_ids)
+
+    def _save_batch(self, units: list[UnitOfWork]) -> list[Saved | Exception]:
+        with self.connect() as conn:
+            return self.write_many_on(conn, units)
 
     # -- row primitives ------------------------------------------------------------------------------
 
@@ -126,6 +144,15 @@ class BaseHandler(ABC, Generic[C]):
     def _fetch(self, conn: C, key: str, now: int) -> Record | None:
         """Return the unexpired row with this key."""
 
+    def _fetch_many(self, conn: C, keys: list[str], now: int) -> dict[str, Record]:
+        """The unexpired rows with these (distinct) keys, by key: one statement where the handler can."""
+        found = {}
+        for key in keys:
+            record = self._fetch(conn, key, now)
+            if record is not None:
+                found[key] = record
+        return found
+
     @abstractmethod
     def _insert(self, conn: C, record: Record) -> None:
         """Insert a new row."""
@@ -133,6 +160,15 @@ class BaseHandler(ABC, Generic[C]):
     @abstractmethod
     def _update(self, conn: C, record: Record, *, expected_version: int, now: int) -> bool:
         """Compare-and-set: write *record* if the row still has *expected_version* and is unexpired."""
+
+    def _update_many(self, conn: C, writes: list[tuple[Record, int]], now: int) -> set[str]:
+        """`_update` for rows of distinct keys, each with its expected version; the keys written.
+
+        One statement where the handler can. A row another transaction holds locked may be left
+        unwritten rather than waited for (the caller saves it alone, which waits)."""
+        return {
+            record.key for record, expected in writes if self._update(conn, record, expected_version=expected, now=now)
+        }
 
     @abstractmethod
     def _merge(self, conn: C, key: str, now: int, build: Callable[[Record], Merged], *, held: bool) -> Merged | None:
@@ -190,6 +226,8 @@ class BaseHandler(ABC, Generic[C]):
         if fresh is not None:
             return fresh
         assert session_id is not None
+        if self._loads is not None:
+            return self._loads.submit(session_id)
         with self.connect() as conn:
             return self.load_on(conn, session_id)
 
@@ -214,8 +252,11 @@ class BaseHandler(ABC, Generic[C]):
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                with self.connect() as conn:
-                    saved = self.write_on(conn, unit)
+                if self._saves is not None:
+                    saved = self._saves.submit(unit)
+                else:
+                    with self.connect() as conn:
+                        saved = self.write_on(conn, unit)
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -312,7 +353,25 @@ class BaseHandler(ABC, Generic[C]):
         return None
 
     def load_on(self, conn: C, session_id: str) -> Session:
-        record = self._fetch(conn, session_key_of(session_id), self.now())
+        return self._open(session_id, self._fetch(conn, session_key_of(session_id), self.now()))
+
+    def load_many_on(self, conn: C, session_ids: list[str]) -> list[Session | Exception]:
+        """`load_on` for the well-formed ids of several concurrent requests, with one read of their rows;
+        one outcome per id, in order (an error belongs to its request alone)."""
+        if len(session_ids) == 1:
+            return [self.load_on(conn, session_ids[0])]
+        keys = list(dict.fromkeys(session_key_of(session_id) for session_id in session_ids))
+        records = self._fetch_many(conn, keys, self.now())
+        outcomes: list[Session | Exception] = []
+        for session_id in session_ids:
+            try:
+                outcomes.append(self._open(session_id, records.get(session_key_of(session_id))))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _open(self, session_id: str, record: Record | None) -> Session:
+        """The session *record* holds if *session_id* opens it, else a new one."""
         if record is None or not opens(session_id, record):
             logger.warning("unknown or expired session id; starting a new session")
             return Session(self)
@@ -402,6 +461,48 @@ class BaseHandler(ABC, Generic[C]):
                 return Saved(SaveAction.INSERTED, record, raw, True)
         record, raw = written
         return Saved(action, record, raw, record.expires_at != loaded.expires_at)
+
+    def write_many_on(self, conn: C, units: list[UnitOfWork]) -> list[Saved | Exception]:
+        """`write_on` for the units of several concurrent requests; one outcome per unit, in order (an
+        error belongs to its request alone).
+
+        The plain saves (changes to a loaded row under its own key, the common case) are written with
+        one compare-and-set for all (`_update_many`); the others, and any that lost its race, go
+        through `write_on` one by one. Of several units of one row, one takes part in the shared
+        statement and the others merge onto what it wrote.
+        """
+        outcomes: list[Saved | Exception | None] = [None] * len(units)
+        now = self.now()
+        plain: dict[str, tuple[int, Merged, Record]] = {}
+        for index, unit in enumerate(units if len(units) > 1 else ()):
+            loaded = unit.loaded
+            if loaded is None or not unit.writes or unit.new_key is not None or unit.destroy_key is not None:
+                continue
+            if loaded.key in plain:
+                continue
+            try:
+                written = successor(
+                    loaded, unit.changes.base, unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps
+                )
+            except Exception as exc:
+                outcomes[index] = exc
+                continue
+            plain[loaded.key] = (index, written, loaded)
+        if plain:
+            try:
+                updated = self._update_many(conn, [(w[0], loaded.version) for _, w, loaded in plain.values()], now)
+            except Exception:
+                updated = set()  # each is tried alone below, where its error (if it has one) is raised
+            for key in updated:
+                index, (record, raw), loaded = plain[key]
+                outcomes[index] = Saved(SaveAction.UPDATED, record, raw, record.expires_at != loaded.expires_at)
+        for index, unit in enumerate(units):
+            if outcomes[index] is None:
+                try:
+                    outcomes[index] = self.write_on(conn, unit)
+                except Exception as exc:
+                    outcomes[index] = exc
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def acquire_on(self, conn: C, session_id: str, owner: str) -> tuple[LockState, Session | None]:
         """One attempt to lock a session for a blocking request (see `sqla_sessions.locking`)."""

@@ -27,7 +27,8 @@ from ..records import Record, StoreStats
 from ..schema import sessions_table
 from .base import BaseHandler, LockState, LockStrategy, Merged
 from .engines import create_session_engine, is_autocommit_engine
-from .fastpath import FastStatement, fetch_one, row_count
+from .fastpath import FastStatement, fetch_all, fetch_one, not_run, row_count, run_prepared
+from .libpq import BYTEA_ARRAY, INT8, INT8_ARRAY, VARCHAR_ARRAY, PreparedStatement, all_rows
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -100,6 +101,18 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._fast_update = FastStatement(self._update_if_version, dialect_)
         self._fast_insert = FastStatement(self._insert_row, dialect_)
         self._fast_touch = FastStatement(self._touch_row, dialect_)
+        on_libpq = FastStatement(self._select_by_key, dialect_).libpq is not None
+        self._prepared_by_keys = self._pg_select_by_keys() if on_libpq else None
+        self._prepared_update_many = self._pg_update_many() if on_libpq else None
+        # Concurrent threads' loads share one SELECT on every database; their saves one UPDATE where
+        # that is one statement (PostgreSQL), not a string of them on one connection.
+        self.batch_concurrent_calls(loads=fast_path, saves=self.batches_writes)
+
+    @property
+    def batches_writes(self) -> bool:
+        """Whether `_update_many` writes many rows in one statement (PostgreSQL through libpq): then
+        concurrent saves are worth batching (`sqla_sessions.batching`)."""
+        return self._fast_path and self._prepared_update_many is not None
 
     def check(self) -> None:
         """Make sure the database answers and holds the sessions table at this version's schema.
@@ -145,6 +158,9 @@ class DatabaseHandler(BaseHandler[Connection]):
         key = sa.bindparam("b_key", type_=t.c.key.type)
         self._select_by_key = sa.select(*cols).where(t.c.key == key, t.c.expires_at > now)
         self._select_for_update = sa.select(*cols).where(t.c.key == key).with_for_update()
+        self._select_by_keys = sa.select(*cols).where(
+            t.c.key.in_(sa.bindparam("b_keys", expanding=True)), t.c.expires_at > now
+        )
         # Explicit columns: the lease columns stay NULL, and the compiled SQL names exactly these binds.
         self._insert_row = sa.insert(t).values({name: sa.bindparam(name) for name in _COLUMNS})
         writable = {name: sa.bindparam(f"v_{name}", type_=t.c[name].type) for name in _COLUMNS if name != "key"}
@@ -241,6 +257,75 @@ class DatabaseHandler(BaseHandler[Connection]):
         else:
             row = conn.execute(self._select_by_key, params).first()
         return None if row is None else _record(row)
+
+    def _fetch_many(self, conn: Connection, keys: list[str], now: int) -> dict[str, Record]:
+        params = {"b_keys": keys, "now": now}
+        if self._fast_path:
+            rows = fetch_all(conn, self._prepared_by_keys, self._select_by_keys, params)
+        else:
+            rows = list(conn.execute(self._select_by_keys, params))
+        found = {}
+        for row in rows:
+            record = _record(row)
+            found[record.key] = record
+        return found
+
+    def _pg_select_by_keys(self) -> PreparedStatement:
+        """`_select_by_keys` for libpq: one array parameter instead of an IN list that changes with its length."""
+        preparer = self.engine.dialect.identifier_preparer
+        columns = ", ".join(preparer.quote(name) for name in _COLUMNS)
+        sql = (
+            f"SELECT {columns} FROM {preparer.format_table(self.table)} "
+            f"WHERE {preparer.quote('key')} = ANY($1) AND expires_at > $2"
+        )
+        return PreparedStatement(sql, [("b_keys", VARCHAR_ARRAY), ("now", INT8)])
+
+    def _update_many(self, conn: Connection, writes: list[tuple[Record, int]], now: int) -> set[str]:
+        if not self._fast_path or len(writes) == 1:
+            return super()._update_many(conn, writes, now)
+        records = [record for record, _ in writes]
+        params: dict[str, Any] = {"b_expected": [expected for _, expected in writes], "now": now}
+        for name in _COLUMNS:
+            params[f"v_{name}"] = [getattr(record, name) for record in records]
+        rows = run_prepared(conn, self._prepared_update_many, params, all_rows)
+        if not_run(rows):  # watched, or refused: one by one through SQLAlchemy (which raises properly)
+            return super()._update_many(conn, writes, now)
+        return {row[0] for row in rows}
+
+    def _pg_update_many(self) -> PreparedStatement:
+        """Compare-and-set of many rows in one statement (one round trip, one commit).
+
+        The rows are locked first, in key order, skipping any another transaction holds (a blocking
+        request's row lock, a merge): those stay unwritten and their saves go alone, waiting for the
+        lock as a single save does; nothing here ever waits, so no batch deadlocks with another. The
+        UPDATE checks the version again: under READ COMMITTED it re-reads a row changed since the
+        statement began."""
+        preparer = self.engine.dialect.identifier_preparer
+        q = preparer.quote
+        table = preparer.format_table(self.table)
+        writable = [name for name in _COLUMNS if name != "key"]
+        kinds = {
+            "key": VARCHAR_ARRAY, "id_hash": VARCHAR_ARRAY, "user_id": VARCHAR_ARRAY, "payload": BYTEA_ARRAY,
+            "version": INT8_ARRAY, "created_at": INT8_ARRAY, "last_activity": INT8_ARRAY, "expires_at": INT8_ARRAY,
+            "ip_address": VARCHAR_ARRAY, "user_agent": VARCHAR_ARRAY, "previous_id_hash": VARCHAR_ARRAY,
+            "idle_lifetime": INT8_ARRAY, "absolute_lifetime": INT8_ARRAY,
+        }  # fmt: skip
+        parameters = [("b_expected", INT8_ARRAY)] + [(f"v_{name}", kinds[name]) for name in _COLUMNS]
+        now = f"${len(parameters) + 1}"
+        parameters.append(("now", INT8))
+        arrays = ", ".join(f"${number}" for number in range(1, len(parameters)))
+        names = ", ".join(q(name) for name in ("b_expected", *_COLUMNS))
+        key = q("key")
+        sql = (
+            f"WITH v AS (SELECT * FROM unnest({arrays}) AS v({names})), "
+            f"locked AS MATERIALIZED (SELECT s.{key} FROM {table} AS s JOIN v ON s.{key} = v.{key} "
+            f"WHERE s.version = v.b_expected AND s.expires_at > {now} "
+            f"ORDER BY s.{key} FOR UPDATE OF s SKIP LOCKED) "
+            f"UPDATE {table} AS s SET {', '.join(f'{q(name)} = v.{q(name)}' for name in writable)} FROM v "
+            f"WHERE s.{key} = v.{key} AND s.{key} IN (SELECT {key} FROM locked) "
+            f"AND s.version = v.b_expected AND s.expires_at > {now} RETURNING s.{key}"
+        )
+        return PreparedStatement(sql, parameters)
 
     def _insert(self, conn: Connection, record: Record) -> None:
         values = {name: getattr(record, name) for name in _COLUMNS}

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.expression import Executable
 
-from .libpq import PreparedStatement, affected_rows, first_row
+from .libpq import PreparedStatement, affected_rows, all_rows, first_row
 
 
 class FastStatement:
@@ -69,6 +69,44 @@ def row_count(conn: Connection, fast: FastStatement, values: Mapping[str, Any]) 
     return int(count)
 
 
+def fetch_all(
+    conn: Connection, prepared: PreparedStatement | None, statement: Executable, values: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Run a SELECT (written for libpq as *prepared*, for SQLAlchemy as *statement*) and return its rows."""
+    rows = run_prepared(conn, prepared, values, all_rows)
+    if rows is _NOT_RUN:
+        return [tuple(row) for row in conn.execute(statement, dict(values))]
+    return list(rows)
+
+
+def run_prepared(
+    conn: Connection, prepared: PreparedStatement | None, values: Mapping[str, Any], from_result: Callable[[Any], Any]
+) -> Any:
+    """Run *prepared* through libpq and return `from_result(result)`; `_NOT_RUN` when this connection
+    (or anything watching it) is not for libpq, or the server refused it (SQLAlchemy's path raises)."""
+    if prepared is None or not _below_allowed(conn):
+        return _NOT_RUN
+    try:
+        fairy = conn.connection
+        result = prepared.execute(fairy.dbapi_connection, fairy.info, values)
+    except Exception:
+        return _NOT_RUN
+    return _NOT_RUN if result is None else from_result(result)
+
+
+def not_run(outcome: Any) -> bool:
+    """Whether `run_prepared` left the statement to SQLAlchemy."""
+    return outcome is _NOT_RUN
+
+
+def _below_allowed(conn: Connection) -> bool:
+    """Whether a statement may run below `Connection.execute` on *conn*."""
+    if conn._has_events or conn.engine._has_events or conn._echo:
+        return False  # something watches the statements: it must see them through SQLAlchemy
+    # A schema decided per connection: SQLAlchemy compiles it in.
+    return "schema_translate_map" not in conn._execution_options
+
+
 #: `_run_below` did not run the statement (or it failed): the caller runs it through SQLAlchemy.
 _NOT_RUN: Any = object()
 
@@ -81,10 +119,8 @@ def _run_below(
     from_cursor: Callable[[Any], Any],
 ) -> Any:
     """Run *fast* through libpq or on a DBAPI cursor; `_NOT_RUN` when SQLAlchemy must do it."""
-    if conn._has_events or conn.engine._has_events or conn._echo:
-        return _NOT_RUN  # something watches the statements: it must see them through SQLAlchemy
-    if "schema_translate_map" in conn._execution_options:
-        return _NOT_RUN  # the table's schema is decided per connection: SQLAlchemy compiles it in
+    if not _below_allowed(conn):
+        return _NOT_RUN
     try:
         fairy = conn.connection
         if fast.libpq is not None:

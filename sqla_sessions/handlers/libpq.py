@@ -23,6 +23,7 @@ the four statements every request runs go this way when the connection allows it
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -87,6 +88,37 @@ def _encode_bytea(value: Any) -> bytes | None:
     return value if type(value) is bytes else None
 
 
+def _encode_array(element_oid: int, encode: Callable[[Any], bytes | None]) -> Callable[[Any], bytes | None]:
+    """A binary-format encoder of a one-dimensional array whose elements *encode* takes (NULLs allowed)."""
+    header = struct.Struct("!iiiii")
+    length = struct.Struct("!i")
+    null = length.pack(-1)
+
+    def encode_array(values: Any) -> bytes | None:
+        if type(values) is not list:
+            return None
+        parts = [header.pack(1, None in values, element_oid, len(values), 1)]
+        for value in values:
+            if value is None:
+                parts.append(null)
+                continue
+            encoded = encode(value)
+            if encoded is None:
+                return None
+            parts.append(length.pack(len(encoded)))
+            parts.append(encoded)
+        return b"".join(parts)
+
+    return encode_array
+
+
+#: Parameter types for statements written as SQL here (`PreparedStatement.from_sql`): OID and encoder.
+INT8 = (_INT8, _encode_int8)
+INT8_ARRAY = (1016, _encode_array(_INT8, _encode_int8))
+VARCHAR_ARRAY = (1015, _encode_array(_VARCHAR, _encode_text))
+BYTEA_ARRAY = (1001, _encode_array(_BYTEA, _encode_bytea))
+
+
 def _parameter_type(bind_type: sa.types.TypeEngine[Any]) -> tuple[int, Callable[[Any], bytes | None]] | None:
     if isinstance(bind_type, sa.BigInteger):
         return _INT8, _encode_int8
@@ -102,26 +134,31 @@ class PreparedStatement:
 
     __slots__ = ("encoders", "formats", "name", "names", "sql", "types")
 
-    def __init__(self, statement: Executable) -> None:
+    def __init__(self, sql: str, parameters: list[tuple[str, tuple[int, Callable[[Any], bytes | None]]]]) -> None:
+        """*sql* with $1, $2 … placeholders; *parameters*: each one's name and (type OID, binary encoder)."""
+        self.sql: bytes = sql.encode()
+        self.names: tuple[str, ...] = tuple(name for name, _ in parameters)
+        self.types = tuple(oid for _, (oid, _) in parameters)
+        self.encoders = tuple(encode for _, (_, encode) in parameters)
+        self.formats = [1] * len(parameters)  # every parameter in binary
+        # Same SQL, same name: handlers on one table share the prepared statement of a connection.
+        self.name: bytes = b"sqla_sessions_" + hashlib.sha256(self.sql).hexdigest()[:24].encode()
+
+    @staticmethod
+    def compiled(statement: Executable) -> PreparedStatement:
+        """The statement SQLAlchemy compiles for PostgreSQL; `TypeError` for a parameter type without
+        a binary encoder here."""
         from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
         numbered = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]  # $1, $2 …
         compiled = statement.compile(dialect=numbered)  # type: ignore[attr-defined]
-        self.sql: bytes = str(compiled).encode()
-        self.names: tuple[str, ...] = tuple(compiled.positiontup)
-        types: list[int] = []
-        encoders: list[Callable[[Any], bytes | None]] = []
-        for name in self.names:
+        parameters = []
+        for name in compiled.positiontup:
             known = _parameter_type(compiled.binds[name].type)
             if known is None:
                 raise TypeError(f"no binary encoding for parameter {name!r}")
-            types.append(known[0])
-            encoders.append(known[1])
-        self.types = tuple(types)
-        self.encoders = tuple(encoders)
-        self.formats = [1] * len(types)  # every parameter in binary
-        # Same SQL, same name: handlers on one table share the prepared statement of a connection.
-        self.name: bytes = b"sqla_sessions_" + hashlib.sha256(self.sql).hexdigest()[:24].encode()
+            parameters.append((name, known))
+        return PreparedStatement(str(compiled), parameters)
 
     @staticmethod
     def for_dialect(statement: Executable, dialect: sa.engine.Dialect) -> PreparedStatement | None:
@@ -129,7 +166,7 @@ class PreparedStatement:
         if pq is None or dialect.name != "postgresql" or dialect.driver != "psycopg" or dialect.is_async:
             return None
         try:
-            return PreparedStatement(statement)
+            return PreparedStatement.compiled(statement)
         except TypeError:
             return None
 
@@ -197,6 +234,19 @@ def first_row(result: Any) -> tuple[Any, ...] | None:
         value = result.get_value(0, column)
         row.append(None if value is None else _DECODERS[result.ftype(column)](value))
     return tuple(row)
+
+
+def all_rows(result: Any) -> list[tuple[Any, ...]]:
+    """Every row of a binary-format `PGresult`, decoded."""
+    decoders = [_DECODERS[result.ftype(column)] for column in range(result.nfields)]
+    rows = []
+    for number in range(result.ntuples):
+        row = []
+        for column, decode in enumerate(decoders):
+            value = result.get_value(number, column)
+            row.append(None if value is None else decode(value))
+        rows.append(tuple(row))
+    return rows
 
 
 def affected_rows(result: Any) -> int:

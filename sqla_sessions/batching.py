@@ -1,0 +1,194 @@
+"""`Batcher`: the same call from many concurrent requests, run as one call per batch.
+
+Under load, many requests of one process wait at the same moment for the same kind of statement
+(load a session by key, compare-and-set a save). Run one by one, each pays a thread hand-off, a pool
+checkout, a round trip and, for a write, a commit of its own. A `Batcher` queues them and hands every
+request queued so far to one worker-thread call, which runs them as one statement (`SELECT … WHERE
+key = ANY(…)`, one multi-row `UPDATE`) on one connection.
+
+Batches form by themselves (no timer, no added latency): a request queues, and a batch leaves at
+the next turn of the event loop if fewer than `max_in_flight` batches are running; otherwise it
+leaves when one of them comes back, with everything that queued meanwhile. One request alone is a
+batch of one, which runs the single-request code unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
+
+from .threads import WorkerThreads
+
+I = TypeVar("I")  # noqa: E741  # an item queued by one request
+R = TypeVar("R")  # what that request gets back
+
+#: What a batch call returns for each of its items, in order: a result, or the error for that item.
+Outcome = Any
+
+
+class Batcher(Generic[I, R]):
+    """Queue items from concurrent requests; run them `max_size` at most per call of *run* in *threads*.
+
+    *run* gets the items of one batch and returns one outcome per item, in order: a value, or a
+    `BaseException` raised to that item's request alone. An exception from *run* itself goes to
+    every request of the batch.
+
+    *keep_cancelled*: an item whose request was cancelled before its batch left still runs (a save
+    a request asked for is carried out, as a call already handed to a thread is); otherwise it is
+    dropped (a load nobody waits for).
+    """
+
+    def __init__(
+        self,
+        threads: WorkerThreads,
+        run: Callable[[list[I]], list[Outcome]],
+        *,
+        max_in_flight: int,
+        max_size: int,
+        keep_cancelled: bool = False,
+    ) -> None:
+        self._threads = threads
+        self._run = run
+        self._max_in_flight = max_in_flight
+        self._max_size = max_size
+        self._keep_cancelled = keep_cancelled
+        self._queue: list[tuple[I, asyncio.Future[R]]] = []
+        self._running: set[asyncio.Future[list[Outcome]]] = set()
+        self._scheduled = False
+
+    async def submit(self, item: I) -> R:
+        """Queue *item* and return (or raise) its outcome once its batch has run."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.append((item, future))
+        if not self._scheduled:
+            # At the next turn of the loop: the requests whose bytes arrived in this one join the batch.
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        return await future
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most *timeout* seconds) until everything queued so far has run."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._running or self._queue:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            if self._running:
+                await asyncio.wait(list(self._running), timeout=remaining)
+            else:
+                await asyncio.sleep(0)  # a dispatch is scheduled
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        while self._queue and len(self._running) < self._max_in_flight:
+            batch, self._queue = self._queue[: self._max_size], self._queue[self._max_size :]
+            if not self._keep_cancelled:
+                batch = [entry for entry in batch if not entry[1].cancelled()]
+                if not batch:
+                    continue
+            try:
+                call = self._threads.submit(self._run, [item for item, _ in batch])
+            except RuntimeError as exc:  # the threads are closed (the store shut down)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self._running.add(call)
+            call.add_done_callback(lambda done, batch=batch: self._finished(done, batch))  # type: ignore[misc]
+
+    def _finished(self, call: asyncio.Future[list[Outcome]], batch: list[tuple[I, asyncio.Future[R]]]) -> None:
+        self._running.discard(call)
+        if call.cancelled():  # pragma: no cover - nothing cancels it (the futures handed out are others)
+            outcomes: list[Outcome] = [asyncio.CancelledError()] * len(batch)
+        elif call.exception() is not None:
+            outcomes = [call.exception()] * len(batch)
+        else:
+            try:
+                outcomes = _checked(call.result(), len(batch))
+            except RuntimeError as exc:
+                outcomes = [exc] * len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # its request was cancelled: nobody is waiting
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if self._queue and not self._scheduled:
+            self._dispatch()
+
+
+class _Slot:
+    """One thread's item in a `ThreadBatcher`: what it waits for, or the batch it is handed to lead."""
+
+    __slots__ = ("batch", "done", "item", "outcome")
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+        self.done = threading.Event()
+        self.outcome: Outcome = None
+        self.batch: list[_Slot] | None = None
+
+
+class ThreadBatcher(Generic[I, R]):
+    """`Batcher` for threads (WSGI servers, Django, workers): the same coalescing, no event loop.
+
+    A thread that finds fewer than `max_in_flight` batches running runs its own item at once (alone,
+    so an idle server adds no latency); the others queue. A thread whose batch is done hands everything
+    queued meanwhile (up to `max_size`) to the first of those threads, which runs it as the next batch:
+    no extra thread, and every item runs on a thread whose request waits for it.
+    """
+
+    def __init__(self, run: Callable[[list[I]], list[Outcome]], *, max_in_flight: int, max_size: int) -> None:
+        self._run = run
+        self._max_in_flight = max_in_flight
+        self._max_size = max_size
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Slot] = collections.deque()
+        self._in_flight = 0
+
+    def submit(self, item: I) -> R:
+        slot = _Slot(item)
+        with self._lock:
+            if self._in_flight < self._max_in_flight:
+                self._in_flight += 1
+                slot.batch = [slot]
+            else:
+                self._queue.append(slot)
+        if slot.batch is None:
+            slot.done.wait()
+            if slot.batch is not None:  # handed the next batch to run
+                slot.done.clear()
+        if slot.batch is not None:
+            self._lead(slot.batch)
+        if isinstance(slot.outcome, BaseException):
+            raise slot.outcome
+        return cast(R, slot.outcome)
+
+    def _lead(self, batch: list[_Slot]) -> None:
+        try:
+            outcomes = _checked(self._run([slot.item for slot in batch]), len(batch))
+        except BaseException as exc:  # every request of the batch gets it (KeyboardInterrupt too)
+            outcomes = [exc] * len(batch)
+        with self._lock:
+            following = [self._queue.popleft() for _ in range(min(self._max_size, len(self._queue)))]
+            if not following:
+                self._in_flight -= 1
+        for slot, outcome in zip(batch, outcomes, strict=True):
+            slot.outcome = outcome
+            slot.batch = None
+            slot.done.set()
+        if following:
+            following[0].batch = following
+            following[0].done.set()
+
+
+def _checked(outcomes: list[Outcome], expected: int) -> list[Outcome]:
+    """*outcomes*, if there is one per item: otherwise nobody could tell whose is whose."""
+    if len(outcomes) != expected:
+        raise RuntimeError(f"a batch of {expected} items came back with {len(outcomes)} outcomes")
+    return outcomes
