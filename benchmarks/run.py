@@ -203,8 +203,9 @@ def main() -> None:
         "gthread with 16 threads for WSGI); PostgreSQL 15 on loopback, `synchronous_commit` on.",
         "`util` is the server's CPU over wall time: at ~100 % the server, not wrk, is the bottleneck.",
         "`PG CPU` is every postgres process's CPU per request; `stmts` is transactions the database ended",
-        "per request (autocommit: one per statement); `conns` is connections PostgreSQL accepted during",
-        "the measured run.",
+        "per request (autocommit: one per statement; sqla_sessions runs the loads and saves of concurrent",
+        "requests as one statement per batch, hence below 1 and 2); `conns` is connections PostgreSQL",
+        "accepted during the measured run.",
         "",
         "| server | store | route | req/s | ratio | p50 ms | p99 ms | CPU ms/req | util | PG CPU ms/req "
         "| stmts | conns |",

@@ -102,7 +102,7 @@ class AsyncSessionStore:
         self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
         self._pending: set[asyncio.Future[None]] = set()  # what cancelled requests still finish (see aclose)
         self._loads: Batcher[tuple[str, float], Session] | None = None
-        self._saves: Batcher[tuple[UnitOfWork, float], Saved] | None = None
+        self._saves: Batcher[tuple[UnitOfWork, float], Saved | None] | None = None
         if not isinstance(handler, DatabaseHandler):
             return
         if async_engine == "auto":
@@ -115,10 +115,9 @@ class AsyncSessionStore:
         if self._engine is None:
             self._threads = WorkerThreads(THREADS)
             self._loads = Batcher(self._threads, self._load_batch, max_in_flight=LOAD_BATCHES, max_size=MAX_BATCH)
-            if handler.batches_writes:
-                self._saves = Batcher(
-                    self._threads, self._save_batch, max_in_flight=SAVE_BATCHES, max_size=MAX_BATCH, keep_cancelled=True
-                )
+            self._saves = Batcher(
+                self._threads, self._save_batch, max_in_flight=SAVE_BATCHES, max_size=MAX_BATCH, keep_cancelled=True
+            )
 
     @property
     def mode(self) -> str:
@@ -140,7 +139,7 @@ class AsyncSessionStore:
         """In a worker thread: the loads of concurrent requests, one read for all (`load_many_on`)."""
         return self._in_time(batch, self.handler.load_many_on)
 
-    def _save_batch(self, batch: list[tuple[UnitOfWork, float]]) -> list[Saved | Exception]:
+    def _save_batch(self, batch: list[tuple[UnitOfWork, float]]) -> list[Saved | Exception | None]:
         """In a worker thread: the saves of concurrent requests, the plain ones in one statement (`write_many_on`)."""
         return self._in_time(batch, self.handler.write_many_on)
 
@@ -161,10 +160,11 @@ class AsyncSessionStore:
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                if self._saves is not None:
-                    saved = await self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
-                else:
-                    saved = await self.run_on_connection(handler.write_on, unit)
+                batched = None
+                if self._saves is not None and handler.batches_writes and handler.batchable(unit):
+                    batched = await self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
+                # Not batchable, or not written in its batch (a lost race, a locked row): alone.
+                saved = batched if batched is not None else await self.run_on_connection(handler.write_on, unit)
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:

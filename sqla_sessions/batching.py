@@ -1,15 +1,19 @@
-"""`Batcher`: the same call from many concurrent requests, run as one call per batch.
+"""`Batcher`, `ThreadBatcher`: the same call from many concurrent requests, run as one call per batch.
 
 Under load, many requests of one process wait at the same moment for the same kind of statement
 (load a session by key, compare-and-set a save). Run one by one, each pays a thread hand-off, a pool
-checkout, a round trip and, for a write, a commit of its own. A `Batcher` queues them and hands every
-request queued so far to one worker-thread call, which runs them as one statement (`SELECT … WHERE
-key = ANY(…)`, one multi-row `UPDATE`) on one connection.
+checkout, a round trip and, for a write, a commit of its own. A batcher queues them and hands every
+request queued so far to one call, which runs them as one statement (`SELECT … WHERE key = ANY(…)`,
+one multi-row `UPDATE`) on one connection.
 
 Batches form by themselves (no timer, no added latency): a request queues, and a batch leaves at
-the next turn of the event loop if fewer than `max_in_flight` batches are running; otherwise it
-leaves when one of them comes back, with everything that queued meanwhile. One request alone is a
-batch of one, which runs the single-request code unchanged.
+once if fewer than `max_in_flight` batches are running; otherwise it leaves when one of them comes
+back, with everything that queued meanwhile.
+
+A batch call must never wait for anything but its own statement (a row lock, say): every request of
+the batch would wait with it, and with `max_in_flight` such batches, every request of the process.
+What it cannot do without waiting, it leaves to its request to do alone (the handlers' `*_many_on`
+return None for those).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
@@ -29,8 +34,20 @@ R = TypeVar("R")  # what that request gets back
 Outcome = Any
 
 
+class _LoopQueue:
+    """A `Batcher`'s queue and running batches on one event loop."""
+
+    __slots__ = ("queue", "running", "scheduled")
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Any, asyncio.Future[Any]]] = []
+        self.running: set[asyncio.Future[list[Outcome]]] = set()
+        self.scheduled = False
+
+
 class Batcher(Generic[I, R]):
-    """Queue items from concurrent requests; run them `max_size` at most per call of *run* in *threads*.
+    """Queue items from concurrent requests on an event loop; run them `max_size` at most per call of
+    *run* in *threads*.
 
     *run* gets the items of one batch and returns one outcome per item, in order: a value, or a
     `BaseException` raised to that item's request alone. An exception from *run* itself goes to
@@ -39,6 +56,9 @@ class Batcher(Generic[I, R]):
     *keep_cancelled*: an item whose request was cancelled before its batch left still runs (a save
     a request asked for is carried out, as a call already handed to a thread is); otherwise it is
     dropped (a load nobody waits for).
+
+    Each event loop has a queue of its own (a store used from several `asyncio.run` calls, or from
+    loops in several threads): a loop closed with a batch in flight takes only its own queue with it.
     """
 
     def __init__(
@@ -55,37 +75,40 @@ class Batcher(Generic[I, R]):
         self._max_in_flight = max_in_flight
         self._max_size = max_size
         self._keep_cancelled = keep_cancelled
-        self._queue: list[tuple[I, asyncio.Future[R]]] = []
-        self._running: set[asyncio.Future[list[Outcome]]] = set()
-        self._scheduled = False
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopQueue] = weakref.WeakKeyDictionary()
 
     async def submit(self, item: I) -> R:
         """Queue *item* and return (or raise) its outcome once its batch has run."""
         loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops.setdefault(loop, _LoopQueue())
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.append((item, future))
-        if not self._scheduled:
+        state.queue.append((item, future))
+        if not state.scheduled:
             # At the next turn of the loop: the requests whose bytes arrived in this one join the batch.
-            self._scheduled = True
-            loop.call_soon(self._dispatch)
+            state.scheduled = True
+            loop.call_soon(self._dispatch, state)
         return await future
 
     async def drain(self, timeout: float) -> None:
-        """Wait (at most *timeout* seconds) until everything queued so far has run."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self._running or self._queue:
-            remaining = deadline - asyncio.get_running_loop().time()
+        """Wait (at most *timeout* seconds) until everything queued on this loop so far has run."""
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        deadline = loop.time() + timeout
+        while state is not None and (state.running or state.queue):
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            if self._running:
-                await asyncio.wait(list(self._running), timeout=remaining)
+            if state.running:
+                await asyncio.wait(list(state.running), timeout=remaining)
             else:
                 await asyncio.sleep(0)  # a dispatch is scheduled
 
-    def _dispatch(self) -> None:
-        self._scheduled = False
-        while self._queue and len(self._running) < self._max_in_flight:
-            batch, self._queue = self._queue[: self._max_size], self._queue[self._max_size :]
+    def _dispatch(self, state: _LoopQueue) -> None:
+        state.scheduled = False
+        while state.queue and len(state.running) < self._max_in_flight:
+            batch, state.queue = state.queue[: self._max_size], state.queue[self._max_size :]
             if not self._keep_cancelled:
                 batch = [entry for entry in batch if not entry[1].cancelled()]
                 if not batch:
@@ -97,11 +120,13 @@ class Batcher(Generic[I, R]):
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            self._running.add(call)
-            call.add_done_callback(lambda done, batch=batch: self._finished(done, batch))  # type: ignore[misc]
+            state.running.add(call)
+            call.add_done_callback(lambda done, batch=batch: self._finished(state, done, batch))  # type: ignore[misc]
 
-    def _finished(self, call: asyncio.Future[list[Outcome]], batch: list[tuple[I, asyncio.Future[R]]]) -> None:
-        self._running.discard(call)
+    def _finished(
+        self, state: _LoopQueue, call: asyncio.Future[list[Outcome]], batch: list[tuple[I, asyncio.Future[R]]]
+    ) -> None:
+        state.running.discard(call)
         if call.cancelled():  # pragma: no cover - nothing cancels it (the futures handed out are others)
             outcomes: list[Outcome] = [asyncio.CancelledError()] * len(batch)
         elif call.exception() is not None:
@@ -118,8 +143,8 @@ class Batcher(Generic[I, R]):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-        if self._queue and not self._scheduled:
-            self._dispatch()
+        if state.queue and not state.scheduled:
+            self._dispatch(state)
 
 
 class _Slot:
@@ -160,30 +185,52 @@ class ThreadBatcher(Generic[I, R]):
             else:
                 self._queue.append(slot)
         if slot.batch is None:
-            slot.done.wait()
-            if slot.batch is not None:  # handed the next batch to run
-                slot.done.clear()
-        if slot.batch is not None:
+            self._wait(slot)
+        if slot.batch is not None:  # its own batch, or the next one, handed over
             self._lead(slot.batch)
         if isinstance(slot.outcome, BaseException):
             raise slot.outcome
         return cast(R, slot.outcome)
 
+    def _wait(self, slot: _Slot) -> None:
+        """Wait for *slot*'s outcome, or for a batch to lead. Interrupted (a signal handler's exception,
+        a greenlet timeout), it takes its item out of the queue; if a batch was handed to it meanwhile,
+        it still leads that one first, or the requests in it would wait forever."""
+        try:
+            slot.done.wait()
+        except BaseException:
+            with self._lock:
+                if slot in self._queue:
+                    self._queue.remove(slot)
+                    raise
+                lead = slot.batch
+            if lead is not None:
+                self._lead(lead)
+            raise
+        with self._lock:
+            if slot.batch is not None:
+                slot.done.clear()
+
     def _lead(self, batch: list[_Slot]) -> None:
         try:
             outcomes = _checked(self._run([slot.item for slot in batch]), len(batch))
-        except BaseException as exc:  # every request of the batch gets it (KeyboardInterrupt too)
+        except Exception as exc:  # every request of the batch gets it
             outcomes = [exc] * len(batch)
+        except BaseException as exc:  # this thread's own interruption: the others get an error of theirs
+            outcomes = [RuntimeError(f"the batch was interrupted ({exc!r})")] * len(batch)
+            outcomes[0] = exc  # the leader's own item is the first of its batch
         with self._lock:
             following = [self._queue.popleft() for _ in range(min(self._max_size, len(self._queue)))]
-            if not following:
+            if following:
+                following[0].batch = following  # under the lock: `_wait` reads it there
+            else:
                 self._in_flight -= 1
-        for slot, outcome in zip(batch, outcomes, strict=True):
-            slot.outcome = outcome
-            slot.batch = None
+            for slot, outcome in zip(batch, outcomes, strict=True):
+                slot.outcome = outcome
+                slot.batch = None
+        for slot in batch:
             slot.done.set()
         if following:
-            following[0].batch = following
             following[0].done.set()
 
 

@@ -4,12 +4,13 @@ bounds (batches in flight, batch size) hold. Real worker threads, no database.""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 
 import pytest
 
-from sqla_sessions.batching import Batcher
+from sqla_sessions.batching import Batcher, ThreadBatcher
 from sqla_sessions.threads import WorkerThreads
 
 
@@ -150,3 +151,76 @@ def test_after_the_threads_closed_a_request_fails_at_once() -> None:
             await asyncio.wait_for(batcher.submit(1), 5)
 
     asyncio.run(main())
+
+
+def test_a_loop_closed_with_a_batch_in_flight_does_not_stall_the_next_loop() -> None:
+    """One store used from several `asyncio.run` calls (a job per loop, per-test loops)."""
+    threads = WorkerThreads(4)
+    batcher: Batcher[int, int] = Batcher(threads, Recorder(delay=0.2), max_in_flight=1, max_size=8)
+
+    async def leave_a_batch_running() -> None:
+        asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)  # dispatched: its thread is still at it when this loop closes
+
+    asyncio.run(leave_a_batch_running())
+    assert asyncio.run(asyncio.wait_for(batcher.submit(2), 5)) == 4
+    threads.close()
+
+
+def test_a_thread_interrupted_while_queued_leaves_the_queue_and_the_others_go_on() -> None:
+    """A request timeout delivered as a signal-handler exception (gunicorn's, a SIGALRM of one's own)
+    to a thread waiting for its batch: the next batch still runs, nobody waits forever."""
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[object]:
+        release.wait(5)
+        return [item * 2 for item in items]
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    batcher: ThreadBatcher[int, int] = ThreadBatcher(slow, max_in_flight=1, max_size=8)
+    results: list[int] = []
+    leader = threading.Thread(target=lambda: results.append(batcher.submit(1)))
+    leader.start()
+    time.sleep(0.1)  # leading its batch
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            batcher.submit(2)  # queued behind the running batch, then interrupted
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    follower = threading.Thread(target=lambda: results.append(batcher.submit(3)))
+    follower.start()
+    time.sleep(0.1)
+    release.set()
+    leader.join(5)
+    follower.join(5)
+    assert not follower.is_alive() and sorted(results) == [2, 6]
+    assert batcher.submit(4) == 8  # and the batcher is free again
+
+
+def test_a_thread_batch_runs_concurrent_calls_together_and_raises_errors_to_their_own_threads() -> None:
+    recorder = Recorder(delay=0.02)
+    batcher: ThreadBatcher[int, int] = ThreadBatcher(recorder, max_in_flight=2, max_size=16)
+    results: dict[int, object] = {}
+
+    def call(item: int) -> None:
+        try:
+            results[item] = batcher.submit(item)
+        except ValueError as exc:
+            results[item] = exc
+
+    workers = [threading.Thread(target=call, args=(item,)) for item in [*range(40), -1]]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    assert {item: results[item] for item in range(40)} == {item: item * 2 for item in range(40)}
+    assert isinstance(results[-1], ValueError)
+    assert len(recorder.batches) < 41 and recorder.peak <= 2

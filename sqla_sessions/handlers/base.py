@@ -118,7 +118,7 @@ class BaseHandler(ABC, Generic[C]):
         self._clock = clock
         # Loads and saves of concurrent threads run together where it pays (`DatabaseHandler`).
         self._loads: ThreadBatcher[str, Session] | None = None
-        self._saves: ThreadBatcher[UnitOfWork, Saved] | None = None
+        self._saves: ThreadBatcher[UnitOfWork, Saved | None] | None = None
 
     def batch_concurrent_calls(self, *, loads: bool, saves: bool, in_flight: int = 4, max_size: int = 64) -> None:
         """Run the `load`s and `save`s that threads make at the same moment as one statement per batch
@@ -130,7 +130,7 @@ class BaseHandler(ABC, Generic[C]):
         with self.connect() as conn:
             return self.load_many_on(conn, session_ids)
 
-    def _save_batch(self, units: list[UnitOfWork]) -> list[Saved | Exception]:
+    def _save_batch(self, units: list[UnitOfWork]) -> list[Saved | Exception | None]:
         with self.connect() as conn:
             return self.write_many_on(conn, units)
 
@@ -164,11 +164,18 @@ class BaseHandler(ABC, Generic[C]):
     def _update_many(self, conn: C, writes: list[tuple[Record, int]], now: int) -> set[str]:
         """`_update` for rows of distinct keys, each with its expected version; the keys written.
 
-        One statement where the handler can. A row another transaction holds locked may be left
-        unwritten rather than waited for (the caller saves it alone, which waits)."""
-        return {
-            record.key for record, expected in writes if self._update(conn, record, expected_version=expected, now=now)
-        }
+        Must never wait for a row lock (a batch would wait with it, see `sqla_sessions.batching`): a
+        row another transaction holds is left unwritten, and so is any row whose write failed (its
+        request then saves alone, and waits or raises there). Never raises after writing a row.
+        Here (no row locks: the memory handler) one `_update` per row."""
+        written = set()
+        for record, expected in writes:
+            try:
+                if self._update(conn, record, expected_version=expected, now=now):
+                    written.add(record.key)
+            except Exception:
+                logger.debug("a batched save failed; its request saves alone", exc_info=True)
+        return written
 
     @abstractmethod
     def _merge(self, conn: C, key: str, now: int, build: Callable[[Record], Merged], *, held: bool) -> Merged | None:
@@ -252,8 +259,11 @@ class BaseHandler(ABC, Generic[C]):
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                if self._saves is not None:
-                    saved = self._saves.submit(unit)
+                batched = None
+                if self._saves is not None and self.batches_writes and self.batchable(unit):
+                    batched = self._saves.submit(unit)
+                if batched is not None:
+                    saved = batched
                 else:
                     with self.connect() as conn:
                         saved = self.write_on(conn, unit)
@@ -462,23 +472,32 @@ class BaseHandler(ABC, Generic[C]):
         record, raw = written
         return Saved(action, record, raw, record.expires_at != loaded.expires_at)
 
-    def write_many_on(self, conn: C, units: list[UnitOfWork]) -> list[Saved | Exception]:
-        """`write_on` for the units of several concurrent requests; one outcome per unit, in order (an
-        error belongs to its request alone).
+    @property
+    def batches_writes(self) -> bool:
+        """Whether concurrent saves are written with one statement (`write_many_on`); not here."""
+        return False
 
-        The plain saves (changes to a loaded row under its own key, the common case) are written with
-        one compare-and-set for all (`_update_many`); the others, and any that lost its race, go
-        through `write_on` one by one. Of several units of one row, one takes part in the shared
-        statement and the others merge onto what it wrote.
+    @staticmethod
+    def batchable(unit: UnitOfWork) -> bool:
+        """Whether `write_many_on` can write *unit* with others: changes to a loaded row under its own
+        key (the common save). First writes, touches, logins and regenerations are saved alone."""
+        return unit.loaded is not None and unit.writes and unit.new_key is None and unit.destroy_key is None
+
+    def write_many_on(self, conn: C, units: list[UnitOfWork]) -> list[Saved | Exception | None]:
+        """Write the `batchable` units of several concurrent requests with one compare-and-set for all
+        (`_update_many`), without ever waiting for a row lock.
+
+        One outcome per unit, in order: what was saved; an error that belongs to that request alone
+        (a job already applied); or None: not written here (a lost race, a row locked by another
+        transaction, a second unit of a row already in the batch, a unit that is not batchable), and
+        its request saves it alone with `write_on` (compare-and-set, then the merge under the lock).
         """
         outcomes: list[Saved | Exception | None] = [None] * len(units)
         now = self.now()
         plain: dict[str, tuple[int, Merged, Record]] = {}
-        for index, unit in enumerate(units if len(units) > 1 else ()):
+        for index, unit in enumerate(units):
             loaded = unit.loaded
-            if loaded is None or not unit.writes or unit.new_key is not None or unit.destroy_key is not None:
-                continue
-            if loaded.key in plain:
+            if loaded is None or not self.batchable(unit) or loaded.key in plain:
                 continue
             try:
                 written = successor(
@@ -489,20 +508,10 @@ class BaseHandler(ABC, Generic[C]):
                 continue
             plain[loaded.key] = (index, written, loaded)
         if plain:
-            try:
-                updated = self._update_many(conn, [(w[0], loaded.version) for _, w, loaded in plain.values()], now)
-            except Exception:
-                updated = set()  # each is tried alone below, where its error (if it has one) is raised
-            for key in updated:
+            for key in self._update_many(conn, [(w[0], loaded.version) for _, w, loaded in plain.values()], now):
                 index, (record, raw), loaded = plain[key]
                 outcomes[index] = Saved(SaveAction.UPDATED, record, raw, record.expires_at != loaded.expires_at)
-        for index, unit in enumerate(units):
-            if outcomes[index] is None:
-                try:
-                    outcomes[index] = self.write_on(conn, unit)
-                except Exception as exc:
-                    outcomes[index] = exc
-        return [outcome for outcome in outcomes if outcome is not None]
+        return outcomes
 
     def acquire_on(self, conn: C, session_id: str, owner: str) -> tuple[LockState, Session | None]:
         """One attempt to lock a session for a blocking request (see `sqla_sessions.locking`)."""

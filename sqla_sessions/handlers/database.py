@@ -106,13 +106,20 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._prepared_update_many = self._pg_update_many() if on_libpq else None
         # Concurrent threads' loads share one SELECT on every database; their saves one UPDATE where
         # that is one statement (PostgreSQL), not a string of them on one connection.
-        self.batch_concurrent_calls(loads=fast_path, saves=self.batches_writes)
+        self.batch_concurrent_calls(loads=fast_path, saves=self._prepared_update_many is not None and fast_path)
 
     @property
     def batches_writes(self) -> bool:
-        """Whether `_update_many` writes many rows in one statement (PostgreSQL through libpq): then
-        concurrent saves are worth batching (`sqla_sessions.batching`)."""
-        return self._fast_path and self._prepared_update_many is not None
+        """Whether `_update_many` writes many rows in one statement (PostgreSQL through libpq), so
+        concurrent saves are worth batching (`sqla_sessions.batching`). Not while anything watches the
+        engine's statements or it translates schemas: those run each statement through SQLAlchemy."""
+        engine = self._autocommit
+        return (
+            self._fast_path
+            and self._prepared_update_many is not None
+            and not (engine._has_events or engine.echo)
+            and "schema_translate_map" not in engine.get_execution_options()
+        )
 
     def check(self) -> None:
         """Make sure the database answers and holds the sessions table at this version's schema.
@@ -281,15 +288,17 @@ class DatabaseHandler(BaseHandler[Connection]):
         return PreparedStatement(sql, [("b_keys", VARCHAR_ARRAY), ("now", INT8)])
 
     def _update_many(self, conn: Connection, writes: list[tuple[Record, int]], now: int) -> set[str]:
-        if not self._fast_path or len(writes) == 1:
-            return super()._update_many(conn, writes, now)
+        if not self.batches_writes:
+            return set()  # one `_update` per row could wait for a lock: each saves alone instead
         records = [record for record, _ in writes]
         params: dict[str, Any] = {"b_expected": [expected for _, expected in writes], "now": now}
         for name in _COLUMNS:
             params[f"v_{name}"] = [getattr(record, name) for record in records]
         rows = run_prepared(conn, self._prepared_update_many, params, all_rows)
-        if not_run(rows):  # watched, or refused: one by one through SQLAlchemy (which raises properly)
-            return super()._update_many(conn, writes, now)
+        if not_run(rows):
+            # Not for this connection, or refused as a whole (one value the server rejects): it wrote
+            # nothing (one statement, autocommit), so each saves alone, where its own error is raised.
+            return set()
         return {row[0] for row in rows}
 
     def _pg_update_many(self) -> PreparedStatement:

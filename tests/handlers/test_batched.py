@@ -38,9 +38,17 @@ def _unit(handler: BaseHandler[Any], session: Session) -> UnitOfWork:
 
 
 def _write_many(handler: BaseHandler[Any], sessions: list[Session]) -> list[Any]:
+    """What the stores do: the batch, then alone (`write_on`) each unit it left unwritten."""
     units = [_unit(handler, session) for session in sessions]
     with handler.connect() as conn:
-        outcomes = handler.write_many_on(conn, units)
+        outcomes: list[Any] = handler.write_many_on(conn, units)
+    for index, unit in enumerate(units):
+        if outcomes[index] is None:
+            try:
+                with handler.connect() as conn:
+                    outcomes[index] = handler.write_on(conn, unit)
+            except Exception as exc:
+                outcomes[index] = exc
     for session, unit, outcome in zip(sessions, units, outcomes, strict=True):
         if not isinstance(outcome, Exception):
             session.adopt(outcome, unit)
@@ -203,3 +211,66 @@ def test_concurrent_requests_through_the_async_store_lose_nothing(db_backend: Ba
     for session_id in ids:
         data = handler.load(session_id).all()
         assert data["count"] == 8 and sorted(data["seen"]) == list(range(8))
+
+
+def test_a_save_the_database_refuses_fails_alone_and_the_others_land_once(pg: Backend) -> None:
+    """One value PostgreSQL rejects (a NUL in a user agent) refuses the shared statement as a whole:
+    the other saves of the batch land exactly once, not twice (written, then merged onto themselves)."""
+    handler = DatabaseHandler(pg.url, SessionConfig())
+    try:
+        good, bad = _stored(handler, count=0, items=[]), _stored(handler, count=0, items=[])
+        sessions = [handler.load(good), handler.load(bad)]
+        for session in sessions:
+            session.increment("count")
+            session.push("items", "book")
+        sessions[1].user_agent = "evil\x00agent"
+
+        outcomes = _write_many(handler, sessions)
+
+        assert outcomes[0].action is SaveAction.UPDATED
+        assert isinstance(outcomes[1], sa.exc.DBAPIError)
+        assert handler.load(good).all() == {"count": 1, "items": ["book"]}
+        assert handler.load(bad).all() == {"count": 0, "items": []}
+    finally:
+        handler.close()
+
+
+def test_a_locked_session_does_not_hold_up_the_saves_batched_with_it(pg: Backend) -> None:
+    """A blocking request holds one session's row: the saves of that session wait for it, alone; the
+    saves of other sessions queued beside them finish at once."""
+    handler = DatabaseHandler(pg.url, SessionConfig())
+    store = AsyncSessionStore(handler)
+    locker = sa.create_engine(pg.url, poolclass=sa.pool.NullPool)  # not autocommit: the lock lasts
+    try:
+        locked_id = _stored(handler, count=0)
+        others = [_stored(handler, count=0) for _ in range(8)]
+        holder = locker.connect()
+        lock = holder.begin()
+        table = handler.table
+        holder.execute(sa.select(table.c.key).where(table.c.key == locked_id.split(".")[0]).with_for_update())
+
+        async def save(session_id: str) -> float:
+            session = await store.load(session_id)
+            session.increment("count")
+            started = time.monotonic()
+            await store.save(session, end_of_request=True)
+            return time.monotonic() - started
+
+        async def main() -> tuple[list[float], list[float]]:
+            waiting = [asyncio.ensure_future(save(locked_id)) for _ in range(6)]  # more than batches in flight
+            await asyncio.sleep(0.3)
+            quick = await asyncio.wait_for(asyncio.gather(*(save(session_id) for session_id in others)), 10)
+            lock.rollback()  # the blocking request ends: the saves that waited for it go on
+            waited = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+            await store.aclose()
+            return quick, waited
+
+        quick, waited = asyncio.run(main())
+        holder.close()
+        assert max(quick) < 1.0, quick
+        assert min(waited) >= 0.3, waited
+        assert [handler.load(session_id)["count"] for session_id in others] == [1] * len(others)
+        assert handler.load(locked_id)["count"] == 6
+    finally:
+        locker.dispose()
+        handler.close()
