@@ -1,8 +1,9 @@
 """Where the server's CPU goes on one route: py-spy (GIL-holding samples only) while wrk drives it.
 
-    python benchmarks/profile_route.py [read|increment] [--seconds 8] [--pg URL]
+    python benchmarks/profile_route.py [read|increment] [--app sqla_app] [--seconds 8] [--pg URL]
 
-Serves `http_apps:sqla_app` with one uvicorn worker on core 0 (as `wrk_http.py` does), warms it
+Serves `http_apps:sqla_app` (or `--app`: `flask_sqla_app` runs under gunicorn gthread) with one
+worker on core 0 (as `wrk_http.py` does), warms it
 up, then records with `py-spy record --gil` during a wrk run on core 1 and prints the share of
 GIL-held samples per function (inclusive and self) and the GIL time per request. Samples taken
 while a thread waits for PostgreSQL (the GIL released) are not counted: what remains is the CPU a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections import Counter
@@ -40,20 +42,22 @@ def main() -> None:
     parser.add_argument("route", nargs="?", default="read", choices=("read", "increment"))
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--app", default="sqla_app", help="a factory of benchmarks/http_apps.py")
     args = parser.parse_args()
     table = f"profile_{uuid.uuid4().hex[:8]}"
     upgrade(args.pg, table=table)
     env = {**os.environ, "SQLA_SESSIONS_DATABASE_URL": args.pg, "SQLA_SESSIONS_TABLE": table}
     path, method = ("/read", "GET") if args.route == "read" else ("/increment", "POST")
-    process, port = wrk_http.serve("sqla_app", env, wrk_http.ROOT)
+    process, port = wrk_http.serve(args.app, env, wrk_http.ROOT)
     output = Path(tempfile.mkdtemp()) / "profile.txt"
     try:
         jar = output.with_name("cookies.txt")
         jar.write_text("\n".join(wrk_http.new_cookie(port) for _ in range(64)) + "\n")
         wrk_http.wrk(port, path, method, jar, 64, 1.0)  # warm up: connections, prepared statements
         spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(process.pid), "--duration", str(round(args.seconds)), "--rate",
-             str(RATE), "--format", "raw", "--output", str(output), "--nonblocking", "--gil"],
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(process.pid), "--duration",
+             str(round(args.seconds)), "--rate", str(RATE), "--format", "raw", "--output", str(output),
+             "--nonblocking", "--gil", "--subprocesses"],  # gunicorn: the worker is the master's child
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         raw = wrk_http.wrk(port, path, method, jar, 64, args.seconds)

@@ -68,6 +68,15 @@ class SqlaSessionInterface(SessionInterface):
         self.handler = handler
         self.cycle = SessionCycle(handler.config, handler.now, describe_store(handler, handler.config))
         self._blocking = blocking_matcher(blocking, lambda environ: environ.get("PATH_INFO", ""))
+        self._marked_views: tuple[object, int, bool] = (None, -1, False)  # app, its view count, any marked
+
+    def _has_marked_views(self, app: Flask) -> bool:
+        """Whether any view of *app* is marked `@blocking`: looked at again only when views were added
+        (Flask refuses to replace an endpoint's view with another)."""
+        views = app.view_functions
+        if self._marked_views[0] is not app or self._marked_views[1] != len(views):
+            self._marked_views = (app, len(views), any(is_marked_blocking(view) for view in views.values()))
+        return self._marked_views[2]
 
     def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
         environ: WSGIEnvironment = request.environ
@@ -119,6 +128,8 @@ class SqlaSessionInterface(SessionInterface):
     def _is_blocking(self, app: Flask, environ: WSGIEnvironment) -> bool:
         if self._blocking is not None and self._blocking(environ):
             return True
+        if not self._has_marked_views(app):
+            return False  # the common app: no URL matching here, on every request, for nothing
         try:  # Flask matches the URL after opening the session, so look the view up here
             endpoint, _ = app.url_map.bind_to_environ(environ).match()
         except HTTPException:
