@@ -293,6 +293,15 @@ def main() -> None:
     lines += [f"| {name} | {median:.2f} | {p99:.2f} |" for name, (median, p99) in handoff.items()]
     if crowd["lost_keys"]:
         raise SystemExit(f"the contention run lost {crowd['lost_keys']:.0f} keys")
+    # Under load too: never more statements per request than one request alone needs (1 read, 2 write).
+    over = {
+        f"{key} {route}": round(http[key][route].statements_per_request, 2)
+        for key in ("sqla", "sqla_defaults", "flask_sqla")
+        for route, most in (("read", 1.05), ("increment", 2.1))
+        if http[key][route].statements_per_request > most
+    }
+    if over:
+        raise SystemExit(f"statements per request under load regressed: {over}")
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     chart(out / "benchmarks.png", ratios)
