@@ -177,20 +177,26 @@ class ThreadBatcher(Generic[I, R]):
         self._in_flight = 0
 
     def submit(self, item: I) -> R:
-        slot = _Slot(item)
         with self._lock:
+            slot = None
             if self._in_flight < self._max_in_flight:
                 self._in_flight += 1
-                slot.batch = [slot]
             else:
+                slot = _Slot(item)
                 self._queue.append(slot)
-        if slot.batch is None:
+        if slot is None:  # alone, at once: the common case on a server that is not busy
+            try:
+                outcome = _checked(self._run([item]), 1)[0]
+            finally:
+                self._hand_off()
+        else:
             self._wait(slot)
-        if slot.batch is not None:  # its own batch, or the next one, handed over
-            self._lead(slot.batch)
-        if isinstance(slot.outcome, BaseException):
-            raise slot.outcome
-        return cast(R, slot.outcome)
+            if slot.batch is not None:  # handed the next batch to run
+                self._lead(slot.batch)
+            outcome = slot.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return cast(R, outcome)
 
     def _wait(self, slot: _Slot) -> None:
         """Wait for *slot*'s outcome, or for a batch to lead. Interrupted (a signal handler's exception,
@@ -207,29 +213,31 @@ class ThreadBatcher(Generic[I, R]):
             if lead is not None:
                 self._lead(lead)
             raise
-        with self._lock:
-            if slot.batch is not None:
-                slot.done.clear()
 
     def _lead(self, batch: list[_Slot]) -> None:
+        """Run *batch* (its first item is this thread's own), hand the queue on, wake the others."""
         try:
             outcomes = _checked(self._run([slot.item for slot in batch]), len(batch))
         except Exception as exc:  # every request of the batch gets it
             outcomes = [exc] * len(batch)
         except BaseException as exc:  # this thread's own interruption: the others get an error of theirs
             outcomes = [RuntimeError(f"the batch was interrupted ({exc!r})")] * len(batch)
-            outcomes[0] = exc  # the leader's own item is the first of its batch
+            outcomes[0] = exc
+        for slot, outcome in zip(batch, outcomes, strict=True):
+            slot.outcome = outcome
+        batch[0].batch = None
+        self._hand_off()
+        for slot in batch[1:]:
+            slot.done.set()
+
+    def _hand_off(self) -> None:
+        """A batch is done: what queued meanwhile (up to `max_size`) goes to its first thread to run."""
         with self._lock:
             following = [self._queue.popleft() for _ in range(min(self._max_size, len(self._queue)))]
             if following:
                 following[0].batch = following  # under the lock: `_wait` reads it there
             else:
                 self._in_flight -= 1
-            for slot, outcome in zip(batch, outcomes, strict=True):
-                slot.outcome = outcome
-                slot.batch = None
-        for slot in batch:
-            slot.done.set()
         if following:
             following[0].done.set()
 

@@ -177,6 +177,33 @@ class BaseHandler(ABC, Generic[C]):
                 logger.debug("a batched save failed; its request saves alone", exc_info=True)
         return written
 
+    def _insert_many(self, conn: C, records: list[Record]) -> set[str]:
+        """`_insert` for new rows; the keys inserted (as `_update_many`: never waits, never raises
+        after writing a row; a row not inserted is saved alone). Here one `_insert` per row."""
+        written = set()
+        for record in records:
+            try:
+                self._insert(conn, record)
+                written.add(record.key)
+            except Exception:
+                logger.debug("a batched first write failed; its request saves alone", exc_info=True)
+        return written
+
+    def _touch_many(self, conn: C, touches: list[tuple[Record, int]], now: int) -> set[str]:
+        """`_touch` for rows of distinct keys (each its touched record and expected version); the keys
+        touched (as `_update_many`: never waits, never raises after writing a row). Here one `_touch` per row."""
+        written = set()
+        for record, version in touches:
+            try:
+                if self._touch(
+                    conn, record.key, version=version, last_activity=record.last_activity,
+                    expires_at=record.expires_at, now=now,
+                ):  # fmt: skip
+                    written.add(record.key)
+            except Exception:
+                logger.debug("a batched touch failed; its request saves alone", exc_info=True)
+        return written
+
     @abstractmethod
     def _merge(self, conn: C, key: str, now: int, build: Callable[[Record], Merged], *, held: bool) -> Merged | None:
         """Lock the unexpired row, let *build* compute its successor from it, write that; None if gone.
@@ -477,40 +504,70 @@ class BaseHandler(ABC, Generic[C]):
         """Whether concurrent saves are written with one statement (`write_many_on`); not here."""
         return False
 
-    @staticmethod
-    def batchable(unit: UnitOfWork) -> bool:
-        """Whether `write_many_on` can write *unit* with others: changes to a loaded row under its own
-        key (the common save). First writes, touches, logins and regenerations are saved alone."""
-        return unit.loaded is not None and unit.writes and unit.new_key is None and unit.destroy_key is None
+    def batchable(self, unit: UnitOfWork) -> bool:
+        """Whether `write_many_on` can write *unit* with others: a first write, changes to a loaded row
+        under its own key, a touch (the saves of nearly every request). Logins, regenerations and
+        touches that reseal the payload with a newer key are saved alone."""
+        if unit.destroy_key is not None:
+            return False
+        loaded = unit.loaded
+        if loaded is None:
+            return unit.new_key is not None and unit.new_id_hash is not None
+        return unit.new_key is None and (unit.writes or not self.codec.needs_reseal(loaded.payload))
 
     def write_many_on(self, conn: C, units: list[UnitOfWork]) -> list[Saved | Exception | None]:
-        """Write the `batchable` units of several concurrent requests with one compare-and-set for all
-        (`_update_many`), without ever waiting for a row lock.
+        """Write the `batchable` units of several concurrent requests, without ever waiting for a row
+        lock: the first writes with one INSERT for all (`_insert_many`), the changes with one
+        compare-and-set UPDATE (`_update_many`), the touches with one more (`_touch_many`).
 
         One outcome per unit, in order: what was saved; an error that belongs to that request alone
         (a job already applied); or None: not written here (a lost race, a row locked by another
-        transaction, a second unit of a row already in the batch, a unit that is not batchable), and
-        its request saves it alone with `write_on` (compare-and-set, then the merge under the lock).
+        transaction, a second unit of a row already in the batch, a unit that is not batchable, a
+        statement the database refused), and its request saves it alone with `write_on`
+        (compare-and-set, then the merge under the lock), where its own error is raised.
         """
         outcomes: list[Saved | Exception | None] = [None] * len(units)
         now = self.now()
-        plain: dict[str, tuple[int, Merged, Record]] = {}
+        inserts: dict[str, tuple[int, Record, UnitOfWork]] = {}
+        changes: dict[str, tuple[int, Merged, Record]] = {}
+        touches: dict[str, tuple[int, Record, Record]] = {}
         for index, unit in enumerate(units):
-            loaded = unit.loaded
-            if loaded is None or not self.batchable(unit) or loaded.key in plain:
+            if not self.batchable(unit):
                 continue
+            loaded = unit.loaded
             try:
-                written = successor(
-                    loaded, unit.changes.base, unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps
-                )
+                if loaded is None:
+                    assert unit.new_key is not None
+                    record = first_row(unit, key=unit.new_key, now=now, expiry=self.expiry, dumps=self.codec.dumps)
+                    inserts[record.key] = (index, record, unit)
+                elif loaded.key in changes or loaded.key in touches:
+                    continue  # one write per row and statement: the others go alone, after it
+                elif unit.writes:
+                    written = successor(
+                        loaded, unit.changes.base, unit, key=loaded.key, now=now, expiry=self.expiry,
+                        dumps=self.codec.dumps,
+                    )  # fmt: skip
+                    changes[loaded.key] = (index, written, loaded)
+                elif not self.expiry.activity_due(loaded, now):
+                    outcomes[index] = Saved(SaveAction.NOTHING, None, {}, False)
+                else:
+                    expires_at = self.expiry.expires_at(loaded.created_at, now, loaded)
+                    touched = dataclasses.replace(loaded, last_activity=now, expires_at=expires_at)
+                    touches[loaded.key] = (index, touched, loaded)
             except Exception as exc:
                 outcomes[index] = exc
-                continue
-            plain[loaded.key] = (index, written, loaded)
-        if plain:
-            for key in self._update_many(conn, [(w[0], loaded.version) for _, w, loaded in plain.values()], now):
-                index, (record, raw), loaded = plain[key]
+        if inserts:
+            for key in self._insert_many(conn, [record for _, record, _ in inserts.values()]):
+                index, record, unit = inserts[key]
+                outcomes[index] = Saved(SaveAction.INSERTED, record, dict(unit.changes.updates), True)
+        if changes:
+            for key in self._update_many(conn, [(w[0], loaded.version) for _, w, loaded in changes.values()], now):
+                index, (record, raw), loaded = changes[key]
                 outcomes[index] = Saved(SaveAction.UPDATED, record, raw, record.expires_at != loaded.expires_at)
+        if touches:
+            for key in self._touch_many(conn, [(t, loaded.version) for _, t, loaded in touches.values()], now):
+                index, touched, _ = touches[key]
+                outcomes[index] = Saved(SaveAction.TOUCHED, touched, {}, True)
         return outcomes
 
     def acquire_on(self, conn: C, session_id: str, owner: str) -> tuple[LockState, Session | None]:

@@ -52,6 +52,14 @@ _COLUMNS = (
     "absolute_lifetime",
 )
 
+#: Each column's array type, for the statements that write many rows from one array per column.
+_ARRAY_KINDS = {
+    "key": VARCHAR_ARRAY, "id_hash": VARCHAR_ARRAY, "user_id": VARCHAR_ARRAY, "payload": BYTEA_ARRAY,
+    "version": INT8_ARRAY, "created_at": INT8_ARRAY, "last_activity": INT8_ARRAY, "expires_at": INT8_ARRAY,
+    "ip_address": VARCHAR_ARRAY, "user_agent": VARCHAR_ARRAY, "previous_id_hash": VARCHAR_ARRAY,
+    "idle_lifetime": INT8_ARRAY, "absolute_lifetime": INT8_ARRAY,
+}  # fmt: skip
+
 
 class DatabaseHandler(BaseHandler[Connection]):
     """Sessions stored in the `config.table` table of a SQLAlchemy database."""
@@ -101,9 +109,13 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._fast_update = FastStatement(self._update_if_version, dialect_)
         self._fast_insert = FastStatement(self._insert_row, dialect_)
         self._fast_touch = FastStatement(self._touch_row, dialect_)
+        self._fast_update_unless_locked = FastStatement(self._update_unless_locked, dialect_)
+        self._fast_touch_unless_locked = FastStatement(self._touch_unless_locked, dialect_)
         on_libpq = FastStatement(self._select_by_key, dialect_).libpq is not None
         self._prepared_by_keys = self._pg_select_by_keys() if on_libpq else None
         self._prepared_update_many = self._pg_update_many() if on_libpq else None
+        self._prepared_touch_many = self._pg_touch_many() if on_libpq else None
+        self._prepared_insert_many = self._pg_insert_many() if on_libpq else None
         # Concurrent threads' loads share one SELECT on every database; their saves one UPDATE where
         # that is one statement (PostgreSQL), not a string of them on one connection.
         self.batch_concurrent_calls(loads=fast_path, saves=self._prepared_update_many is not None and fast_path)
@@ -185,6 +197,14 @@ class DatabaseHandler(BaseHandler[Connection]):
                 expires_at=sa.bindparam("v_expires_at", type_=sa.BigInteger),
             )
         )
+        # The same two, for a batch of one (`_update_many`, `_touch_many`): never waiting for a row another
+        # transaction holds (it is skipped, and saved alone), at the cost of a plain UPDATE (measured:
+        # +3 µs a statement, against +80 µs for the many-row form with one row).
+        unlocked = (
+            t.c.key == sa.select(t.c.key).where(t.c.key == key).with_for_update(skip_locked=True).scalar_subquery()
+        )
+        self._update_unless_locked = self._update_if_version.where(unlocked)
+        self._touch_unless_locked = self._touch_row.where(unlocked)
         self._delete_row = sa.delete(t).where(t.c.key == key)
         user = sa.bindparam("b_user_id", type_=t.c.user_id.type)
         # A device list shows no payload: an empty one is selected in its place (nothing TOASTed is read).
@@ -290,6 +310,12 @@ class DatabaseHandler(BaseHandler[Connection]):
     def _update_many(self, conn: Connection, writes: list[tuple[Record, int]], now: int) -> set[str]:
         if not self.batches_writes:
             return set()  # one `_update` per row could wait for a lock: each saves alone instead
+        if len(writes) == 1:
+            record, expected = writes[0]
+            one = _write_params(record)
+            one["b_version"] = expected
+            one["now"] = now
+            return self._one_unless_locked(conn, self._fast_update_unless_locked, one)
         records = [record for record, _ in writes]
         params: dict[str, Any] = {"b_expected": [expected for _, expected in writes], "now": now}
         for name in _COLUMNS:
@@ -300,6 +326,78 @@ class DatabaseHandler(BaseHandler[Connection]):
             # nothing (one statement, autocommit), so each saves alone, where its own error is raised.
             return set()
         return {row[0] for row in rows}
+
+    def _one_unless_locked(self, conn: Connection, fast: FastStatement, params: dict[str, Any]) -> set[str]:
+        """A batch of one: the row's key if the statement wrote it; a refusal wrote nothing (one
+        statement, autocommit), and the request saves alone, where the error is raised."""
+        try:
+            return {params["b_key"]} if row_count(conn, fast, params) == 1 else set()
+        except sa.exc.DBAPIError:
+            return set()
+
+    def _insert_many(self, conn: Connection, records: list[Record]) -> set[str]:
+        if not self.batches_writes:
+            return set()
+        if len(records) == 1:
+            return super()._insert_many(conn, records)  # a new key waits for nothing
+        params = {f"v_{name}": [getattr(record, name) for record in records] for name in _COLUMNS}
+        rows = run_prepared(conn, self._prepared_insert_many, params, all_rows)
+        return set() if not_run(rows) else {row[0] for row in rows}
+
+    def _touch_many(self, conn: Connection, touches: list[tuple[Record, int]], now: int) -> set[str]:
+        if not self.batches_writes:
+            return set()
+        if len(touches) == 1:
+            record, version = touches[0]
+            one = {
+                "b_key": record.key,
+                "b_version": version,
+                "now": now,
+                "v_last_activity": record.last_activity,
+                "v_expires_at": record.expires_at,
+            }
+            return self._one_unless_locked(conn, self._fast_touch_unless_locked, one)
+        params: dict[str, Any] = {
+            "v_key": [record.key for record, _ in touches],
+            "b_expected": [version for _, version in touches],
+            "v_last_activity": [record.last_activity for record, _ in touches],
+            "v_expires_at": [record.expires_at for record, _ in touches],
+            "now": now,
+        }
+        rows = run_prepared(conn, self._prepared_touch_many, params, all_rows)
+        return set() if not_run(rows) else {row[0] for row in rows}
+
+    def _pg_insert_many(self) -> PreparedStatement:
+        """New rows in one statement. A key taken already (never, for 128 random bits) is skipped, not
+        an error, and its request inserts alone, where the error is raised."""
+        preparer = self.engine.dialect.identifier_preparer
+        parameters = [(f"v_{name}", _ARRAY_KINDS[name]) for name in _COLUMNS]
+        arrays = ", ".join(f"${number}" for number in range(1, len(parameters) + 1))
+        names = ", ".join(preparer.quote(name) for name in _COLUMNS)
+        sql = (
+            f"INSERT INTO {preparer.format_table(self.table)} ({names}) SELECT * FROM unnest({arrays}) "
+            f"ON CONFLICT DO NOTHING RETURNING {preparer.quote('key')}"
+        )
+        return PreparedStatement(sql, parameters)
+
+    def _pg_touch_many(self) -> PreparedStatement:
+        """`_touch` of many rows in one statement: as `_pg_update_many`, of two columns."""
+        preparer = self.engine.dialect.identifier_preparer
+        table = preparer.format_table(self.table)
+        key = preparer.quote("key")
+        names = ("v_key", "b_expected", "v_last_activity", "v_expires_at")
+        parameters = [(name, INT8_ARRAY if name != "v_key" else VARCHAR_ARRAY) for name in names]
+        parameters.append(("now", INT8))
+        sql = (
+            f"WITH v AS (SELECT * FROM unnest($1, $2, $3, $4) AS v({', '.join(names)})), "
+            f"locked AS MATERIALIZED (SELECT s.{key} FROM {table} AS s JOIN v ON s.{key} = v.v_key "
+            f"WHERE s.version = v.b_expected AND s.expires_at > $5 "
+            f"ORDER BY s.{key} FOR UPDATE OF s SKIP LOCKED) "
+            f"UPDATE {table} AS s SET last_activity = v.v_last_activity, expires_at = v.v_expires_at FROM v "
+            f"WHERE s.{key} = v.v_key AND s.{key} IN (SELECT {key} FROM locked) "
+            f"AND s.version = v.b_expected AND s.expires_at > $5 RETURNING s.{key}"
+        )
+        return PreparedStatement(sql, parameters)
 
     def _pg_update_many(self) -> PreparedStatement:
         """Compare-and-set of many rows in one statement (one round trip, one commit).
@@ -313,13 +411,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         q = preparer.quote
         table = preparer.format_table(self.table)
         writable = [name for name in _COLUMNS if name != "key"]
-        kinds = {
-            "key": VARCHAR_ARRAY, "id_hash": VARCHAR_ARRAY, "user_id": VARCHAR_ARRAY, "payload": BYTEA_ARRAY,
-            "version": INT8_ARRAY, "created_at": INT8_ARRAY, "last_activity": INT8_ARRAY, "expires_at": INT8_ARRAY,
-            "ip_address": VARCHAR_ARRAY, "user_agent": VARCHAR_ARRAY, "previous_id_hash": VARCHAR_ARRAY,
-            "idle_lifetime": INT8_ARRAY, "absolute_lifetime": INT8_ARRAY,
-        }  # fmt: skip
-        parameters = [("b_expected", INT8_ARRAY)] + [(f"v_{name}", kinds[name]) for name in _COLUMNS]
+        parameters = [("b_expected", INT8_ARRAY)] + [(f"v_{name}", _ARRAY_KINDS[name]) for name in _COLUMNS]
         now = f"${len(parameters) + 1}"
         parameters.append(("now", INT8))
         arrays = ", ".join(f"${number}" for number in range(1, len(parameters)))

@@ -274,3 +274,54 @@ def test_a_locked_session_does_not_hold_up_the_saves_batched_with_it(pg: Backend
     finally:
         locker.dispose()
         handler.close()
+
+
+def test_first_writes_changes_and_touches_of_one_batch(handler: BaseHandler[Any], clock: FakeClock) -> None:
+    touched_ids = [_stored(handler, n=n) for n in range(3)]
+    changed_id = _stored(handler, count=0)
+    clock.advance(handler.config.touch_interval + 1)  # activity is due again: a read-only request touches
+    readers = [handler.load(session_id) for session_id in touched_ids]
+    for reader in readers:
+        reader.get("n")
+    written_meanwhile = handler.load(touched_ids[2])
+    changer = handler.load(changed_id)
+    changer.increment("count")
+    newcomers = []
+    for n in range(3):
+        newcomer = handler.load(None)
+        newcomer["hello"] = n
+        newcomers.append(newcomer)
+    written_meanwhile["n"] = 99
+    written_meanwhile.save()  # the third touch now lost its race: that newer write stands
+
+    outcomes = _write_many(handler, [*readers, changer, *newcomers])
+
+    actions = [o.action for o in outcomes]
+    assert actions == [SaveAction.TOUCHED] * 2 + [SaveAction.NOTHING, SaveAction.UPDATED] + [SaveAction.INSERTED] * 3
+    now = handler.now()
+    for session_id in touched_ids[:2]:
+        assert handler.load(session_id).last_activity == now
+    assert handler.load(touched_ids[2])["n"] == 99
+    assert handler.load(changed_id)["count"] == 1
+    assert [handler.load(newcomer.id)["hello"] for newcomer in newcomers] == [0, 1, 2]
+
+
+def test_each_kind_of_save_in_a_batch_is_one_statement_on_postgresql(pg: Backend, clock: FakeClock) -> None:
+    handler = DatabaseHandler(pg.url, SessionConfig(pool_size=1), clock=clock)
+    try:
+        for _ in range(2):  # the second round runs on statements prepared in the first
+            stored = [_stored(handler, n=n) for n in range(8)]
+            clock.advance(handler.config.touch_interval + 1)
+            sessions = [handler.load(session_id) for session_id in stored]
+            for session in sessions[:4]:
+                session.get("n")  # a touch
+            for session in sessions[4:]:
+                session["n"] = -1  # a change
+            for n in range(4):
+                newcomer = handler.load(None)
+                newcomer["new"] = n
+                sessions.append(newcomer)
+            messages = _wire(handler.engine, lambda sessions=sessions: _write_many(handler, sessions))
+        assert messages == ["Bind", "Describe", "Execute", "Sync"] * 3  # 16 saves: 3 round trips, 3 commits
+    finally:
+        handler.close()
