@@ -102,7 +102,7 @@ class AsyncSessionStore:
         self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
         self._pending: set[asyncio.Future[None]] = set()  # what cancelled requests still finish (see aclose)
         self._loads: Batcher[tuple[str, float], Session] | None = None
-        self._saves: Batcher[tuple[UnitOfWork, float], Saved | None] | None = None
+        self._saves: Batcher[tuple[UnitOfWork, float], Saved] | None = None
         if not isinstance(handler, DatabaseHandler):
             return
         if async_engine == "auto":
@@ -116,7 +116,12 @@ class AsyncSessionStore:
             self._threads = WorkerThreads(THREADS)
             self._loads = Batcher(self._threads, self._load_batch, max_in_flight=LOAD_BATCHES, max_size=MAX_BATCH)
             self._saves = Batcher(
-                self._threads, self._save_batch, max_in_flight=SAVE_BATCHES, max_size=MAX_BATCH, keep_cancelled=True
+                self._threads,
+                self._save_batch,
+                max_in_flight=SAVE_BATCHES,
+                max_size=MAX_BATCH,
+                keep_cancelled=True,
+                alone=self._save_alone,
             )
 
     @property
@@ -143,6 +148,10 @@ class AsyncSessionStore:
         """In a worker thread: the saves of concurrent requests, the plain ones in one statement (`write_many_on`)."""
         return self._in_time(batch, self.handler.write_many_on)
 
+    def _save_alone(self, item: tuple[UnitOfWork, float]) -> Saved:
+        """In a worker thread: a save its batch left (compare-and-set, then the merge under the lock)."""
+        return self._run_in_thread(self.handler.write_on, (item[0],))
+
     def _in_time(self, batch: list[tuple[Any, float]], run: Callable[[Any, list[Any]], list[Any]]) -> list[Any]:
         """`run(connection, items)` for the items of *batch* still within their deadline; one queued past
         it fails as a pool timeout would, as any call queued behind busy threads."""
@@ -160,11 +169,12 @@ class AsyncSessionStore:
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                batched = None
                 if self._saves is not None and handler.batches_writes and handler.batchable(unit):
-                    batched = await self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
-                # Not batchable, or not written in its batch (a lost race, a locked row): alone.
-                saved = batched if batched is not None else await self.run_on_connection(handler.write_on, unit)
+                    # What its batch cannot write without waiting (a lost race, a locked row) the
+                    # batcher saves alone, to its end even if this request is cancelled meanwhile.
+                    saved = await self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
+                else:
+                    saved = await self.run_on_connection(handler.write_on, unit)
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -263,6 +273,9 @@ class AsyncSessionStore:
             await self._engine.dispose()
         if self._threads is not None:
             self._threads.close()
+            # What cancelled requests handed to a thread (a save, its merge) ends before the process
+            # may: the threads are daemons, and an exiting interpreter would cut them off mid-write.
+            await asyncio.to_thread(self._threads.join, bound)
 
     def held_connection(self) -> HeldConnection:
         """A connection of whichever kind this store uses, to keep for a whole (blocking) request."""

@@ -37,11 +37,12 @@ Outcome = Any
 class _LoopQueue:
     """A `Batcher`'s queue and running batches on one event loop."""
 
-    __slots__ = ("queue", "running", "scheduled")
+    __slots__ = ("alone", "queue", "running", "scheduled")
 
     def __init__(self) -> None:
         self.queue: list[tuple[Any, asyncio.Future[Any]]] = []
         self.running: set[asyncio.Future[list[Outcome]]] = set()
+        self.alone: set[asyncio.Future[Any]] = set()  # items their batch left to run alone
         self.scheduled = False
 
 
@@ -57,6 +58,10 @@ class Batcher(Generic[I, R]):
     a request asked for is carried out, as a call already handed to a thread is); otherwise it is
     dropped (a load nobody waits for).
 
+    *alone*: for an item whose outcome is None (its batch could not do it without waiting), a call
+    that does it by itself, in a thread of its own; it runs whether or not its request still waits,
+    so a save is carried out to its end even for a request cancelled meanwhile.
+
     Each event loop has a queue of its own (a store used from several `asyncio.run` calls, or from
     loops in several threads): a loop closed with a batch in flight takes only its own queue with it.
     """
@@ -69,9 +74,11 @@ class Batcher(Generic[I, R]):
         max_in_flight: int,
         max_size: int,
         keep_cancelled: bool = False,
+        alone: Callable[[I], R] | None = None,
     ) -> None:
         self._threads = threads
         self._run = run
+        self._alone = alone
         self._max_in_flight = max_in_flight
         self._max_size = max_size
         self._keep_cancelled = keep_cancelled
@@ -96,12 +103,12 @@ class Batcher(Generic[I, R]):
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         deadline = loop.time() + timeout
-        while state is not None and (state.running or state.queue):
+        while state is not None and (state.running or state.queue or state.alone):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            if state.running:
-                await asyncio.wait(list(state.running), timeout=remaining)
+            if state.running or state.alone:
+                await asyncio.wait([*state.running, *state.alone], timeout=remaining)
             else:
                 await asyncio.sleep(0)  # a dispatch is scheduled
 
@@ -136,7 +143,10 @@ class Batcher(Generic[I, R]):
                 outcomes = _checked(call.result(), len(batch))
             except RuntimeError as exc:
                 outcomes = [exc] * len(batch)
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
+        for (item, future), outcome in zip(batch, outcomes, strict=True):
+            if outcome is None and self._alone is not None:
+                self._run_alone(state, item, future)
+                continue
             if future.done():
                 continue  # its request was cancelled: nobody is waiting
             if isinstance(outcome, BaseException):
@@ -145,6 +155,27 @@ class Batcher(Generic[I, R]):
                 future.set_result(outcome)
         if state.queue and not state.scheduled:
             self._dispatch(state)
+
+    def _run_alone(self, state: _LoopQueue, item: I, future: asyncio.Future[R]) -> None:
+        assert self._alone is not None
+        try:
+            call = self._threads.submit(self._alone, item)
+        except RuntimeError as exc:  # the threads are closed (the store shut down)
+            if not future.done():
+                future.set_exception(exc)
+            return
+        state.alone.add(call)
+
+        def settle(done: asyncio.Future[R]) -> None:
+            state.alone.discard(done)
+            if future.done():
+                return  # cancelled meanwhile: the call still ran to its end
+            if done.exception() is not None:
+                future.set_exception(cast(BaseException, done.exception()))
+            else:
+                future.set_result(done.result())
+
+        call.add_done_callback(settle)
 
 
 class _Slot:
@@ -226,20 +257,37 @@ class ThreadBatcher(Generic[I, R]):
         for slot, outcome in zip(batch, outcomes, strict=True):
             slot.outcome = outcome
         batch[0].batch = None
-        self._hand_off()
-        for slot in batch[1:]:
-            slot.done.set()
+        try:
+            self._hand_off()
+        finally:  # whatever interrupts this thread now, the others of its batch have their outcomes
+            for slot in batch[1:]:
+                slot.done.set()
 
     def _hand_off(self) -> None:
-        """A batch is done: what queued meanwhile (up to `max_size`) goes to its first thread to run."""
-        with self._lock:
+        """A batch is done: what queued meanwhile (up to `max_size`) goes to its first thread to run.
+
+        An interruption while taking the lock (a greenlet timeout, a signal handler's exception) is
+        raised only once the queue is handed on: otherwise the threads in it would wait forever, and
+        the batch's place in flight would never come back."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._lock.acquire()
+                break
+            except BaseException as exc:
+                interrupted = exc
+        try:
             following = [self._queue.popleft() for _ in range(min(self._max_size, len(self._queue)))]
             if following:
                 following[0].batch = following  # under the lock: `_wait` reads it there
             else:
                 self._in_flight -= 1
+        finally:
+            self._lock.release()
         if following:
             following[0].done.set()
+        if interrupted is not None:
+            raise interrupted
 
 
 def _checked(outcomes: list[Outcome], expected: int) -> list[Outcome]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,6 +59,12 @@ class WorkerThreads:
             self._closed = True
             for _ in self._threads:
                 self._jobs.put(None)
+
+    def join(self, timeout: float) -> None:
+        """After `close`: wait (at most *timeout* seconds in all) for the threads to finish their jobs."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _count_on_a_thread(self) -> None:
         """Claim an idle thread for the job just queued, or start one.

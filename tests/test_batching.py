@@ -224,3 +224,68 @@ def test_a_thread_batch_runs_concurrent_calls_together_and_raises_errors_to_thei
     assert {item: results[item] for item in range(40)} == {item: item * 2 for item in range(40)}
     assert isinstance(results[-1], ValueError)
     assert len(recorder.batches) < 41 and recorder.peak <= 2
+
+
+def test_a_leader_interrupted_while_handing_on_still_hands_on() -> None:
+    """The interruption (a greenlet timeout at a contended lock, say) lands as a leader takes the lock
+    to hand the queue on: the queue is handed on first, then the leader raises."""
+
+    class Interrupted(BaseException):
+        pass
+
+    class InterruptibleLock:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.armed_for: str | None = None
+
+        def acquire(self) -> bool:
+            if self.armed_for == threading.current_thread().name:
+                self.armed_for = None
+                raise Interrupted
+            return self.lock.acquire()
+
+        def release(self) -> None:
+            self.lock.release()
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+    lock = InterruptibleLock()
+
+    def run(items: list[str]) -> list[object]:
+        time.sleep(0.1)
+        if threading.current_thread().name == "first-follower":
+            lock.armed_for = "first-follower"  # its batch ran: the interruption comes next
+        return [f"done {item}" for item in items]
+
+    batcher: ThreadBatcher[str, str] = ThreadBatcher(run, max_in_flight=1, max_size=8)
+    batcher._lock = lock  # type: ignore[assignment]
+    results: dict[str, object] = {}
+
+    def call(name: str) -> None:
+        try:
+            results[name] = batcher.submit(name)
+        except Interrupted:
+            results[name] = "interrupted"
+
+    threads = [threading.Thread(target=call, args=(name,), name=name) for name in ("leader",)]
+    threads[0].start()
+    time.sleep(0.03)
+    for name in ("first-follower", "second", "third"):
+        thread = threading.Thread(target=call, args=(name,), name=name)
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(5)
+    assert not [thread.name for thread in threads if thread.is_alive()]
+    assert results == {
+        "leader": "done leader",
+        "first-follower": "interrupted",
+        "second": "done second",
+        "third": "done third",
+    }
+    assert batcher.submit("later") == "done later"

@@ -61,6 +61,18 @@ _ARRAY_KINDS = {
 }  # fmt: skip
 
 
+@contextmanager
+def _refusal_writes_nothing(conn: Connection) -> Iterator[None]:
+    """Swallow the database's refusal of one autocommit statement (it wrote nothing: the request
+    saves alone, where its error is raised); let a broken connection's error through, since the
+    server may have committed before the reply was lost, and nothing may then be written again."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated or conn.invalidated:
+            raise
+
+
 class DatabaseHandler(BaseHandler[Connection]):
     """Sessions stored in the `config.table` table of a SQLAlchemy database."""
 
@@ -328,18 +340,19 @@ class DatabaseHandler(BaseHandler[Connection]):
         return {row[0] for row in rows}
 
     def _one_unless_locked(self, conn: Connection, fast: FastStatement, params: dict[str, Any]) -> set[str]:
-        """A batch of one: the row's key if the statement wrote it; a refusal wrote nothing (one
-        statement, autocommit), and the request saves alone, where the error is raised."""
-        try:
+        """A batch of one: the row's key if the statement wrote it."""
+        with _refusal_writes_nothing(conn):
             return {params["b_key"]} if row_count(conn, fast, params) == 1 else set()
-        except sa.exc.DBAPIError:
-            return set()
+        return set()
 
     def _insert_many(self, conn: Connection, records: list[Record]) -> set[str]:
         if not self.batches_writes:
             return set()
         if len(records) == 1:
-            return super()._insert_many(conn, records)  # a new key waits for nothing
+            with _refusal_writes_nothing(conn):  # a new key waits for nothing: a plain INSERT
+                self._insert(conn, records[0])
+                return {records[0].key}
+            return set()
         params = {f"v_{name}": [getattr(record, name) for record in records] for name in _COLUMNS}
         rows = run_prepared(conn, self._prepared_insert_many, params, all_rows)
         return set() if not_run(rows) else {row[0] for row in rows}

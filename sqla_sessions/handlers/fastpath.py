@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.expression import Executable
 
-from .libpq import PreparedStatement, affected_rows, all_rows, first_row
+from .libpq import PreparedStatement, StatementFailed, affected_rows, all_rows, connection_ok, first_row
 
 
 class FastStatement:
@@ -82,16 +82,33 @@ def fetch_all(
 def run_prepared(
     conn: Connection, prepared: PreparedStatement | None, values: Mapping[str, Any], from_result: Callable[[Any], Any]
 ) -> Any:
-    """Run *prepared* through libpq and return `from_result(result)`; `_NOT_RUN` when this connection
-    (or anything watching it) is not for libpq, or the server refused it (SQLAlchemy's path raises)."""
+    """Run *prepared* through libpq and return `from_result(result)`.
+
+    `_NOT_RUN` when it certainly wrote nothing: this connection (or anything watching it) is not for
+    libpq, or the server refused the statement and the connection is fine. When the outcome is
+    unknown (the connection broke: the server may have committed before the reply was lost), it
+    raises SQLAlchemy's error for the broken connection, which SQLAlchemy invalidates: nothing may
+    then be written again as if it had not been (a retried compare-and-set would merge a save onto
+    itself).
+    """
     if prepared is None or not _below_allowed(conn):
         return _NOT_RUN
+    fairy = conn.connection
     try:
-        fairy = conn.connection
         result = prepared.execute(fairy.dbapi_connection, fairy.info, values)
-    except Exception:
-        return _NOT_RUN
+    except Exception as exc:
+        if _refused(fairy.dbapi_connection, exc):
+            return _NOT_RUN
+        conn.exec_driver_sql("SELECT 1")  # raises the broken connection's error, as SQLAlchemy maps it
+        raise  # pragma: no cover - the connection answered after all; the outcome is still unknown
     return _NOT_RUN if result is None else from_result(result)
+
+
+def _refused(dbapi_connection: Any, error: Exception) -> bool:
+    """Whether *error* is the server's refusal on a connection that is still fine (nothing written)."""
+    if not isinstance(error, StatementFailed) or error.sqlstate is None:
+        return False  # a client-side failure (libpq gives no SQLSTATE): the connection may be gone
+    return connection_ok(dbapi_connection)
 
 
 def not_run(outcome: Any) -> bool:

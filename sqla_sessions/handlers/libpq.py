@@ -47,7 +47,13 @@ _ALREADY_PREPARED = b"42P05"
 
 
 class StatementFailed(Exception):
-    """The server refused a statement sent through libpq (SQLAlchemy's path runs it again, and raises)."""
+    """The server refused a statement sent through libpq (SQLAlchemy's path runs it again, and raises),
+    or libpq lost the connection (no SQLSTATE then)."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__(result.error_message)
+        sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
+        self.sqlstate: bytes | None = sqlstate
 
 
 _INT8, _BYTEA, _TEXT, _VARCHAR, _INT4, _INT2, _NAME, _BPCHAR = 20, 17, 25, 1043, 23, 21, 19, 1042
@@ -199,14 +205,14 @@ class PreparedStatement:
             result = pgconn.exec_params(self.sql, params, self.types, self.formats, 1)
             if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
                 return result
-            raise StatementFailed(result.error_message)
+            raise StatementFailed(result)
         prepared: set[bytes] = info.setdefault(_PREPARED, set())
         if self.name not in prepared:
             result = pgconn.prepare(self.name, self.sql, self.types)
             if result.status != pq.ExecStatus.COMMAND_OK:
                 # 42P05: the server connection has it already (same SQL, same name): use it.
                 if result.error_field(pq.DiagnosticField.SQLSTATE) != _ALREADY_PREPARED:
-                    raise StatementFailed(result.error_message)
+                    raise StatementFailed(result)
             prepared.add(self.name)
         result = pgconn.exec_prepared(self.name, params, self.formats, 1)
         if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
@@ -214,12 +220,18 @@ class PreparedStatement:
         if result.error_field(pq.DiagnosticField.SQLSTATE) in _STALE:
             prepared.discard(self.name)  # prepare afresh next time
             pgconn.exec_(b"DEALLOCATE " + self.name)  # an error if it is gone already: harmless, idle
-        raise StatementFailed(result.error_message)
+        raise StatementFailed(result)
 
 
 def _usable(dbapi_connection: Any) -> bool:
     """Checked at every call: autocommit and the threshold may change between checkouts."""
     return isinstance(dbapi_connection, PsycopgConnection) and dbapi_connection.autocommit
+
+
+def connection_ok(dbapi_connection: Any) -> bool:
+    """Whether libpq still holds a working connection (it marks one it lost as bad)."""
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    return pgconn is not None and pq is not None and pgconn.status == pq.ConnStatus.OK
 
 
 def first_row(result: Any) -> tuple[Any, ...] | None:

@@ -5,6 +5,7 @@ statement that never waits for a locked row."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -325,3 +326,29 @@ def test_each_kind_of_save_in_a_batch_is_one_statement_on_postgresql(pg: Backend
         assert messages == ["Bind", "Describe", "Execute", "Sync"] * 3  # 16 saves: 3 round trips, 3 commits
     finally:
         handler.close()
+
+
+def test_a_cancelled_save_that_lost_its_race_is_still_merged(db_backend: Backend) -> None:
+    """The client went away while its save was queued: the batch could not write it (another request
+    saved first), and the merge it then needs still runs, as a save handed to a thread always did."""
+    handler = DatabaseHandler(db_backend.engine, SessionConfig())
+    store = AsyncSessionStore(handler)
+
+    async def main() -> str:
+        first = await store.load(None)
+        first["base"] = 0
+        await store.save(first)
+        winner, loser = await store.load(first.id), await store.load(first.id)
+        winner["x"] = 1
+        await store.save(winner)
+        loser["y"] = 2  # loaded before the winner's write: its compare-and-set loses
+        saving = asyncio.ensure_future(store.save(loser, end_of_request=True))
+        await asyncio.sleep(0)  # queued
+        saving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saving
+        await store.aclose()  # waits for what cancelled requests still finish
+        return first.id
+
+    session_id = asyncio.run(main())
+    assert handler.load(session_id).all() == {"base": 0, "x": 1, "y": 2}
