@@ -112,11 +112,13 @@ class AsyncSessionStore:
                 self._owns_engine = True
         elif async_engine is not None:
             self._engine = async_engine
-        if self._engine is None:
-            self._threads = WorkerThreads(THREADS)
-            self._loads = Batcher(self._threads, self._load_batch, max_in_flight=LOAD_BATCHES, max_size=MAX_BATCH)
+        if self._engine is not None:
+            return
+        threads = self._threads = WorkerThreads(THREADS)
+        if self.config.batch_requests:
+            self._loads = Batcher(threads, self._load_batch, max_in_flight=LOAD_BATCHES, max_size=MAX_BATCH)
             self._saves = Batcher(
-                self._threads,
+                threads,
                 self._save_batch,
                 max_in_flight=SAVE_BATCHES,
                 max_size=MAX_BATCH,

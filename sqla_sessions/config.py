@@ -93,6 +93,12 @@ class SessionConfig:
     websocket_origins: tuple[str, ...] = ()
     """Origins besides the request's own host whose pages get the session on a websocket
     (e.g. `("https://app.example.com",)`); others get an empty one (cross-site websocket hijacking)."""
+    batch_requests: bool = True
+    """Run the loads and saves that concurrent requests make at the same moment as one statement per
+    batch (`SELECT … WHERE key = ANY(…)`; on PostgreSQL one multi-row compare-and-set UPDATE, one
+    INSERT): one round trip and one commit for many requests (docs/internals.md). Turn it off where a
+    statement across keys costs more than several (a distributed PostgreSQL such as Citus, where
+    keys live on different shards)."""
     check_on_startup: bool = False
     """The middlewares (when they build the handler) and the Dramatiq worker call `handler.check()` as
     they start: a missing table or a refused role stops the process with one line, not every request."""

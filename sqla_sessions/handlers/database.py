@@ -130,7 +130,8 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._prepared_insert_many = self._pg_insert_many() if on_libpq else None
         # Concurrent threads' loads share one SELECT on every database; their saves one UPDATE where
         # that is one statement (PostgreSQL), not a string of them on one connection.
-        self.batch_concurrent_calls(loads=fast_path, saves=self._prepared_update_many is not None and fast_path)
+        batching = fast_path and config.batch_requests
+        self.batch_concurrent_calls(loads=batching, saves=batching and self._prepared_update_many is not None)
 
     @property
     def batches_writes(self) -> bool:
@@ -140,6 +141,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         engine = self._autocommit
         return (
             self._fast_path
+            and self.config.batch_requests
             and self._prepared_update_many is not None
             and not (engine._has_events or engine.echo)
             and "schema_translate_map" not in engine.get_execution_options()

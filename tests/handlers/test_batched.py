@@ -352,3 +352,34 @@ def test_a_cancelled_save_that_lost_its_race_is_still_merged(db_backend: Backend
 
     session_id = asyncio.run(main())
     assert handler.load(session_id).all() == {"base": 0, "x": 1, "y": 2}
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_batch_requests_off_runs_every_request_alone(
+    pg: Backend, batching: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batch_requests=False` (a distributed PostgreSQL, where one statement across keys crosses shards)."""
+    handler = DatabaseHandler(pg.url, SessionConfig(batch_requests=batching))
+    calls: list[int] = []
+    for name in ("load_many_on", "write_many_on"):
+        original = getattr(handler, name)
+        monkeypatch.setattr(
+            handler, name, lambda conn, items, original=original: calls.append(len(items)) or original(conn, items)
+        )
+    ids = [_stored(handler, count=0) for _ in range(10)]
+    store = AsyncSessionStore(handler)
+
+    async def request(session_id: str) -> None:
+        session = await store.load(session_id)
+        session.increment("count")
+        await store.save(session, end_of_request=True)
+
+    async def main() -> None:
+        await asyncio.gather(*(request(session_id) for session_id in ids * 3))
+        await store.aclose()
+
+    asyncio.run(main())
+    sync = [handler.load(session_id) for session_id in ids]
+    assert [session["count"] for session in sync] == [3] * len(ids)
+    assert (max(calls) > 1) if batching else not calls
+    handler.close()
