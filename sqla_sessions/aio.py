@@ -54,8 +54,8 @@ THREADS = 32
 MAX_QUEUED_PER_SESSION = 8
 #: Batches of loads, and of saves, running at once (each on one thread and one connection), and their
 #: largest size (see `sqla_sessions.batching`).
-LOAD_BATCHES = 4
-SAVE_BATCHES = 4
+LOAD_BATCHES = 2
+SAVE_BATCHES = 2
 MAX_BATCH = 64
 
 

@@ -120,7 +120,7 @@ class BaseHandler(ABC, Generic[C]):
         self._loads: ThreadBatcher[str, Session] | None = None
         self._saves: ThreadBatcher[UnitOfWork, Saved | None] | None = None
 
-    def batch_concurrent_calls(self, *, loads: bool, saves: bool, in_flight: int = 4, max_size: int = 64) -> None:
+    def batch_concurrent_calls(self, *, loads: bool, saves: bool, in_flight: int = 2, max_size: int = 64) -> None:
         """Run the `load`s and `save`s that threads make at the same moment as one statement per batch
         (`sqla_sessions.batching`); off for both by default here, on where the handler measures a win."""
         self._loads = ThreadBatcher(self._load_batch, max_in_flight=in_flight, max_size=max_size) if loads else None
