@@ -97,18 +97,22 @@ def run_prepared(
     try:
         result = prepared.execute(fairy.dbapi_connection, fairy.info, values)
     except Exception as exc:
-        if _refused(fairy.dbapi_connection, exc):
+        if _wrote_nothing(fairy.dbapi_connection, exc):
             return _NOT_RUN
         conn.exec_driver_sql("SELECT 1")  # raises the broken connection's error, as SQLAlchemy maps it
         raise  # pragma: no cover - the connection answered after all; the outcome is still unknown
     return _NOT_RUN if result is None else from_result(result)
 
 
-def _refused(dbapi_connection: Any, error: Exception) -> bool:
-    """Whether *error* is the server's refusal on a connection that is still fine (nothing written)."""
-    if not isinstance(error, StatementFailed) or error.sqlstate is None:
-        return False  # a client-side failure (libpq gives no SQLSTATE): the connection may be gone
-    return connection_ok(dbapi_connection)
+def _wrote_nothing(dbapi_connection: Any, error: Exception) -> bool:
+    """Whether the statement that failed with *error* certainly wrote nothing: the connection is still
+    fine, and the server refused it (an error with a SQLSTATE; libpq's own, for a lost connection,
+    has none) or it failed on this side before anything was sent (a value libpq would not take)."""
+    if not connection_ok(dbapi_connection):
+        return False
+    if isinstance(error, StatementFailed):
+        return error.sqlstate is not None
+    return True
 
 
 def not_run(outcome: Any) -> bool:
