@@ -61,10 +61,13 @@ class WorkerThreads:
                 self._jobs.put(None)
 
     def join(self, timeout: float) -> None:
-        """After `close`: wait (at most *timeout* seconds in all) for the threads to finish their jobs."""
+        """After `close`: wait (at most *timeout* seconds in all) for the threads to finish their jobs
+        (all but the calling thread, when it is one of them: it cannot wait for itself)."""
         deadline = time.monotonic() + timeout
+        current = threading.current_thread()
         for thread in list(self._threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread is not current:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _count_on_a_thread(self) -> None:
         """Claim an idle thread for the job just queued, or start one.

@@ -125,3 +125,15 @@ def test_a_job_never_waits_behind_a_blocked_thread_while_the_limit_allows_anothe
 
     asyncio.run(asyncio.wait_for(main(), 30))
     workers.close()
+
+
+def test_join_from_one_of_its_own_threads_waits_for_the_others_only() -> None:
+    workers = WorkerThreads(2)
+
+    def close_and_join() -> float:
+        workers.close()
+        started = time.monotonic()
+        workers.join(5)
+        return time.monotonic() - started
+
+    assert asyncio.run(workers.run(close_and_join)) < 1
