@@ -161,8 +161,10 @@ class AsyncSessionStore:
         late = [now > deadline for _, deadline in batch]
         items = [item for (item, _), is_late in zip(batch, late, strict=True) if not is_late]
         done = iter(self._run_in_thread(run, (items,)) if items else ())
-        timeout = f"no worker thread free within pool_timeout ({self.config.pool_timeout:g} s)"
-        return [PoolTimeout(timeout) if is_late else next(done) for is_late in late]
+        return [self._no_thread_in_time() if is_late else next(done) for is_late in late]
+
+    def _no_thread_in_time(self) -> PoolTimeout:
+        return PoolTimeout(f"no worker thread free within pool_timeout ({self.config.pool_timeout:g} s)")
 
     async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
         handler = self.handler
@@ -304,7 +306,7 @@ class AsyncSessionStore:
 
     def _run_in_thread(self, fn: Callable[..., T], args: tuple[Any, ...], deadline: float | None = None) -> T:
         if deadline is not None and time.monotonic() > deadline:
-            raise PoolTimeout(f"no worker thread free within pool_timeout ({self.config.pool_timeout:g} s)")
+            raise self._no_thread_in_time()
         with self.handler.connect() as conn:
             return fn(conn, *args)
 

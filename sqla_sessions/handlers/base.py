@@ -168,41 +168,31 @@ class BaseHandler(ABC, Generic[C]):
         row another transaction holds is left unwritten, and so is any row whose write failed (its
         request then saves alone, and waits or raises there). Never raises after writing a row.
         Here (no row locks: the memory handler) one `_update` per row."""
-        written = set()
-        for record, expected in writes:
-            try:
-                if self._update(conn, record, expected_version=expected, now=now):
-                    written.add(record.key)
-            except Exception:
-                logger.debug("a batched save failed; its request saves alone", exc_info=True)
-        return written
+        return _one_by_one(
+            writes, lambda record, expected: self._update(conn, record, expected_version=expected, now=now)
+        )
 
     def _insert_many(self, conn: C, records: list[Record]) -> set[str]:
         """`_insert` for new rows; the keys inserted (as `_update_many`: never waits, never raises
         after writing a row; a row not inserted is saved alone). Here one `_insert` per row."""
-        written = set()
-        for record in records:
-            try:
-                self._insert(conn, record)
-                written.add(record.key)
-            except Exception:
-                logger.debug("a batched first write failed; its request saves alone", exc_info=True)
-        return written
+
+        def insert(record: Record, _: int) -> bool:
+            self._insert(conn, record)
+            return True
+
+        return _one_by_one([(record, 0) for record in records], insert)
 
     def _touch_many(self, conn: C, touches: list[tuple[Record, int]], now: int) -> set[str]:
         """`_touch` for rows of distinct keys (each its touched record and expected version); the keys
         touched (as `_update_many`: never waits, never raises after writing a row). Here one `_touch` per row."""
-        written = set()
-        for record, version in touches:
-            try:
-                if self._touch(
-                    conn, record.key, version=version, last_activity=record.last_activity,
-                    expires_at=record.expires_at, now=now,
-                ):  # fmt: skip
-                    written.add(record.key)
-            except Exception:
-                logger.debug("a batched touch failed; its request saves alone", exc_info=True)
-        return written
+
+        def touch(record: Record, version: int) -> bool:
+            return self._touch(
+                conn, record.key, version=version, last_activity=record.last_activity,
+                expires_at=record.expires_at, now=now,
+            )  # fmt: skip
+
+        return _one_by_one(touches, touch)
 
     @abstractmethod
     def _merge(self, conn: C, key: str, now: int, build: Callable[[Record], Merged], *, held: bool) -> Merged | None:
@@ -619,6 +609,20 @@ class BaseHandler(ABC, Generic[C]):
         if not self._update(conn, resealed, expected_version=record.version, now=now):
             return Saved(SaveAction.NOTHING, None, {}, False)  # written meanwhile: that write resealed it
         return Saved(SaveAction.TOUCHED, resealed, {}, True)
+
+
+def _one_by_one(rows: list[tuple[Record, int]], write: Callable[[Record, int], bool]) -> set[str]:
+    """The keys of the rows *write* wrote, one call each (the `*_many` primitives of a handler whose
+    rows have no locks to wait for); a row whose write failed is left to its request, which saves it
+    alone and gets the error there."""
+    written = set()
+    for record, expected in rows:
+        try:
+            if write(record, expected):
+                written.add(record.key)
+        except Exception:
+            logger.debug("a batched write failed; its request saves alone", exc_info=True)
+    return written
 
 
 def opens(session_id: str, record: Record) -> bool:

@@ -52,6 +52,9 @@ _COLUMNS = (
     "absolute_lifetime",
 )
 
+#: The columns a save of changes writes (all but the key it is found by).
+_WRITABLE = tuple(name for name in _COLUMNS if name != "key")
+
 #: Each column's array type, for the statements that write many rows from one array per column.
 _ARRAY_KINDS = {
     "key": VARCHAR_ARRAY, "id_hash": VARCHAR_ARRAY, "user_id": VARCHAR_ARRAY, "payload": BYTEA_ARRAY,
@@ -59,6 +62,15 @@ _ARRAY_KINDS = {
     "ip_address": VARCHAR_ARRAY, "user_agent": VARCHAR_ARRAY, "previous_id_hash": VARCHAR_ARRAY,
     "idle_lifetime": INT8_ARRAY, "absolute_lifetime": INT8_ARRAY,
 }  # fmt: skip
+
+
+def _many_params(rows: list[tuple[Record, int]], columns: tuple[str, ...], now: int) -> dict[str, Any]:
+    """The parameters of a `_pg_compare_and_set_many` statement: one array per column, each row's
+    expected version, the time."""
+    params: dict[str, Any] = {"b_expected": [expected for _, expected in rows], "now": now}
+    for name in columns:
+        params[f"v_{name}"] = [getattr(record, name) for record, _ in rows]
+    return params
 
 
 @contextmanager
@@ -123,15 +135,16 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._fast_touch = FastStatement(self._touch_row, dialect_)
         self._fast_update_unless_locked = FastStatement(self._update_unless_locked, dialect_)
         self._fast_touch_unless_locked = FastStatement(self._touch_unless_locked, dialect_)
-        on_libpq = FastStatement(self._select_by_key, dialect_).libpq is not None
+        on_libpq = self._fast_by_key.libpq is not None
         self._prepared_by_keys = self._pg_select_by_keys() if on_libpq else None
-        self._prepared_update_many = self._pg_update_many() if on_libpq else None
-        self._prepared_touch_many = self._pg_touch_many() if on_libpq else None
+        self._prepared_update_many = self._pg_compare_and_set_many(_WRITABLE) if on_libpq else None
+        self._prepared_touch_many = self._pg_compare_and_set_many(("last_activity", "expires_at")) if on_libpq else None
         self._prepared_insert_many = self._pg_insert_many() if on_libpq else None
         # Concurrent threads' loads share one SELECT on every database; their saves one UPDATE where
         # that is one statement (PostgreSQL), not a string of them on one connection.
         batching = fast_path and config.batch_requests
-        self.batch_concurrent_calls(loads=batching, saves=batching and self._prepared_update_many is not None)
+        self._writes_batch = batching and on_libpq
+        self.batch_concurrent_calls(loads=batching, saves=self._writes_batch)
 
     @property
     def batches_writes(self) -> bool:
@@ -140,9 +153,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         engine's statements or it translates schemas: those run each statement through SQLAlchemy."""
         engine = self._autocommit
         return (
-            self._fast_path
-            and self.config.batch_requests
-            and self._prepared_update_many is not None
+            self._writes_batch
             and not (engine._has_events or engine.echo)
             and "schema_translate_map" not in engine.get_execution_options()
         )
@@ -196,7 +207,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         # Explicit columns: the lease columns stay NULL, and the compiled SQL names exactly these binds.
         self._insert_row = sa.insert(t).values({name: sa.bindparam(name) for name in _COLUMNS})
-        writable = {name: sa.bindparam(f"v_{name}", type_=t.c[name].type) for name in _COLUMNS if name != "key"}
+        writable = {name: sa.bindparam(f"v_{name}", type_=t.c[name].type) for name in _WRITABLE}
         self._update_row = sa.update(t).where(t.c.key == key).values(**writable)
         self._update_if_version = (
             sa.update(t)
@@ -300,11 +311,8 @@ class DatabaseHandler(BaseHandler[Connection]):
         return None if row is None else _record(row)
 
     def _fetch_many(self, conn: Connection, keys: list[str], now: int) -> dict[str, Record]:
-        params = {"b_keys": keys, "now": now}
-        if self._fast_path:
-            rows = fetch_all(conn, self._prepared_by_keys, self._select_by_keys, params)
-        else:
-            rows = list(conn.execute(self._select_by_keys, params))
+        prepared = self._prepared_by_keys if self._fast_path else None
+        rows = fetch_all(conn, prepared, self._select_by_keys, {"b_keys": keys, "now": now})
         found = {}
         for row in rows:
             record = _record(row)
@@ -330,16 +338,14 @@ class DatabaseHandler(BaseHandler[Connection]):
             one["b_version"] = expected
             one["now"] = now
             return self._one_unless_locked(conn, self._fast_update_unless_locked, one)
-        records = [record for record, _ in writes]
-        params: dict[str, Any] = {"b_expected": [expected for _, expected in writes], "now": now}
-        for name in _COLUMNS:
-            params[f"v_{name}"] = [getattr(record, name) for record in records]
-        rows = run_prepared(conn, self._prepared_update_many, params, all_rows)
-        if not_run(rows):
-            # Not for this connection, or refused as a whole (one value the server rejects): it wrote
-            # nothing (one statement, autocommit), so each saves alone, where its own error is raised.
-            return set()
-        return {row[0] for row in rows}
+        return self._keys_written(conn, self._prepared_update_many, _many_params(writes, _COLUMNS, now))
+
+    def _keys_written(self, conn: Connection, prepared: PreparedStatement | None, params: dict[str, Any]) -> set[str]:
+        """Run a statement that writes many rows and returns their keys. Not run (not for this
+        connection) or refused as a whole (one value the server rejects), it wrote nothing (one
+        statement, autocommit): each request saves alone, where its own error is raised."""
+        rows = run_prepared(conn, prepared, params, all_rows)
+        return set() if not_run(rows) else {row[0] for row in rows}
 
     def _one_unless_locked(self, conn: Connection, fast: FastStatement, params: dict[str, Any]) -> set[str]:
         """A batch of one: the row's key if the statement wrote it."""
@@ -356,8 +362,7 @@ class DatabaseHandler(BaseHandler[Connection]):
                 return {records[0].key}
             return set()
         params = {f"v_{name}": [getattr(record, name) for record in records] for name in _COLUMNS}
-        rows = run_prepared(conn, self._prepared_insert_many, params, all_rows)
-        return set() if not_run(rows) else {row[0] for row in rows}
+        return self._keys_written(conn, self._prepared_insert_many, params)
 
     def _touch_many(self, conn: Connection, touches: list[tuple[Record, int]], now: int) -> set[str]:
         if not self.batches_writes:
@@ -372,15 +377,8 @@ class DatabaseHandler(BaseHandler[Connection]):
                 "v_expires_at": record.expires_at,
             }
             return self._one_unless_locked(conn, self._fast_touch_unless_locked, one)
-        params: dict[str, Any] = {
-            "v_key": [record.key for record, _ in touches],
-            "b_expected": [version for _, version in touches],
-            "v_last_activity": [record.last_activity for record, _ in touches],
-            "v_expires_at": [record.expires_at for record, _ in touches],
-            "now": now,
-        }
-        rows = run_prepared(conn, self._prepared_touch_many, params, all_rows)
-        return set() if not_run(rows) else {row[0] for row in rows}
+        params = _many_params(touches, ("key", "last_activity", "expires_at"), now)
+        return self._keys_written(conn, self._prepared_touch_many, params)
 
     def _pg_insert_many(self) -> PreparedStatement:
         """New rows in one statement. A key taken already (never, for 128 random bits) is skipped, not
@@ -395,27 +393,9 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         return PreparedStatement(sql, parameters)
 
-    def _pg_touch_many(self) -> PreparedStatement:
-        """`_touch` of many rows in one statement: as `_pg_update_many`, of two columns."""
-        preparer = self.engine.dialect.identifier_preparer
-        table = preparer.format_table(self.table)
-        key = preparer.quote("key")
-        names = ("v_key", "b_expected", "v_last_activity", "v_expires_at")
-        parameters = [(name, INT8_ARRAY if name != "v_key" else VARCHAR_ARRAY) for name in names]
-        parameters.append(("now", INT8))
-        sql = (
-            f"WITH v AS (SELECT * FROM unnest($1, $2, $3, $4) AS v({', '.join(names)})), "
-            f"locked AS MATERIALIZED (SELECT s.{key} FROM {table} AS s JOIN v ON s.{key} = v.v_key "
-            f"WHERE s.version = v.b_expected AND s.expires_at > $5 "
-            f"ORDER BY s.{key} FOR UPDATE OF s SKIP LOCKED) "
-            f"UPDATE {table} AS s SET last_activity = v.v_last_activity, expires_at = v.v_expires_at FROM v "
-            f"WHERE s.{key} = v.v_key AND s.{key} IN (SELECT {key} FROM locked) "
-            f"AND s.version = v.b_expected AND s.expires_at > $5 RETURNING s.{key}"
-        )
-        return PreparedStatement(sql, parameters)
-
-    def _pg_update_many(self) -> PreparedStatement:
-        """Compare-and-set of many rows in one statement (one round trip, one commit).
+    def _pg_compare_and_set_many(self, written: tuple[str, ...]) -> PreparedStatement:
+        """Compare-and-set of the *written* columns of many rows in one statement (one round trip, one
+        commit): the changes of a save (every column), or a touch (activity and expiry).
 
         The rows are locked first, in key order, skipping any another transaction holds (a blocking
         request's row lock, a merge): those stay unwritten and their saves go alone, waiting for the
@@ -425,19 +405,19 @@ class DatabaseHandler(BaseHandler[Connection]):
         preparer = self.engine.dialect.identifier_preparer
         q = preparer.quote
         table = preparer.format_table(self.table)
-        writable = [name for name in _COLUMNS if name != "key"]
-        parameters = [("b_expected", INT8_ARRAY)] + [(f"v_{name}", _ARRAY_KINDS[name]) for name in _COLUMNS]
+        columns = ("key", *written)
+        parameters = [("b_expected", INT8_ARRAY)] + [(f"v_{name}", _ARRAY_KINDS[name]) for name in columns]
         now = f"${len(parameters) + 1}"
         parameters.append(("now", INT8))
         arrays = ", ".join(f"${number}" for number in range(1, len(parameters)))
-        names = ", ".join(q(name) for name in ("b_expected", *_COLUMNS))
+        names = ", ".join(q(name) for name in ("b_expected", *columns))
         key = q("key")
         sql = (
             f"WITH v AS (SELECT * FROM unnest({arrays}) AS v({names})), "
             f"locked AS MATERIALIZED (SELECT s.{key} FROM {table} AS s JOIN v ON s.{key} = v.{key} "
             f"WHERE s.version = v.b_expected AND s.expires_at > {now} "
             f"ORDER BY s.{key} FOR UPDATE OF s SKIP LOCKED) "
-            f"UPDATE {table} AS s SET {', '.join(f'{q(name)} = v.{q(name)}' for name in writable)} FROM v "
+            f"UPDATE {table} AS s SET {', '.join(f'{q(name)} = v.{q(name)}' for name in written)} FROM v "
             f"WHERE s.{key} = v.{key} AND s.{key} IN (SELECT {key} FROM locked) "
             f"AND s.version = v.b_expected AND s.expires_at > {now} RETURNING s.{key}"
         )

@@ -118,7 +118,7 @@ def _encode_array(element_oid: int, encode: Callable[[Any], bytes | None]) -> Ca
     return encode_array
 
 
-#: Parameter types for statements written as SQL here (`PreparedStatement.from_sql`): OID and encoder.
+#: Parameter types for statements written as SQL (`PreparedStatement(sql, parameters)`): OID and encoder.
 INT8 = (_INT8, _encode_int8)
 INT8_ARRAY = (1016, _encode_array(_INT8, _encode_int8))
 VARCHAR_ARRAY = (1015, _encode_array(_VARCHAR, _encode_text))
@@ -239,26 +239,22 @@ def first_row(result: Any) -> tuple[Any, ...] | None:
 
     Raises `LookupError` for a column type this module does not decode.
     """
-    if result.ntuples == 0:
-        return None
-    row = []
-    for column in range(result.nfields):
-        value = result.get_value(0, column)
-        row.append(None if value is None else _DECODERS[result.ftype(column)](value))
-    return tuple(row)
+    return _row(result, 0, _decoders(result)) if result.ntuples else None
 
 
 def all_rows(result: Any) -> list[tuple[Any, ...]]:
     """Every row of a binary-format `PGresult`, decoded."""
-    decoders = [_DECODERS[result.ftype(column)] for column in range(result.nfields)]
-    rows = []
-    for number in range(result.ntuples):
-        row = []
-        for column, decode in enumerate(decoders):
-            value = result.get_value(number, column)
-            row.append(None if value is None else decode(value))
-        rows.append(tuple(row))
-    return rows
+    decoders = _decoders(result)
+    return [_row(result, number, decoders) for number in range(result.ntuples)]
+
+
+def _decoders(result: Any) -> list[Callable[[bytes], Any]]:
+    return [_DECODERS[result.ftype(column)] for column in range(result.nfields)]
+
+
+def _row(result: Any, number: int, decoders: list[Callable[[bytes], Any]]) -> tuple[Any, ...]:
+    values = (result.get_value(number, column) for column in range(len(decoders)))
+    return tuple(None if value is None else decode(value) for value, decode in zip(values, decoders, strict=True))
 
 
 def affected_rows(result: Any) -> int:
