@@ -21,6 +21,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 __all__ = [
+    "DICT_TAG",
     "SET_TAGS",
     "TAGS",
     "decode_payload",
@@ -28,10 +29,13 @@ __all__ = [
     "dumps_payload",
     "encode_value",
     "loads_payload",
+    "plain_dict",
     "same_raw",
 ]
 
 _DICT = "$dict"
+#: The wrapper of a user dict that would otherwise read as a tag (`{"$dict": {"$dt": "not a date"}}`).
+DICT_TAG = _DICT
 
 
 #: How deeply values may nest. Comparing and merging recurse too; a bound far below Python's
@@ -79,6 +83,20 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
 TAGS = frozenset(_DECODERS)
 #: The tags of set types, whose items are stored sorted.
 SET_TAGS = frozenset(("$s", "$fs"))
+
+
+def plain_dict(raw: Any) -> dict[str, Any] | None:
+    """The mapping a raw dict stands for (unwrapping `$dict`), or None for tagged values and non-dicts."""
+    if type(raw) is not dict:
+        return None
+    if len(raw) == 1:
+        tag = next(iter(raw))
+        if tag == _DICT:
+            inner = raw[tag]
+            return inner if type(inner) is dict else None
+        if tag in TAGS:
+            return None
+    return raw
 
 
 def same_raw(a: Any, b: Any) -> bool:

@@ -40,10 +40,37 @@ def test_removals_are_replayed_and_insertions_keep_their_place() -> None:
     assert merge([1, 2, 3], [1, 2, 3, 4], [1, 3]) == [1, 3, 4]
 
 
-def test_lists_whose_same_items_both_sides_rewrote_take_mine_there_and_keep_their_other_edits() -> None:
-    assert merge([1, 2, 3], [1, 5, 3], [1, 7, 3]) == [1, 5, 3]
-    assert merge([1, 2, 3], [1, 5, 3], [1, 7, 3, 4]) == [1, 5, 3, 4]  # their append stays
-    assert merge([1, 2], [2], [9, 2]) == [2]  # I removed the item they edited: my removal wins there
+def test_an_item_replaced_is_a_removal_plus_an_insertion_that_never_disappears() -> None:
+    assert merge([1, 2, 3], [1, 5, 3], [1, 7, 3]) == [1, 7, 5, 3]  # both replaced item 2: both new items stay
+    assert merge([1, 2, 3], [1, 5, 3], [1, 7, 3, 4]) == [1, 7, 5, 3, 4]  # their append stays
+    assert merge([1, 2], [2], [9, 2]) == [9, 2]  # I removed the item they replaced: their insertion stays
+    assert merge(["a"], [], ["b"]) == ["b"]  # the first row, both commit orders
+    assert merge(["a"], ["b"], []) == ["b"]
+    assert merge(["x", "a"], ["x"], ["x", "b"]) == ["x", "b"]
+
+
+def test_removing_the_last_item_then_pushing_is_pop_then_push() -> None:
+    base = [0, 1, 2, 3, 4, 5]
+    assert merge(base, [0, 1, 2, 3, 4, "a"], [*base, "b"]) == [0, 1, 2, 3, 4, "b", "a"]
+    assert merge(base, [*base, "a"], [*base, "b"]) == [*base, "b", "a"]  # as two plain appends
+
+
+def test_containers_edited_in_place_merge_and_the_last_write_wins_over_a_removal() -> None:
+    base = [{"sku": 1, "qty": 1}, {"sku": 2, "qty": 1}]
+    qty = [{"sku": 1, "qty": 2}, {"sku": 2, "qty": 1}]
+    note = [{"sku": 1, "qty": 1, "note": "gift"}, {"sku": 2, "qty": 1}]
+    assert merge(base, qty, note) == [{"sku": 1, "qty": 2, "note": "gift"}, {"sku": 2, "qty": 1}]
+    assert merge(base, qty, base[1:]) == qty  # I edited what they removed: my write is the last
+    assert merge(base, base[1:], qty) == base[1:]  # I removed what they edited: my removal is the last
+    # An edit of one dict beside the removal of the next is read as such (not as one rewritten region).
+    edited_and_removed = [{"sku": 1, "qty": 5}]
+    assert merge(base, edited_and_removed, note) == [{"sku": 1, "qty": 5, "note": "gift"}]
+
+
+def test_two_requests_that_each_removed_one_copy_removed_two() -> None:
+    assert merge(["x", "x"], ["x"], ["x"]) == []
+    assert merge(["x", "y", "x"], ["y", "x"], ["x", "y"]) == ["y"]
+    assert merge(["x"], [], []) == []  # one item, removed by both: removed once
 
 
 def test_pushes_of_the_same_value_by_both_sides_are_two_pushes() -> None:
@@ -58,8 +85,8 @@ def test_edits_of_neighbouring_items_keep_the_order() -> None:
 
 
 def test_edits_of_different_items_never_wipe_the_others() -> None:
-    assert merge(["A1", "B1", "C1"], ["A1", "B3", "C1"], ["A2", "B2", "C2"]) == ["A2", "B3", "C2"]
-    assert merge(["A1", "B1", "C1"], ["A1", "C1"], ["A2", "B2", "C2"]) == ["A2", "C2"]
+    assert merge(["A1", "B1", "C1"], ["A1", "B3", "C1"], ["A2", "B2", "C2"]) == ["A2", "B2", "B3", "C2"]
+    assert merge(["A1", "B1", "C1"], ["A1", "C1"], ["A2", "B2", "C2"]) == ["A2", "B2", "C2"]
     assert merge(["a", "b", "c"], ["a", "q", "b", "c"], ["x", "y", "z"]) == ["x", "q", "y", "z"]
     base = [f"item{n}" for n in range(300)]
     theirs = ["ITEM0", *base[1:299], "ITEM299"]
@@ -68,7 +95,8 @@ def test_edits_of_different_items_never_wipe_the_others() -> None:
     todo = [{"t": "milk", "done": False}, {"t": "rent", "done": False}]
     all_done = [{"t": "milk", "done": True}, {"t": "rent", "done": True}]
     edited = [{"t": "milk", "done": False}, {"t": "rent (due 1st)", "done": False}]
-    assert merge(todo, edited, all_done) == [{"t": "milk", "done": True}, {"t": "rent (due 1st)", "done": False}]
+    # Both edited the second item in place: the edits compose (their "done", my new title).
+    assert merge(todo, edited, all_done) == [{"t": "milk", "done": True}, {"t": "rent (due 1st)", "done": True}]
 
 
 def test_long_lists_past_the_exact_diff_budget_still_merge_edit_by_edit() -> None:
