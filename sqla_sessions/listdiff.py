@@ -35,25 +35,16 @@ class Budget:
 
     __slots__ = ("left",)
 
-    def __init__(self, left: int = MATCH_BUDGET) -> None:
-        self.left = left
+    def __init__(self, left: int | None = None) -> None:
+        self.left = MATCH_BUDGET if left is None else left
 
 
 def hunks(base: list[str], other: list[str], budget: Budget) -> list[Hunk]:
-    """The regions where *other* differs from *base*, in order; a region that keeps its length is split
-    into one hunk per item that differs (an edit of each, not one overlap)."""
+    """The regions where *other* differs from *base*, in order."""
     allowance = Budget(max(budget.left, LIST_FLOOR))
     found = _diff(base, other, 0, len(base), 0, len(other), allowance)
     budget.left = max(0, budget.left - (max(budget.left, LIST_FLOOR) - allowance.left))
-    out: list[Hunk] = []
-    for i1, i2, j1, j2 in found:
-        if i2 - i1 == j2 - j1:  # a replacement, item for item: one hunk per item that differs
-            out.extend(
-                (i, i + 1, j, j + 1) for i, j in zip(range(i1, i2), range(j1, j2), strict=True) if base[i] != other[j]
-            )
-        else:
-            out.append((i1, i2, j1, j2))
-    return out
+    return found
 
 
 def _diff(base: list[str], other: list[str], b1: int, b2: int, o1: int, o2: int, budget: Budget) -> list[Hunk]:

@@ -11,8 +11,8 @@ so the result is what running their save and then mine gives, each edit applied 
 the gap) it was made at — serial equivalence where the edits commute. Rules, per base item:
 
 - kept by both: kept; removed by either: removed (both removing one item removes it once — unless
-  the list holds other, untouched copies of that value: two requests that each removed one "x" of
-  ["x", "x"] removed two, as they would one after the other);
+  the list holds other copies of that value, untouched or inserted by them: two requests that each
+  removed one "x" of ["x", "x"] removed two, as `lst.remove("x")` one after the other would);
 - an item replaced by a different value (`lst[i] = v`, a removal then an insertion) is a removal
   of the old item plus an insertion where it was: the insertion survives whatever the other side
   did to the old item (removed it, or replaced it too: then both new items stay, theirs first);
@@ -72,7 +72,7 @@ def merge_lists(
     base_ids = [identity(item) for item in base]
     my_edits = _edits(base, base_ids, mine, identity, budget)
     their_edits = _edits(base, base_ids, theirs, identity, budget)
-    _separate_double_removals(base_ids, my_edits, their_edits)
+    _separate_double_removals(base_ids, my_edits, their_edits, identity)
     out: list[Any] = []
     for index in range(len(base) + 1):
         out.extend(their_edits.inserted.get(index, ()))
@@ -98,22 +98,43 @@ def _edits(
 ) -> _Edits:
     """What *other* did to *base*: removals, in-place edits of containers, insertions by gap."""
     edits = _Edits()
-    end = len(base)
-    for i1, i2, j1, j2 in hunks(base_ids, [identity(item) for item in other], budget):
-        pairs = _edited_pairs(base, other, i1, i2, j1, j2)
+    other_ids = [identity(item) for item in other]
+    for i1, i2, j1, j2 in hunks(base_ids, other_ids, budget):
         b, o = i1, j1
-        for pb, po in (*pairs, (i2, j2)):
-            # Between two edited pairs: base[b:pb] removed, other[o:po] inserted in their place (at
-            # the end of the list, after everything else appended: pop-then-push).
-            edits.removed.update(range(b, pb))
-            if b == pb or pb == end:
-                edits.insert(pb, other[o:po])
-            else:
-                edits.replace(b, other[o:po])
+        for pb, po in (*_edited_pairs(base, other, i1, i2, j1, j2), (i2, j2)):
+            _replaced(edits, base_ids, other, other_ids, b, pb, o, po, len(base))
             if pb < i2:
                 edits.edited[pb] = other[po]
             b, o = pb + 1, po + 1
     return edits
+
+
+def _replaced(
+    edits: _Edits,
+    base_ids: list[str],
+    other: list[Any],
+    other_ids: list[str],
+    b: int,
+    pb: int,
+    o: int,
+    po: int,
+    end: int,
+) -> None:
+    """base[b:pb] became other[o:po] (no container edited in place there)."""
+    if pb - b == po - o:  # item for item: each one that differs is replaced where it stands
+        for i, j in zip(range(b, pb), range(o, po), strict=True):
+            if base_ids[i] != other_ids[j]:
+                edits.removed.add(i)
+                if i + 1 == end:
+                    edits.insert(end, [other[j]])  # the last item: pop, then push
+                else:
+                    edits.replace(i, [other[j]])
+        return
+    edits.removed.update(range(b, pb))
+    if b == pb or pb == end:
+        edits.insert(pb, other[o:po])  # a plain insertion, or a run popped off the end and pushed
+    else:
+        edits.replace(b, other[o:po])
 
 
 def _kind(raw: Any) -> str | None:
@@ -144,15 +165,15 @@ def _likeness(old: Any, new: Any) -> int:
 def _edited_pairs(base: list[Any], other: list[Any], i1: int, i2: int, j1: int, j2: int) -> list[tuple[int, int]]:
     """The (base, other) index pairs of a differing region that are one container edited in place.
 
-    One for one where the region keeps its length; otherwise the in-order pairing that keeps the most
-    in common (a small dynamic programme), so "edit one dict, remove the next" is read as such.
+    The in-order pairing that keeps the most in common (a small dynamic programme), so "edit one dict,
+    remove the next" or "replace one item, edit the next" is read as such; one for one past the limit.
     """
-    if i1 == i2 or j1 == j2:
+    if i1 == i2 or j1 == j2 or not any(_kind(base[i]) for i in range(i1, i2)):
         return []
-    if i2 - i1 == j2 - j1:
+    if (i2 - i1) * (j2 - j1) > _PAIRING_LIMIT:
+        if i2 - i1 != j2 - j1:
+            return []
         return [(i, j) for i, j in zip(range(i1, i2), range(j1, j2), strict=True) if _likeness(base[i], other[j])]
-    if not any(_kind(base[i]) for i in range(i1, i2)) or (i2 - i1) * (j2 - j1) > _PAIRING_LIMIT:
-        return []
     rows, cols = i2 - i1, j2 - j1
     best = [[0] * (cols + 1) for _ in range(rows + 1)]
     for r in range(rows - 1, -1, -1):
@@ -173,22 +194,32 @@ def _edited_pairs(base: list[Any], other: list[Any], i1: int, i2: int, j1: int, 
     return pairs
 
 
-def _separate_double_removals(base_ids: list[str], mine: _Edits, theirs: _Edits) -> None:
-    """Where both removed the same item and untouched copies of its value remain, mine removes one of
-    those instead (the nearest): each request removed one copy, as they would one after the other."""
+def _separate_double_removals(
+    base_ids: list[str], mine: _Edits, theirs: _Edits, identity: Callable[[Any], str]
+) -> None:
+    """Where both removed the same item and other copies of its value remain, mine removes one of those
+    instead: the nearest untouched copy in the base, else one they inserted. Each request removed one
+    copy, as `lst.remove(value)` one after the other would."""
     both = mine.removed & theirs.removed
     if not both:
         return
-    untouched: dict[str, list[int]] = {}
     wanted = {base_ids[index] for index in both}
     touched = mine.removed | theirs.removed | mine.edited.keys() | theirs.edited.keys()
+    untouched: dict[str, list[int]] = {}
     for index, ident in enumerate(base_ids):
         if ident in wanted and index not in touched:
             untouched.setdefault(ident, []).append(index)
     for index in sorted(both):
-        copies = untouched.get(base_ids[index])
+        ident = base_ids[index]
+        copies = untouched.get(ident)
         if copies:
             nearest = min(copies, key=lambda other: (abs(other - index), other))
             copies.remove(nearest)
             mine.removed.discard(index)
             mine.removed.add(nearest)
+            continue
+        for inserted in (*theirs.inserted.values(), *theirs.in_place.values()):
+            where = next((n for n, item in enumerate(inserted) if identity(item) == ident), None)
+            if where is not None:
+                del inserted[where]
+                break
