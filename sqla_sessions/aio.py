@@ -168,6 +168,9 @@ class AsyncSessionStore:
 
     async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
         handler = self.handler
+        pending = session.pending_save
+        if pending is not None:
+            await asyncio.shield(pending)  # an earlier save nobody waited for: taken in first
         try:
             unit = handler.plan_save(session, end_of_request=end_of_request)
             if unit is None:
@@ -176,9 +179,16 @@ class AsyncSessionStore:
                 if self._saves is not None and handler.batches_writes and handler.batchable(unit):
                     # What its batch cannot write without waiting (a lost race, a locked row) the
                     # batcher saves alone, to its end even if this request is cancelled meanwhile.
-                    saved = await self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
+                    writing = asyncio.ensure_future(
+                        self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
+                    )
                 else:
-                    saved = await self.run_on_connection(handler.write_on, unit)
+                    writing = asyncio.ensure_future(self.run_on_connection(handler.write_on, unit))
+                try:
+                    saved = await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    self._adopt_when_written(session, unit, writing)
+                    raise
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -187,6 +197,25 @@ class AsyncSessionStore:
         if session.has_saved_callbacks:  # enqueueing jobs talks to a broker: not on the event loop
             await self.call(lambda: session.run_saved_callbacks(None))
         return action
+
+    def _adopt_when_written(self, session: Session, unit: UnitOfWork, writing: asyncio.Future[Saved]) -> None:
+        """The caller stopped waiting, the write goes on: what it stores is taken in when it ends, and
+        the session's next save waits for that (else it would write the same changes twice)."""
+        taken_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        session.pending_save = taken_in
+        self._pending.add(taken_in)  # aclose() waits for it
+        taken_in.add_done_callback(self._pending.discard)
+
+        def done(future: asyncio.Future[Saved]) -> None:
+            try:
+                if not future.cancelled() and future.exception() is None:
+                    session.adopt_late(future.result(), unit)
+            finally:
+                if session.pending_save is taken_in:
+                    session.pending_save = None
+                taken_in.set_result(None)
+
+        writing.add_done_callback(done)
 
     async def load_by_key(self, key: str) -> Session | None:
         return await self.call(lambda: self.handler.load_by_key(key))

@@ -102,6 +102,7 @@ class Session(StoreApi):
         "_store",
         "_user_id",
         "ip_address",
+        "pending_save",
         "saved_at_response",
         "user_agent",
     )
@@ -134,6 +135,9 @@ class Session(StoreApi):
         self._ensure_stored = False
         self._generation = 0  # changes of privilege and invalidations in this request
         self._saved_callbacks: list[tuple[Callable[[], None], str]] = []
+        self.pending_save: asyncio.Future[None] | None = None
+        """A save whose caller stopped waiting (cancelled, timed out) and that is still running: the
+        next save waits for it and for what it stored to be taken in (`adopt_late`)."""
         self.saved_at_response = False
         """Set by the WSGI middleware once the response started (later changes are not saved)."""
         self.ip_address: str | None = None
@@ -652,6 +656,35 @@ class Session(StoreApi):
             self._lifetime_changed = True
         self._lifetime = None
         self._ensure_stored = False
+
+    def adopt_late(self, saved: Saved, unit: UnitOfWork) -> None:
+        """Take in a save whose caller stopped waiting for it (an `asave()` under a timeout): the app
+        may have changed the session since the save froze its unit, so nothing it holds is touched.
+
+        The base becomes what this request wrote (the loaded payload with the unit's changes), the
+        loaded version stays: the next save's compare-and-set fails, and it merges only what changed
+        since onto the stored row (whatever the late save merged in is the other side's there). So the
+        late save's changes are applied exactly once, and later ones are not lost.
+        """
+        if unit.writes and (unit.new_key or unit.new_id_hash or unit.user_changed or unit.destroy_key or unit.lifetime):
+            self.adopt(saved, unit)  # an identity change moved the row: the session follows it
+            return
+        if saved.record is None or saved.action is SaveAction.TOUCHED:
+            self.adopt(saved, unit)
+            return
+        changes = unit.changes
+        written = {k: v for k, v in self._raw.items() if k not in changes.removals}
+        written.update(changes.updates)
+        self._raw = written
+        self._gone -= changes.removals
+        for key, delta in changes.deltas.items():
+            left = self._deltas.get(key, 0) - delta
+            if left:
+                self._deltas[key] = left
+            else:
+                self._deltas.pop(key, None)
+        if saved.expiry_moved:
+            self._expiry_moved = True
 
     def _still_watched(self, stored: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:
         """The handed-out values that stay watched once *stored* becomes the base.
