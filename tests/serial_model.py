@@ -51,9 +51,10 @@ class ListEdit:
 @st.composite
 def list_edits(draw: st.DrawFn, base: list[Any], writer: str) -> ListEdit:
     """An edit of *base* whose intention the list it produces shows unambiguously: insertions only
-    between items the request keeps (an insertion beside a removal reads as a replacement), the last
-    item replaced only between kept ones, the last only as pop-then-push (a replacement of the last item and a removal then an append
-    hold the same list), likewise any replacement in a run of removals that reaches the end."""
+    between items the request keeps (an insertion beside a removal reads as a replacement), items
+    replaced only between kept ones, the last only as pop-then-push (a replacement of the last item
+    and a removal then an append hold the same list), likewise a replacement in a run of removals
+    that reaches the end."""
     edit = ListEdit()
     counter = iter(range(1000))
     n = len(base)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -97,24 +98,38 @@ def test_the_payload_decoder_only_ever_reports_corruption(data: bytes, encrypted
 
 CLIENTS = 3
 KEYS = ["a", "b", "c"]
-steps = st.lists(
-    st.tuples(
-        st.sampled_from(["load", "set", "remove", "append", "save", "regenerate", "invalidate"]),
-        st.integers(0, CLIENTS - 1),
-        st.sampled_from(KEYS),
-        st.integers(0, 9),
-    ),
-    min_size=1,
-    max_size=30,
+step = st.tuples(
+    st.sampled_from(["load", "set", "remove", "append", "save", "regenerate", "invalidate"]),
+    st.integers(0, CLIENTS - 1),
+    st.sampled_from(KEYS),
+    st.integers(0, 9),
 )
+edit = st.tuples(
+    st.sampled_from(["set", "remove", "append", "append", "append"]), st.sampled_from(KEYS), st.integers(0, 9)
+)
+
+
+@st.composite
+def everyone_loads_then_everyone_saves(draw: st.DrawFn) -> list[tuple[str, int, str, int]]:
+    """The shape that makes saves merge: every client loads the same version, edits, then all save."""
+    clients = list(range(CLIENTS))
+    history = [("load", c, "a", 0) for c in clients]
+    for c in clients:
+        history += [(op, c, k, v) for op, k, v in draw(st.lists(edit, max_size=4))]
+    return history + [("save", c, "a", 0) for c in draw(st.permutations(clients))]
+
+
+# Half the histories are interleaved at random, half merge on every save but the first.
+steps = st.one_of(st.lists(step, min_size=1, max_size=30), everyone_loads_then_everyone_saves())
 
 
 def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) -> None:
     """Run an interleaved history of clients on one session and check it against a serial model.
 
-    The model is the stored dict after applying each *committed* change set in commit order; a client's
-    change set is what it set or removed since it loaded. A save after the session was invalidated must
-    raise SessionInterrupted and change nothing.
+    The model is the stored dict after applying each *committed* client's operations in commit order:
+    an assignment or removal of a key (the last committed one wins), or appends to the list it loaded
+    (replayed onto the stored list: two clients' appends both land). A save after the session was
+    invalidated must raise SessionInterrupted and change nothing.
     """
     seed = handler.load(None)
     seed.put({k: [0] for k in KEYS})
@@ -122,7 +137,7 @@ def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) 
     key, session_id = seed.key, seed.id
     model: dict[str, Any] | None = {k: [0] for k in KEYS}
     clients: dict[int, Any] = {}
-    changes: dict[int, dict[str, Any]] = {}  # client -> key -> new value, or _GONE
+    changes: dict[int, dict[str, Any]] = {}  # client -> key -> new value, _GONE, or Appended
     snapshots: dict[int, dict[str, Any]] = {}  # client -> what it loaded
     for op, client, k, v in history:
         if op == "load" or client not in clients:
@@ -143,7 +158,13 @@ def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) 
             current = session.get(k)
             if isinstance(current, list):
                 current.append(v)  # a nested mutation, no assignment
-                changes[client][k] = list(current)
+                done = changes[client].get(k)
+                if isinstance(done, Appended):
+                    done.items.append(v)
+                elif done is None:
+                    changes[client][k] = Appended(list(snapshots[client][k]), [v])
+                else:
+                    changes[client][k] = list(current)  # appended to a list it assigned: that list
         elif op == "regenerate":
             session.regenerate()
             if "_token" in session:  # a token is renewed; a session without one gets it on first use
@@ -158,7 +179,8 @@ def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) 
             effective = {
                 name: value
                 for name, value in changes[client].items()
-                if not (value is _GONE and name not in loaded_view) and loaded_view.get(name, _GONE) != value
+                if not (value is _GONE and name not in loaded_view)
+                and (isinstance(value, Appended) or loaded_view.get(name, _GONE) != value)
             }
             changes[client] = effective
             try:
@@ -174,6 +196,11 @@ def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) 
                 for name, value in changes[client].items():
                     if value is _GONE:
                         model.pop(name, None)
+                    elif isinstance(value, Appended):
+                        # Appends land on the stored list; if another client made it something else
+                        # (a change of type does not commute), this client's list is the last write.
+                        stored_list = model.get(name)
+                        model[name] = [*(stored_list if isinstance(stored_list, list) else value.loaded), *value.items]
                     else:
                         model[name] = value
             del clients[client]
@@ -188,7 +215,15 @@ def replay(handler: BaseHandler[Any], history: list[tuple[str, int, str, int]]) 
 _GONE = object()
 
 
-@settings(max_examples=150, deadline=None)
+@dataclass
+class Appended:
+    """A client's appends to the list it loaded (*loaded*), not an assignment."""
+
+    loaded: list[Any]
+    items: list[int]
+
+
+@settings(max_examples=300, deadline=None)
 @given(steps)
 def test_histories_on_memory_equal_the_serial_application_of_committed_changes(
     history: list[tuple[str, int, str, int]],
