@@ -1,0 +1,348 @@
+"""Random concurrent histories against real servers, each checked against the definition of the merge.
+
+One history: a few browsers, each with a session of its own, send overlapping requests to uvicorn
+(Starlette) and gunicorn gthread (Flask) — operations on shared keys with unique values (list push,
+insert and remove, increments, nested dict sets, set add and discard), some on blocking routes, some
+slow enough that their client gives up (a disconnect mid-request), some saving with `asave()` under a
+`wait_for` timeout; `regenerate()` and `login()` in the middle; Dramatiq jobs through Redis and direct
+handler calls writing the same keys; connections killed with `pg_terminate_backend` (and, in long
+runs, a PostgreSQL restart). Then the checker waits for the jobs and reads every session.
+
+The check, per session (see `Ledger.violations`): every acknowledged operation is reflected exactly
+once; a refused one (409) is absent; one whose outcome the client never learnt is absent or present
+once, never twice; each counter equals its base plus its acknowledged increments (plus at most the
+unknown ones); nothing of another session appears; a job lands at most once, and exactly once unless
+a login cut it off.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from sqla_sessions import DatabaseHandler, SessionInterrupted
+from tests.history.apps import apply, config
+
+ACKED, REFUSED, UNKNOWN = "acked", "refused", "unknown"
+STRAY = "stray"  # sent with a cookie a login or regenerate had just replaced: it got a fresh session
+KINDS = ["push"] * 6 + ["insert", "remove", "remove", "incr", "incr", "dset", "sadd", "sdiscard", "job", "direct"]
+RARE = ["regenerate", "login", "kill"]
+
+
+@dataclass
+class Op:
+    """One step of a history: what, for which browser, through which door, when."""
+
+    number: int
+    browser: int
+    kind: str
+    at: float  # seconds after the history starts
+    server: str = "asgi"  # asgi | wsgi
+    blocking: bool = False
+    sleep: float = 0.0
+    client_timeout: float = 10.0
+    asave_timeout: float = 0.0
+    target: int | None = None  # remove / sdiscard: the op whose value goes
+
+    def describe(self) -> str:
+        extras = [self.server]
+        if self.blocking:
+            extras.append("blocking")
+        if self.sleep:
+            extras.append(f"sleep={self.sleep}")
+        if self.client_timeout < 10:
+            extras.append(f"client gives up after {self.client_timeout}s")
+        if self.asave_timeout:
+            extras.append(f"asave under wait_for({self.asave_timeout})")
+        target = f" of op {self.target}" if self.target is not None else ""
+        return f"op {self.number}: browser {self.browser} {self.kind}{target} at {self.at:.2f}s ({', '.join(extras)})"
+
+    @property
+    def value(self) -> str:
+        return f"b{self.browser}-op{self.number}"
+
+
+def generate(seed: int, browsers: int = 3, length: int = 40, seconds: float = 2.5) -> list[Op]:
+    """A random history (the same for the same seed)."""
+    rng = random.Random(seed)
+    ops: list[Op] = []
+    for number in range(length):
+        kind = rng.choice(RARE) if rng.random() < 0.08 else rng.choice(KINDS)
+        op = Op(number, rng.randrange(browsers), kind, round(rng.uniform(0, seconds), 3), rng.choice(["asgi", "wsgi"]))
+        if kind in ("remove", "sdiscard"):
+            wanted = "sadd" if kind == "sdiscard" else ("push", "insert")
+            earlier = [o.number for o in ops if o.browser == op.browser and o.kind in wanted and o.at < op.at]
+            if not earlier:
+                op.kind = "push"
+            else:
+                op.target = rng.choice(earlier)
+        roll = rng.random()
+        if roll < 0.15:
+            op.blocking = True
+        elif roll < 0.25:
+            op.sleep = 0.3
+        elif roll < 0.32:
+            op.sleep, op.client_timeout = 0.6, 0.2  # the client disconnects mid-request
+        elif roll < 0.42 and op.server == "asgi":
+            op.sleep, op.asave_timeout = 0.0, 0.001
+        ops.append(op)
+    return sorted(ops, key=lambda o: o.at)
+
+
+@dataclass
+class Outcome:
+    op: Op
+    status: str
+    value: str | None = None  # the value removed (remove/sdiscard), or written
+
+
+@dataclass
+class Browser:
+    """One user agent: its cookie (updated by each response that sets one) and what it was told."""
+
+    number: int
+    cookie: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    logins: list[float] = field(default_factory=list)  # when its logins were acknowledged
+    settled: threading.Event = field(default_factory=threading.Event)
+    """Clear while a login or regenerate is on its way: a browser navigating to the login's response
+    sends its next requests once it has the new cookie (the ones already in flight race it)."""
+
+    def __post_init__(self) -> None:
+        self.settled.set()
+
+    @property
+    def key(self) -> str | None:
+        return self.cookie.split(".", 1)[0] if self.cookie else None
+
+
+class History:
+    """Runs one generated history against the servers and checks the result."""
+
+    def __init__(self, ops: list[Op], urls: dict[str, str], handler: DatabaseHandler, admin: sa.Engine) -> None:
+        self.ops = ops
+        self.urls = urls
+        self.handler = handler
+        self.admin = admin
+        self.browsers = {b: Browser(b) for b in {op.browser for op in ops}}
+        self.outcomes: dict[int, Outcome] = {}
+        self.started = 0.0
+
+    def run(self) -> list[str]:
+        for browser in self.browsers.values():  # each browser starts with a stored session
+            for _ in range(10):  # the connections a previous history's `kill` ended fail once each
+                with httpx.Client(timeout=10) as client:
+                    response = client.post(f"{self.urls['asgi']}/op", json={"kind": "incr"})
+                if response.status_code == 200:
+                    break
+                time.sleep(0.2)
+            response.raise_for_status()
+            browser.cookie = _cookie(response)
+        self.started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            for future in [pool.submit(self._run_at, op) for op in self.ops]:
+                future.result()
+        self._wait_for_jobs()
+        return self.violations()
+
+    def _run_at(self, op: Op) -> None:
+        delay = self.started + op.at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self.outcomes[op.number] = self._perform(op)
+
+    def _perform(self, op: Op) -> Outcome:
+        browser = self.browsers[op.browser]
+        browser.settled.wait(30)
+        if op.kind in ("login", "regenerate"):
+            browser.settled.clear()
+            try:
+                return self._send(op, browser)
+            finally:
+                browser.settled.set()
+        return self._send(op, browser)
+
+    def _send(self, op: Op, browser: Browser) -> Outcome:
+        if op.kind == "kill":
+            with self.admin.connect() as conn:
+                conn.exec_driver_sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            return Outcome(op, ACKED)
+        value = op.value
+        if op.target is not None:
+            target = self.outcomes.get(op.target)
+            if target is None or target.status != ACKED:
+                return Outcome(op, REFUSED)  # nothing to remove that is known to be there
+            value = target.op.value
+        body: dict[str, Any] = {"kind": op.kind, "value": value, "user": f"user{op.browser}"}
+        if op.kind == "direct":
+            return Outcome(op, self._direct(browser, value), value)
+        if op.sleep:
+            body["sleep"] = op.sleep
+        if op.asave_timeout:
+            body["asave_timeout"] = op.asave_timeout
+        path = "/blocking/op" if op.blocking else "/op"
+        sent_cookie = browser.cookie
+        try:
+            with httpx.Client(timeout=op.client_timeout) as client:
+                response = client.post(f"{self.urls[op.server]}{path}", json=body, headers=_sent(sent_cookie))
+        except httpx.HTTPError:
+            return Outcome(op, UNKNOWN, value)
+        new_cookie = _cookie(response)
+        fresh = response.headers.get("content-type", "").startswith("application/json") and response.json().get("fresh")
+        if fresh:
+            # Its cookie named no live session any more (a login moved it meanwhile): it was given a
+            # fresh one, and acted there. The browser keeps the session it knows is its own.
+            return Outcome(op, STRAY, value)
+        if new_cookie:
+            with browser.lock:
+                browser.cookie = new_cookie
+        if response.status_code == 200 and response.json().get("saved"):
+            if op.kind == "login":
+                browser.logins.append(time.monotonic())
+            return Outcome(op, ACKED, value)
+        if response.status_code == 409:
+            return Outcome(op, REFUSED, value)
+        return Outcome(op, UNKNOWN, value)
+
+    def _direct(self, browser: Browser, value: str) -> str:
+        """A handler call in this process (a script, an admin tool): load by key, push, save."""
+        key = browser.key
+        try:
+            session = self.handler.load_by_key(key or "")
+            if session is None:
+                return REFUSED
+            apply(session, {"kind": "push", "value": value})
+            session.save(end_of_request=False)
+        except SessionInterrupted:
+            return REFUSED
+        except Exception:
+            return UNKNOWN
+        return ACKED
+
+    def _wait_for_jobs(self) -> None:
+        """Until every acknowledged job landed (or was cut off), bounded."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if all(self._job_settled(o) for o in self.outcomes.values() if o.op.kind == "job" and o.status == ACKED):
+                return
+            time.sleep(0.2)
+
+    def _job_settled(self, outcome: Outcome) -> bool:
+        stored = self._stored(self.browsers[outcome.op.browser])
+        log = stored.get("log", []) if stored else []
+        return outcome.op.value in log or self._cut_off_after(outcome)
+
+    def _cut_off_after(self, outcome: Outcome) -> bool:
+        """A login of its browser after the job was enqueued (it cuts the job off: dropped is right)."""
+        started = self.started + outcome.op.at
+        browser = self.browsers[outcome.op.browser]
+        return any(login >= started for login in browser.logins) or any(
+            o.op.kind == "login" and o.op.browser == browser.number and o.status != REFUSED and o.op.at >= outcome.op.at
+            for o in self.outcomes.values()
+        )
+
+    def _key(self, browser: Browser) -> str | None:
+        """The browser's session: by its cookie, or, after a login whose answer never arrived (the row
+        moved to a key the browser was not told), by its user (a browser logs in as one user only)."""
+        logins = [o for o in self.outcomes.values() if o.op.browser == browser.number and o.op.kind == "login"]
+        if any(o.status == UNKNOWN for o in logins):
+            live = self.handler.list_sessions(f"user{browser.number}")
+            if len(live) == 1:
+                return live[0].key
+        return browser.key
+
+    def _stored(self, browser: Browser) -> dict[str, Any] | None:
+        for attempt in range(5):  # a connection a `kill` ended fails once, then the pool replaces it
+            try:
+                session = self.handler.load_by_key(self._key(browser) or "")
+            except sa.exc.DBAPIError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
+                continue
+            return None if session is None else session.all()
+        return None
+
+    def violations(self) -> list[str]:
+        problems: list[str] = []
+        for browser in self.browsers.values():
+            stored = self._stored(browser)
+            if stored is None:
+                problems.append(f"browser {browser.number}: its session is gone")
+                continue
+            problems += self._check(browser, stored)
+        return problems
+
+    def _check(self, browser: Browser, stored: dict[str, Any]) -> list[str]:
+        mine = [o for o in self.outcomes.values() if o.op.browser == browser.number]
+        log = stored.get("log", [])
+        tags = stored.get("tags", set())
+        deep = stored.get("prefs", {}).get("deep", {})
+        counts = Counter(log)
+        problems = []
+        prefix = f"b{browser.number}-"
+        strangers = [v for v in [*log, *tags, *deep] if not str(v).startswith(prefix)]
+        if strangers:
+            problems.append(f"browser {browser.number}: values of another session: {strangers}")
+        removed = {o.value for o in mine if o.op.kind == "remove" and o.status in (ACKED, UNKNOWN)}
+        discarded = {o.value for o in mine if o.op.kind == "sdiscard" and o.status in (ACKED, UNKNOWN)}
+        for o in mine:
+            v, kind = o.op.value, o.op.kind
+            if kind in ("push", "insert", "direct", "job"):
+                n = counts[v]
+                if n > 1:
+                    problems.append(f"{o.op.describe()}: {o.status}, stored {n} times")
+                elif (
+                    o.status == ACKED and n == 0 and v not in removed and not (kind == "job" and self._cut_off_after(o))
+                ):
+                    problems.append(f"{o.op.describe()}: acknowledged, missing")
+                elif o.status in (REFUSED, STRAY) and n == 1:
+                    problems.append(f"{o.op.describe()}: {o.status}, yet stored")
+            elif kind == "remove" and o.status == ACKED and counts[o.value]:
+                problems.append(f"{o.op.describe()}: acknowledged removal of {o.value}, still there")
+            elif kind == "dset":
+                if o.status == ACKED and deep.get(v) != v:
+                    problems.append(f"{o.op.describe()}: acknowledged, missing from the nested dict")
+                elif o.status in (REFUSED, STRAY) and v in deep:
+                    problems.append(f"{o.op.describe()}: {o.status}, yet stored")
+            elif kind == "sadd":
+                if o.status == ACKED and v not in tags and v not in discarded:
+                    problems.append(f"{o.op.describe()}: acknowledged, missing from the set")
+                elif o.status in (REFUSED, STRAY) and v in tags:
+                    problems.append(f"{o.op.describe()}: {o.status}, yet stored")
+            elif kind == "sdiscard" and o.status == ACKED and o.value in tags:
+                problems.append(f"{o.op.describe()}: acknowledged discard of {o.value}, still there")
+        increments = [o for o in mine if o.op.kind == "incr"]
+        low = 1 + sum(1 for o in increments if o.status == ACKED)  # 1: the request that created it
+        high = low + sum(1 for o in increments if o.status == UNKNOWN)
+        if not low <= stored.get("n", 0) <= high:
+            problems.append(f"browser {browser.number}: counter {stored.get('n')}, expected {low}..{high}")
+        return problems
+
+
+def _sent(cookie: str | None) -> dict[str, str]:
+    return {"Cookie": f"session={cookie}"} if cookie else {}
+
+
+def _cookie(response: httpx.Response) -> str | None:
+    for header in response.headers.get_list("set-cookie"):
+        name, _, rest = header.partition("=")
+        if name == "session":
+            value = rest.split(";", 1)[0]
+            return value or None
+    return None
+
+
+def make_handler() -> DatabaseHandler:
+    return DatabaseHandler(config().database_url, config())
