@@ -41,6 +41,7 @@ RARE = ["regenerate", "login", "kill"]
 class Op:
     """One step of a history: what, for which browser, through which door, when."""
 
+    seed: int  # the history's: values and users are unique across histories
     number: int
     browser: int
     kind: str
@@ -67,7 +68,11 @@ class Op:
 
     @property
     def value(self) -> str:
-        return f"b{self.browser}-op{self.number}"
+        return f"s{self.seed}-b{self.browser}-op{self.number}"
+
+    @property
+    def user(self) -> str:
+        return f"s{self.seed}-user{self.browser}"
 
 
 def generate(seed: int, browsers: int = 3, length: int = 40, seconds: float = 2.5) -> list[Op]:
@@ -76,7 +81,8 @@ def generate(seed: int, browsers: int = 3, length: int = 40, seconds: float = 2.
     ops: list[Op] = []
     for number in range(length):
         kind = rng.choice(RARE) if rng.random() < 0.08 else rng.choice(KINDS)
-        op = Op(number, rng.randrange(browsers), kind, round(rng.uniform(0, seconds), 3), rng.choice(["asgi", "wsgi"]))
+        op = Op(seed, number, rng.randrange(browsers), kind, round(rng.uniform(0, seconds), 3))
+        op.server = rng.choice(["asgi", "wsgi"])
         if kind in ("remove", "sdiscard"):
             wanted = "sadd" if kind == "sdiscard" else ("push", "insert")
             earlier = [o.number for o in ops if o.browser == op.browser and o.kind in wanted and o.at < op.at]
@@ -184,7 +190,7 @@ class History:
             if target is None or target.status != ACKED:
                 return Outcome(op, REFUSED)  # nothing to remove that is known to be there
             value = target.op.value
-        body: dict[str, Any] = {"kind": op.kind, "value": value, "user": f"user{op.browser}"}
+        body: dict[str, Any] = {"kind": op.kind, "value": value, "user": op.user}
         if op.kind == "direct":
             return Outcome(op, self._direct(browser, value), value)
         if op.sleep:
@@ -257,7 +263,7 @@ class History:
         moved to a key the browser was not told), by its user (a browser logs in as one user only)."""
         logins = [o for o in self.outcomes.values() if o.op.browser == browser.number and o.op.kind == "login"]
         if any(o.status == UNKNOWN for o in logins):
-            live = self.handler.list_sessions(f"user{browser.number}")
+            live = self.handler.list_sessions(logins[0].op.user)
             if len(live) == 1:
                 return live[0].key
         return browser.key
@@ -281,7 +287,15 @@ class History:
             if stored is None:
                 problems.append(f"browser {browser.number}: its session is gone")
                 continue
-            problems += self._check(browser, stored)
+            found = self._check(browser, stored)
+            if found:
+                told = ", ".join(
+                    f"{o.op.number}:{o.op.kind}={o.status}"
+                    for o in sorted(self.outcomes.values(), key=lambda o: o.op.at)
+                    if o.op.browser == browser.number
+                )
+                found.append(f"browser {browser.number} (session {self._key(browser)}, stored {stored}) was told {told}")
+            problems += found
         return problems
 
     def _check(self, browser: Browser, stored: dict[str, Any]) -> list[str]:
@@ -291,7 +305,7 @@ class History:
         deep = stored.get("prefs", {}).get("deep", {})
         counts = Counter(log)
         problems = []
-        prefix = f"b{browser.number}-"
+        prefix = mine[0].op.value.rsplit("-op", 1)[0] + "-op" if mine else "?"
         strangers = [v for v in [*log, *tags, *deep] if not str(v).startswith(prefix)]
         if strangers:
             problems.append(f"browser {browser.number}: values of another session: {strangers}")
