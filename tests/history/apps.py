@@ -37,6 +37,11 @@ def apply(session: Session, op: dict[str, Any]) -> None:
         log = session.get("log")
         if isinstance(log, list) and value in log:
             log.remove(value)
+    elif kind == "swap":  # remove an item and push a new one, in one request
+        log = session.setdefault("log", [])
+        if value in log:
+            log.remove(value)
+        log.append(op["new"])
     elif kind == "insert":
         session.setdefault("log", []).insert(0, value)
     elif kind == "incr":

@@ -33,7 +33,20 @@ from tests.history.apps import apply, config
 
 ACKED, REFUSED, UNKNOWN = "acked", "refused", "unknown"
 STRAY = "stray"  # sent with a cookie a login or regenerate had just replaced: it got a fresh session
-KINDS = ["push"] * 6 + ["insert", "remove", "remove", "incr", "incr", "dset", "sadd", "sdiscard", "job", "direct"]
+KINDS = ["push"] * 6 + [
+    "insert",
+    "remove",
+    "remove",
+    "swap",
+    "swap",
+    "incr",
+    "incr",
+    "dset",
+    "sadd",
+    "sdiscard",
+    "job",
+    "direct",
+]
 RARE = ["regenerate", "login", "kill"]
 
 
@@ -75,7 +88,7 @@ class Op:
         return f"s{self.seed}-user{self.browser}"
 
 
-def generate(seed: int, browsers: int = 3, length: int = 40, seconds: float = 2.5) -> list[Op]:
+def generate(seed: int, browsers: int = 2, length: int = 40, seconds: float = 1.5) -> list[Op]:
     """A random history (the same for the same seed)."""
     rng = random.Random(seed)
     ops: list[Op] = []
@@ -83,21 +96,21 @@ def generate(seed: int, browsers: int = 3, length: int = 40, seconds: float = 2.
         kind = rng.choice(RARE) if rng.random() < 0.08 else rng.choice(KINDS)
         op = Op(seed, number, rng.randrange(browsers), kind, round(rng.uniform(0, seconds), 3))
         op.server = rng.choice(["asgi", "wsgi"])
-        if kind in ("remove", "sdiscard"):
-            wanted = "sadd" if kind == "sdiscard" else ("push", "insert")
+        if kind in ("remove", "swap", "sdiscard"):
+            wanted = ("sadd",) if kind == "sdiscard" else ("push", "insert", "swap")
             earlier = [o.number for o in ops if o.browser == op.browser and o.kind in wanted and o.at < op.at]
             if not earlier:
                 op.kind = "push"
             else:
-                op.target = rng.choice(earlier)
+                op.target = rng.choice(earlier[-3:])  # recent items: several requests go for the same one
         roll = rng.random()
         if roll < 0.15:
             op.blocking = True
-        elif roll < 0.25:
-            op.sleep = 0.3
-        elif roll < 0.32:
+        elif roll < 0.35:
+            op.sleep = 0.3  # loads early, saves late: overlaps the requests around it
+        elif roll < 0.42:
             op.sleep, op.client_timeout = 0.6, 0.2  # the client disconnects mid-request
-        elif roll < 0.42 and op.server == "asgi":
+        elif roll < 0.52 and op.server == "asgi":
             op.sleep, op.asave_timeout = 0.0, 0.001
         ops.append(op)
     return sorted(ops, key=lambda o: o.at)
@@ -108,6 +121,7 @@ class Outcome:
     op: Op
     status: str
     value: str | None = None  # the value removed (remove/sdiscard), or written
+    finished: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -117,7 +131,6 @@ class Browser:
     number: int
     cookie: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    logins: list[float] = field(default_factory=list)  # when its logins were acknowledged
     settled: threading.Event = field(default_factory=threading.Event)
     """Clear while a login or regenerate is on its way: a browser navigating to the login's response
     sends its next requests once it has the new cookie (the ones already in flight race it)."""
@@ -178,11 +191,14 @@ class History:
 
     def _send(self, op: Op, browser: Browser) -> Outcome:
         if op.kind == "kill":
-            with self.admin.connect() as conn:
-                conn.exec_driver_sql(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
+            try:
+                with self.admin.connect() as conn:
+                    conn.exec_driver_sql(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+            except sa.exc.DBAPIError:
+                pass  # a kill at the same moment ended this one's connection too
             return Outcome(op, ACKED)
         value = op.value
         if op.target is not None:
@@ -190,7 +206,7 @@ class History:
             if target is None or target.status != ACKED:
                 return Outcome(op, REFUSED)  # nothing to remove that is known to be there
             value = target.op.value
-        body: dict[str, Any] = {"kind": op.kind, "value": value, "user": op.user}
+        body: dict[str, Any] = {"kind": op.kind, "value": value, "new": op.value, "user": op.user}
         if op.kind == "direct":
             return Outcome(op, self._direct(browser, value), value)
         if op.sleep:
@@ -214,8 +230,6 @@ class History:
             with browser.lock:
                 browser.cookie = new_cookie
         if response.status_code == 200 and response.json().get("saved"):
-            if op.kind == "login":
-                browser.logins.append(time.monotonic())
             return Outcome(op, ACKED, value)
         if response.status_code == 409:
             return Outcome(op, REFUSED, value)
@@ -250,11 +264,13 @@ class History:
         return outcome.op.value in log or self._cut_off_after(outcome)
 
     def _cut_off_after(self, outcome: Outcome) -> bool:
-        """A login of its browser after the job was enqueued (it cuts the job off: dropped is right)."""
+        """A login of its browser that may have committed after the job was enqueued: it cuts the job
+        off (dropping it is right). One whose answer never came may have committed at any time."""
         started = self.started + outcome.op.at
-        browser = self.browsers[outcome.op.browser]
-        return any(login >= started for login in browser.logins) or any(
-            o.op.kind == "login" and o.op.browser == browser.number and o.status != REFUSED and o.op.at >= outcome.op.at
+        return any(
+            o.op.kind == "login"
+            and o.op.browser == outcome.op.browser
+            and (o.status == UNKNOWN or (o.status == ACKED and o.finished >= started))
             for o in self.outcomes.values()
         )
 
@@ -294,7 +310,9 @@ class History:
                     for o in sorted(self.outcomes.values(), key=lambda o: o.op.at)
                     if o.op.browser == browser.number
                 )
-                found.append(f"browser {browser.number} (session {self._key(browser)}, stored {stored}) was told {told}")
+                found.append(
+                    f"browser {browser.number} (session {self._key(browser)}, stored {stored}) was told {told}"
+                )
             problems += found
         return problems
 
@@ -309,11 +327,13 @@ class History:
         strangers = [v for v in [*log, *tags, *deep] if not str(v).startswith(prefix)]
         if strangers:
             problems.append(f"browser {browser.number}: values of another session: {strangers}")
-        removed = {o.value for o in mine if o.op.kind == "remove" and o.status in (ACKED, UNKNOWN)}
+        removed = {o.value for o in mine if o.op.kind in ("remove", "swap") and o.status in (ACKED, UNKNOWN)}
         discarded = {o.value for o in mine if o.op.kind == "sdiscard" and o.status in (ACKED, UNKNOWN)}
         for o in mine:
             v, kind = o.op.value, o.op.kind
-            if kind in ("push", "insert", "direct", "job"):
+            if kind == "swap" and o.status == ACKED and counts[o.value]:
+                problems.append(f"{o.op.describe()}: acknowledged removal of {o.value}, still there")
+            if kind in ("push", "insert", "swap", "direct", "job"):
                 n = counts[v]
                 if n > 1:
                     problems.append(f"{o.op.describe()}: {o.status}, stored {n} times")

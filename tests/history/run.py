@@ -140,7 +140,7 @@ def check_histories(
             while time.monotonic() < stop:
                 seed = next(seeds)
                 ops = generate(seed)
-                if not restarted and time.monotonic() > stop - seconds / 2:
+                if restart is not None and not restarted and time.monotonic() > stop - seconds / 2:
                     restart()  # once, mid-run, between two histories' operations
                     restarted = True
                 problems = History(ops, urls, handler, admin).run()
@@ -152,10 +152,11 @@ def check_histories(
                         return bool(History(candidate, urls, handler, admin).run())
 
                     minimal = shrink(ops, fails, shrink_seconds)
+                    steps = "\n    ".join(op.describe() for op in minimal)
                     report.failures.append(
-                        f"seed {seed} (server logs in {logs}): {'; '.join(problems)}\n  minimal reproduction ({len(minimal)} of {len(ops)} "
-                        f"operations; `python -m tests.history --seed {seed}`):\n    "
-                        + "\n    ".join(op.describe() for op in minimal)
+                        f"seed {seed} (server logs in {logs}): {'; '.join(problems)}\n"
+                        f"  minimal reproduction ({len(minimal)} of {len(ops)} operations; "
+                        f"`python -m tests.history --seed {seed}`):\n    {steps}"
                     )
         finally:
             handler.engine.dispose()
