@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 
 import pytest
 import redis
@@ -25,7 +26,12 @@ def test_random_concurrent_histories_keep_every_acknowledged_operation_exactly_o
         redis.Redis.from_url(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")).ping()
     except Exception as exc:
         unavailable("PostgreSQL and Redis (the history checker's database and broker)", exc)
-    report = check_histories(SECONDS, itertools.count(1), shrink_seconds=90)
+    restart = None
+    if shutil.which("pg_ctlcluster") and os.path.isdir("/etc/postgresql"):  # a local cluster: restart it once
+        from tests.faults.test_database_restart import restart_postgresql
+
+        restart = restart_postgresql
+    report = check_histories(SECONDS, itertools.count(1), restart=restart, shrink_seconds=90)
     print(report.summary())
     assert report.histories >= 5, report.summary()
     assert not report.failures, "\n".join(report.failures)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -140,10 +141,14 @@ def check_histories(
             while time.monotonic() < stop:
                 seed = next(seeds)
                 ops = generate(seed)
+                restarting = None
                 if restart is not None and not restarted and time.monotonic() > stop - seconds / 2:
-                    restart()  # once, mid-run, between two histories' operations
+                    restarting = threading.Timer(0.5, restart)  # once, mid-run, under this history's requests
+                    restarting.start()
                     restarted = True
                 problems = History(ops, urls, handler, admin).run()
+                if restarting is not None:
+                    restarting.join()
                 report.histories += 1
                 report.operations += len(ops)
                 if problems:
