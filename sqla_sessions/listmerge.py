@@ -209,6 +209,13 @@ def _separate_double_removals(
     for index, ident in enumerate(base_ids):
         if ident in wanted and index not in touched:
             untouched.setdefault(ident, []).append(index)
+    groups = [*theirs.inserted.values(), *theirs.in_place.values()]
+    theirs_copies: dict[str, list[tuple[int, int]]] = {}  # identity -> (group, position) of their insertions
+    for number, items in enumerate(groups):
+        for position, item in enumerate(items):
+            if (ident := identity(item)) in wanted:
+                theirs_copies.setdefault(ident, []).append((number, position))
+    dropped: set[tuple[int, int]] = set()
     for index in sorted(both):
         ident = base_ids[index]
         copies = untouched.get(ident)
@@ -217,9 +224,9 @@ def _separate_double_removals(
             copies.remove(nearest)
             mine.removed.discard(index)
             mine.removed.add(nearest)
-            continue
-        for inserted in (*theirs.inserted.values(), *theirs.in_place.values()):
-            where = next((n for n, item in enumerate(inserted) if identity(item) == ident), None)
-            if where is not None:
-                del inserted[where]
-                break
+        elif theirs_copies.get(ident):
+            # (A value both moved: each removed it and inserted it elsewhere; it stays once, at mine.)
+            dropped.add(theirs_copies[ident].pop(0))
+    for number in {group for group, _ in dropped}:
+        items = groups[number]
+        items[:] = [item for position, item in enumerate(items) if (number, position) not in dropped]
