@@ -1,24 +1,26 @@
 """The three-way merge of a save onto the stored session: pure functions, no I/O.
 
-A save that lost its compare-and-set (another request or a job wrote the row since this request
-loaded it) is merged onto what is stored now. Each side is a *raw* payload (tagged JSON, see
-`serializer`): `base` is what this request loaded, `mine` what it holds now, `theirs` what is
-stored now. Per key:
+The definition is serial equivalence: where two requests' operations commute, the merged payload
+equals running them one after the other (in commit order where the order shows); where they do not,
+the last committed write wins. A save that lost its compare-and-set (another request or a job wrote
+the row since this request loaded it) is merged onto what is stored now. Each side is a *raw*
+payload (tagged JSON, see `serializer`): `base` is what this request loaded, `mine` what it holds
+now, `theirs` what is stored now. Per key:
 
-- unchanged by me: theirs; unchanged by them (or both made the same change): mine;
-- removed by me: removed (a removal is a change like any other, and it wins over their edit);
+- unchanged by me: theirs; unchanged by them: mine;
+- removed by me: removed (a removal is a change like any other, and the last write);
 - changed by increment/decrement only: my net delta added to their number (a counter they removed
   restarts from 0: increments treat a missing number as 0);
-- dicts on both sides: merged key by key, recursively, with the same rules;
-- lists on both sides: my edits replayed onto theirs — the items I removed are removed from theirs,
-  the items I inserted land before the base item that followed them (appends after everything
-  they appended; two requests that each pushed the same value pushed two); where both sides
-  rewrote the same base items, the edits truly overlap and mine replace theirs there (their other
-  edits stay). The diff is linear past a budget (one hunk between the common prefix and suffix);
+- dicts on both sides: merged key by key, recursively, with the same rules (set/delete at any depth);
+- lists on both sides: each side's edits replayed together (`listmerge`): appends and insertions
+  of both (theirs first at one place), removals of both, items edited in place merged recursively;
+  an insertion never disappears because the other side removed or replaced its neighbour or the
+  item it replaced; an edit of an item the other side removed is the last write's;
 - sets on both sides: their set, minus the items I removed, plus the items I added;
 - anything else (strings, numbers assigned with `=`, dates, tuples, a change of type): mine, the
   last committed write.
 
+The README's "What merges" table lists what each concurrent pair of operations stores.
 `merge(base, mine, base)` is mine and `merge(base, base, theirs)` is theirs, so a save that did not
 race gives exactly what the request holds.
 """
