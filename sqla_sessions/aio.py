@@ -171,6 +171,7 @@ class AsyncSessionStore:
         pending = session.pending_save
         if pending is not None:
             await asyncio.shield(pending)  # an earlier save nobody waited for: taken in first
+        epoch = session.epoch
         try:
             unit = handler.plan_save(session, end_of_request=end_of_request)
             if unit is None:
@@ -187,7 +188,7 @@ class AsyncSessionStore:
                 try:
                     saved = await asyncio.shield(writing)
                 except asyncio.CancelledError:
-                    self._adopt_when_written(session, unit, writing)
+                    self._adopt_when_written(session, unit, epoch, writing)
                     raise
                 session.adopt(saved, unit)
                 action = saved.action
@@ -198,7 +199,9 @@ class AsyncSessionStore:
             await self.call(lambda: session.run_saved_callbacks(None))
         return action
 
-    def _adopt_when_written(self, session: Session, unit: UnitOfWork, writing: asyncio.Future[Saved]) -> None:
+    def _adopt_when_written(
+        self, session: Session, unit: UnitOfWork, epoch: int, writing: asyncio.Future[Saved]
+    ) -> None:
         """The caller stopped waiting, the write goes on: what it stores is taken in when it ends, and
         the session's next save waits for that (else it would write the same changes twice)."""
         taken_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -209,7 +212,7 @@ class AsyncSessionStore:
         def done(future: asyncio.Future[Saved]) -> None:
             try:
                 if not future.cancelled() and future.exception() is None:
-                    session.adopt_late(future.result(), unit)
+                    session.adopt_late(future.result(), unit, epoch)
             finally:
                 if session.pending_save is taken_in:
                     session.pending_save = None

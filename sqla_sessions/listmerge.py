@@ -12,7 +12,8 @@ the gap) it was made at — serial equivalence where the edits commute. Rules, p
 
 - kept by both: kept; removed by either: removed (both removing one item removes it once — unless
   the list holds other copies of that value, untouched or inserted by them: two requests that each
-  removed one "x" of ["x", "x"] removed two, as `lst.remove("x")` one after the other would);
+  removed one "x" of ["x", "x"] removed two, as `lst.remove("x")` one after the other would; and a
+  removal that meets the other side's in-place edit of an item with untouched twins takes a twin);
 - an item replaced by a different value (`lst[i] = v`, a removal then an insertion) is a removal
   of the old item plus an insertion where it was: the insertion survives whatever the other side
   did to the old item (removed it, or replaced it too: then both new items stay, theirs first);
@@ -197,18 +198,40 @@ def _edited_pairs(base: list[Any], other: list[Any], i1: int, i2: int, j1: int, 
 def _separate_double_removals(
     base_ids: list[str], mine: _Edits, theirs: _Edits, identity: Callable[[Any], str]
 ) -> None:
-    """Where both removed the same item and other copies of its value remain, mine removes one of those
-    instead: the nearest untouched copy in the base, else one they inserted. Each request removed one
-    copy, as `lst.remove(value)` one after the other would."""
+    """Where the two sides' edits meet on one item of a value the list holds several copies of, read
+    them as edits of different copies, as the list cannot tell which copy was meant:
+
+    - both removed it: mine removes another copy instead (the nearest untouched one in the base,
+      else one they inserted) — each request removed one, as `lst.remove(value)` twice would;
+    - one removed it, the other edited it in place: the removal takes another untouched copy, so
+      the edit and the removal both land (they commute when they are of different copies).
+    """
     both = mine.removed & theirs.removed
-    if not both:
+    mine_over_edit = mine.removed & theirs.edited.keys()
+    theirs_over_edit = theirs.removed & mine.edited.keys()
+    if not (both or mine_over_edit or theirs_over_edit):
         return
-    wanted = {base_ids[index] for index in both}
+    wanted = {base_ids[index] for index in (*both, *mine_over_edit, *theirs_over_edit)}
     touched = mine.removed | theirs.removed | mine.edited.keys() | theirs.edited.keys()
     untouched: dict[str, list[int]] = {}
     for index, ident in enumerate(base_ids):
         if ident in wanted and index not in touched:
             untouched.setdefault(ident, []).append(index)
+
+    def move(side: _Edits, index: int) -> bool:
+        copies = untouched.get(base_ids[index])
+        if not copies:
+            return False
+        nearest = min(copies, key=lambda other: (abs(other - index), other))
+        copies.remove(nearest)
+        side.removed.discard(index)
+        side.removed.add(nearest)
+        return True
+
+    for index in sorted(mine_over_edit):
+        move(mine, index)
+    for index in sorted(theirs_over_edit):
+        move(theirs, index)
     groups = [*theirs.inserted.values(), *theirs.in_place.values()]
     theirs_copies: dict[str, list[tuple[int, int]]] = {}  # identity -> (group, position) of their insertions
     for number, items in enumerate(groups):
@@ -218,13 +241,9 @@ def _separate_double_removals(
     dropped: set[tuple[int, int]] = set()
     for index in sorted(both):
         ident = base_ids[index]
-        copies = untouched.get(ident)
-        if copies:
-            nearest = min(copies, key=lambda other: (abs(other - index), other))
-            copies.remove(nearest)
-            mine.removed.discard(index)
-            mine.removed.add(nearest)
-        elif theirs_copies.get(ident):
+        if move(mine, index):
+            continue
+        if theirs_copies.get(ident):
             # (A value both moved: each removed it and inserted it elsewhere; it stays once, at mine.)
             dropped.add(theirs_copies[ident].pop(0))
     for number in {group for group, _ in dropped}:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
@@ -88,6 +89,7 @@ class Session(StoreApi):
         "_flash_old",
         "_flash_shown",
         "_keep_previous_id",
+        "_epoch",
         "_generation",
         "_lifetime",
         "_lifetime_changed",
@@ -134,6 +136,7 @@ class Session(StoreApi):
         self._lifetime_changed = False  # a save of this request stored a new lifetime (the cookie follows)
         self._ensure_stored = False
         self._generation = 0  # changes of privilege and invalidations in this request
+        self._epoch = 0  # times the session was emptied in this request (see adopt_late)
         self._saved_callbacks: list[tuple[Callable[[], None], str]] = []
         self.pending_save: asyncio.Future[None] | None = None
         """A save whose caller stopped waiting (cancelled, timed out) and that is still running: the
@@ -572,6 +575,7 @@ class Session(StoreApi):
         self._base_user_id = fresh._base_user_id
 
     def _reset(self) -> None:
+        self._epoch += 1
         self._loaded = None
         self._raw, self._live, self._gone, self._deltas, self._assigned = {}, {}, set(), {}, set()
         self._user_id = self._base_user_id = None
@@ -657,20 +661,37 @@ class Session(StoreApi):
         self._lifetime = None
         self._ensure_stored = False
 
-    def adopt_late(self, saved: Saved, unit: UnitOfWork) -> None:
-        """Take in a save whose caller stopped waiting for it (an `asave()` under a timeout): the app
-        may have changed the session since the save froze its unit, so nothing it holds is touched.
+    @property
+    def epoch(self) -> int:
+        """How often this session was emptied in this request (invalidate, logout, a login as someone
+        else, a reload that found it gone): a save frozen in another epoch is not this session's."""
+        return self._epoch
 
-        The base becomes what this request wrote (the loaded payload with the unit's changes), the
-        loaded version stays: the next save's compare-and-set fails, and it merges only what changed
-        since onto the stored row (whatever the late save merged in is the other side's there). So the
-        late save's changes are applied exactly once, and later ones are not lost.
+    def adopt_late(self, saved: Saved, unit: UnitOfWork, epoch: int) -> None:
+        """Take in a save whose caller stopped waiting for it (an `asave()` under a timeout): the app
+        may have changed the session since the save froze its unit, so nothing it did since is undone.
+
+        - Emptied since (logout, a login as another user): nothing of the unit is this session's; a
+          destruction the app asked for follows the row to where the late save left it.
+        - Otherwise the base becomes what this request wrote (the loaded payload with the unit's
+          changes) and the row the late save wrote, one version behind: the next save's
+          compare-and-set fails, and it merges only what changed since onto the stored row (whatever
+          the late save merged in is the other side's there). The identity the unit stored (id, user,
+          lifetime, a moved key) is taken in, unless the app changed it again since.
         """
-        if unit.writes and (unit.new_key or unit.new_id_hash or unit.user_changed or unit.destroy_key or unit.lifetime):
-            self.adopt(saved, unit)  # an identity change moved the row: the session follows it
+        record = saved.record
+        if saved.expiry_moved:
+            self._expiry_moved = True
+        if self._epoch != epoch:
+            if record is not None and self._destroy_key is not None and unit.loaded is not None:
+                if self._destroy_key == unit.loaded.key:
+                    self._destroy_key = record.key  # the row moved (a login): destroy it where it is
+            elif record is not None and unit.loaded is None and self._destroy_key is None:
+                self._destroy_key = record.key  # the late save created the row the app meant to drop
             return
-        if saved.record is None or saved.action is SaveAction.TOUCHED:
-            self.adopt(saved, unit)
+        if self._destroy_key is not None and self._destroy_key == unit.destroy_key:
+            self._destroy_key = None
+        if record is None:
             return
         changes = unit.changes
         written = {k: v for k, v in self._raw.items() if k not in changes.removals}
@@ -683,8 +704,14 @@ class Session(StoreApi):
                 self._deltas[key] = left
             else:
                 self._deltas.pop(key, None)
-        if saved.expiry_moved:
-            self._expiry_moved = True
+        self._loaded = replace(record, version=record.version - 1)
+        self._base_user_id = record.user_id
+        if unit.new_id_hash is not None and self._id is not None and secret_hash(self._id) == unit.new_id_hash:
+            self._id_changed = False  # the id the unit stored is still this session's
+            self._keep_previous_id = False
+        if unit.lifetime is not None and self._lifetime == unit.lifetime:
+            self._lifetime, self._lifetime_changed = None, True
+        self._ensure_stored = False
 
     def _still_watched(self, stored: Mapping[str, Any], written: Mapping[str, Any]) -> dict[str, Any]:
         """The handed-out values that stay watched once *stored* becomes the base.

@@ -68,6 +68,12 @@ def list_edits(draw: st.DrawFn, base: list[Any], writer: str) -> ListEdit:
         elif kind == "edit":
             key = draw(st.sampled_from(["qty", "note", f"{writer}-key"]))
             edit.fate[index] = ("edit", {key: f"{writer}-e{next(counter)}"})
+    # Of two identical neighbours, removing either holds the same list: the later one it is.
+    for index in range(n - 1):
+        if base[index] == base[index + 1]:
+            first, second = edit.fate.get(index, ("keep",)), edit.fate.get(index + 1, ("keep",))
+            if first[0] == "remove" and second[0] == "keep":
+                edit.fate[index + 1] = edit.fate.pop(index)
     # A replacement beside a removal reads the same as the removal beside the replacement: replaced
     # items stand between kept ones (or end the list, below).
     for index in sorted(edit.fate):
@@ -119,10 +125,19 @@ def serial(base: list[Any], edits: list[ListEdit]) -> list[Any] | None:
         inserts: list[tuple[int, list[Any]]] = []
         for index, (kind, arg) in edit.fate.items():
             where = where_is.get(index)
+            if where is None and kind in ("remove", "edit"):
+                # The item this request saw is gone, but an untouched identical twin is there: the
+                # request could not tell them apart, and in a serial order it would have used the twin.
+                where = _twin(current, base, index, edit)
             if where is None:
                 if kind == "remove":
                     continue  # removed already: `if x in lst: lst.remove(x)`
                 return None
+            if kind == "remove" and current[where][1] != base[index]:
+                # The item this request saw was edited since: with an untouched twin there, the request
+                # removed "one of the identical items", and the twin is the one that still is one.
+                twin = _twin(current, base, index, edit)
+                where = where if twin is None else twin
             if kind == "remove":
                 current[where] = (None, _GONE)
             elif kind == "replace":
@@ -143,27 +158,84 @@ def serial(base: list[Any], edits: list[ListEdit]) -> list[Any] | None:
 _GONE: Any = object()
 
 
+def twin_readings(base: list[Any], edits: list[ListEdit]) -> list[list[ListEdit]]:
+    """The histories that hold the same lists: a request that removed or edited one of two identical
+    neighbours may as well have meant the other (at most 64 readings)."""
+    readings: list[list[ListEdit]] = [[]]
+    for edit in edits:
+        variants = [edit]
+        for k in range(len(base) - 1):
+            if base[k] != base[k + 1] or (edit.fate.get(k) is None) == (edit.fate.get(k + 1) is None):
+                continue
+            swapped = []
+            for variant in variants:
+                fate = dict(variant.fate)
+                a, b = fate.pop(k, None), fate.pop(k + 1, None)
+                if a is not None:
+                    fate[k + 1] = a
+                if b is not None:
+                    fate[k] = b
+                swapped.append(ListEdit(fate, variant.gaps))
+            variants += swapped
+        readings = [[*reading, variant] for reading in readings for variant in variants][:64]
+    return readings
+
+
+def _twin(current: list[tuple[Any, Any]], base: list[Any], index: int, mine: ListEdit) -> int | None:
+    """Where an untouched copy of base[index] stands in *current* (the nearest in the base), one the
+    request (*mine*) does not itself edit or remove, or None."""
+    twins = [
+        (abs(identity - index), identity, where)
+        for where, (identity, item) in enumerate(current)
+        if isinstance(identity, int)
+        and identity != index
+        and identity not in mine.fate
+        and base[identity] == base[index]
+        and item == base[identity]
+    ]
+    return min(twins)[2] if twins else None
+
+
 def by_rule(base: list[Any], edits: list[ListEdit]) -> list[Any]:
     """The documented merge of edits committed in this order (`sqla_sessions.listmerge`), for any history."""
-    # Commit order: each later edit is merged onto what the earlier ones stored; per base item, the
-    # last committed fate among remove/edit wins, edits compose, replacements and insertions all stay.
-    out: list[Any] = []
+    # Per base item, the last committed fate among remove/edit wins, edits compose, replacements and
+    # insertions all stay. A removal that meets another removal or an edit of the same item takes an
+    # untouched identical twin instead, if there is one (a list cannot tell identical items apart).
     n = len(base)
+    fates = [dict(edit.fate) for edit in edits]
+    touched = {index for fate in fates for index in fate}
+    for number, fate in enumerate(fates):
+        for index, (kind, arg) in sorted(fate.items()):
+            if kind not in ("remove", "replace"):
+                continue
+            others = [f.get(index, ("keep",))[0] for k, f in enumerate(fates) if k != number]
+            meets = any(o == "edit" for o in others) or any(
+                f.get(index, ("keep",))[0] in ("remove", "replace") for f in fates[:number]
+            )
+            twins = [j for j in range(n) if j not in touched and base[j] == base[index]]
+            if meets and twins:
+                twin = min(twins, key=lambda j: (abs(j - index), j))
+                touched.add(twin)
+                del fate[index]
+                fate[twin] = ("remove", None)
+                if kind == "replace":
+                    fate[index] = ("slot", arg)  # the new item stays where it was put
+    out: list[Any] = []
     for g in range(n + 1):
         for edit in edits:
             out.extend(edit.gaps.get(g, ()))
         if g == n:
             break
         alive, value = True, base[g]
-        for edit in edits:
-            kind, arg = edit.fate.get(g, ("keep", None))
+        for fate in fates:
+            kind, arg = fate.get(g, ("keep", None))
             if kind in ("remove", "replace"):
                 alive, value = False, base[g]  # a later edit is merged onto a row without the item
             elif kind == "edit":
                 alive, value = True, {**value, **arg}
-        for edit in edits:
-            kind, arg = edit.fate.get(g, ("keep", None))
-            if kind == "replace":
+        for fate in fates:
+            kind, arg = fate.get(g, ("keep", None))
+            if kind in ("replace", "slot"):
                 out.append(arg)
         if alive:
             out.append(value)

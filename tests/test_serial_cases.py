@@ -117,3 +117,80 @@ def test_a_timed_out_save_that_merged_keeps_the_other_writer(make_handler: Handl
     stored = handler.load(session_id)
     assert stored["n"] == 6
     assert stored["log"] == ["other", "mine", "later"]
+
+
+# -- found by review: identical items, and identity changes around a timed-out save ----------------------
+
+
+def test_a_removal_beside_an_edit_of_an_identical_item_takes_the_untouched_copy(make_handler: HandlerFactory) -> None:
+    handler = make_handler()
+    line = {"sku": "A", "qty": 1}
+    for edit_first in (True, False):
+        session_id = seeded(handler, cart=[dict(line), dict(line)])
+        editor, remover = handler.load(session_id), handler.load(session_id)
+        editor["cart"][1]["qty"] = 3
+        del remover["cart"][0]
+        for session in (editor, remover) if edit_first else (remover, editor):
+            session.save()
+        assert handler.load(session_id)["cart"] == [{"sku": "A", "qty": 3}]  # both orders: serial
+
+
+def late_save_then(handler: BaseHandler[Any], before: Any, after: Any) -> tuple[Any, str]:
+    """*before*, a save that times out (the write goes on), *after*, the end of the request's save."""
+    session_id = seeded(handler, secret="S")
+    write_on = handler.write_on
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return write_on(*args, **kwargs)
+
+    async def request() -> Any:
+        store = AsyncSessionStore(handler)
+        handler.write_on = slow_write  # type: ignore[method-assign]
+        try:
+            session = await store.load(session_id)
+            before(session)
+            try:
+                await asyncio.wait_for(session.asave(end_of_request=False), 0.05)
+            except TimeoutError:
+                pass
+            after(session)
+            await asyncio.sleep(0.5)  # the late write lands and is taken in
+            await store.save(session, end_of_request=True)
+            return session
+        finally:
+            await store.aclose()
+            handler.write_on = write_on  # type: ignore[method-assign]
+
+    return asyncio.run(request()), session_id
+
+
+def test_changes_after_a_timed_out_login_are_kept(make_handler: HandlerFactory) -> None:
+    handler = make_handler()
+    if not isinstance(handler, DatabaseHandler):
+        pytest.skip("the memory handler's save runs inline: it cannot be left behind by a timeout")
+
+    def after(session: Any) -> None:
+        session["after"] = 1
+        del session["secret"]
+
+    session, _ = late_save_then(handler, lambda s: s.login("u1"), after)
+    stored = handler.load(session.id)
+    assert stored is not None and stored.user_id == "u1"
+    assert stored.all() == {"after": 1}
+
+
+@pytest.mark.parametrize("after", ["logout", "login as another user"])
+def test_a_logout_after_a_timed_out_login_is_not_undone(make_handler: HandlerFactory, after: str) -> None:
+    handler = make_handler()
+    if not isinstance(handler, DatabaseHandler):
+        pytest.skip("the memory handler's save runs inline: it cannot be left behind by a timeout")
+
+    def then(session: Any) -> None:
+        session.logout() if after == "logout" else session.login("u2")
+
+    session, _ = late_save_then(handler, lambda s: s.login("u1"), then)
+    assert session.user_id == (None if after == "logout" else "u2")
+    assert handler.list_sessions("u1") == []  # the row the late login moved was destroyed where it went
+    stored = handler.load(session.id)
+    assert stored is None or (stored.user_id == session.user_id and "secret" not in stored)

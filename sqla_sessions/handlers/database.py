@@ -578,7 +578,10 @@ class DatabaseHandler(BaseHandler[Connection]):
             params = {"b_key": key, "b_id_hash": id_hash, "now": now}
             row = conn.execute(self._select_by_id_for_update, params).first()
         except BaseException as exc:  # also a cancellation: nothing may stay open on a pooled connection
-            self._end_transaction(conn, commit=False)
+            # A connection the server ended has nothing to roll back (and fails to): the error that
+            # ended it is the one to answer by (503), not the rollback's.
+            with suppress(sa.exc.SQLAlchemyError):
+                self._end_transaction(conn, commit=False)
             if isinstance(exc, sa.exc.DBAPIError) and is_lock_timeout(exc):
                 raise LockTimeout(wait) from None
             raise

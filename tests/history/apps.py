@@ -61,6 +61,7 @@ def apply(session: Session, op: dict[str, Any]) -> None:
     elif kind == "job":
         from tests.history.worker import push_job
 
+        session.ensure_stored()  # a job addresses a stored session (a fresh one is stored by this save)
         push_job.send(session, value)  # enqueued once the session is saved
     else:
         raise ValueError(kind)

@@ -301,7 +301,17 @@ class History:
         for browser in self.browsers.values():
             stored = self._stored(browser)
             if stored is None:
-                problems.append(f"browser {browser.number}: its session is gone")
+                told = ", ".join(
+                    f"{o.op.number}:{o.op.kind}={o.status}"
+                    for o in sorted(self.outcomes.values(), key=lambda o: o.op.at)
+                    if o.op.browser == browser.number
+                )
+                users = {o.op.user for o in self.outcomes.values() if o.op.browser == browser.number}
+                live = {user: [i.key for i in self.handler.list_sessions(user)] for user in users}
+                problems.append(
+                    f"browser {browser.number}: its session is gone (cookie key {browser.key}, "
+                    f"its user's live sessions {live}; it was told {told})"
+                )
                 continue
             found = self._check(browser, stored)
             if found:
