@@ -177,19 +177,15 @@ class AsyncSessionStore:
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                if self._saves is not None and handler.batches_writes and handler.batchable(unit):
-                    # What its batch cannot write without waiting (a lost race, a locked row) the
-                    # batcher saves alone, to its end even if this request is cancelled meanwhile.
-                    writing = asyncio.ensure_future(
-                        self._saves.submit((unit, time.monotonic() + self.config.pool_timeout))
-                    )
+                writing = self._write(unit)
+                if isinstance(writing, asyncio.Future):
+                    try:
+                        saved = await asyncio.shield(writing)
+                    except asyncio.CancelledError:
+                        self._adopt_when_written(session, unit, epoch, writing)
+                        raise
                 else:
-                    writing = asyncio.ensure_future(self.run_on_connection(handler.write_on, unit))
-                try:
-                    saved = await asyncio.shield(writing)
-                except asyncio.CancelledError:
-                    self._adopt_when_written(session, unit, epoch, writing)
-                    raise
+                    saved = writing
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -198,6 +194,23 @@ class AsyncSessionStore:
         if session.has_saved_callbacks:  # enqueueing jobs talks to a broker: not on the event loop
             await self.call(lambda: session.run_saved_callbacks(None))
         return action
+
+    def _write(self, unit: UnitOfWork) -> asyncio.Future[Saved] | Saved:
+        """Start writing *unit*: a future that ends with the write whether or not anyone still waits
+        for it (or, with no threads to run it in, the write done inline)."""
+        handler = self.handler
+        deadline = time.monotonic() + self.config.pool_timeout
+        if self._saves is not None and handler.batches_writes and handler.batchable(unit):
+            # What its batch cannot write without waiting (a lost race, a locked row) the batcher
+            # saves alone, to its end even if this request is cancelled meanwhile.
+            return self._saves.enqueue((unit, deadline))
+        if self._threads is not None:
+            # A call queued behind busy threads for longer than a pooled connection may take fails
+            # as a pool timeout would (503).
+            return self._threads.submit(self._run_in_thread, handler.write_on, (unit,), deadline)
+        if self._engine is not None:
+            return asyncio.ensure_future(self.run_on_connection(handler.write_on, unit))
+        return self._run_in_thread(handler.write_on, (unit,))
 
     def _adopt_when_written(
         self, session: Session, unit: UnitOfWork, epoch: int, writing: asyncio.Future[Saved]

@@ -86,6 +86,10 @@ class Batcher(Generic[I, R]):
 
     async def submit(self, item: I) -> R:
         """Queue *item* and return (or raise) its outcome once its batch has run."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: I) -> asyncio.Future[R]:
+        """Queue *item*; the future (of the running loop) gets its outcome once its batch has run."""
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
@@ -96,7 +100,7 @@ class Batcher(Generic[I, R]):
             # At the next turn of the loop: the requests whose bytes arrived in this one join the batch.
             state.scheduled = True
             loop.call_soon(self._dispatch, state)
-        return await future
+        return future
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most *timeout* seconds) until everything queued on this loop so far has run."""
