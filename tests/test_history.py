@@ -12,6 +12,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from tests import conftest
 from tests.conftest import PG_ADMIN_URL, unavailable
 from tests.history.run import check_histories
 
@@ -31,7 +32,12 @@ def test_random_concurrent_histories_keep_every_acknowledged_operation_exactly_o
         from tests.faults.test_database_restart import restart_postgresql
 
         restart = restart_postgresql
-    report = check_histories(SECONDS, itertools.count(1), restart=restart, shrink_seconds=90)
+    try:
+        report = check_histories(SECONDS, itertools.count(1), restart=restart, shrink_seconds=90)
+    finally:
+        if restart is not None:
+            for backend in conftest._backends.values():  # the restart killed every pooled connection
+                backend.engine.dispose()
     print(report.summary())
     assert report.histories >= 5, report.summary()
     assert not report.failures, "\n".join(report.failures)

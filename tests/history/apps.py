@@ -88,6 +88,8 @@ def starlette_app() -> Any:
                     await asyncio.wait_for(session.asave(end_of_request=False), op["asave_timeout"])
                 except TimeoutError:
                     pass
+                if op["kind"] == "push":
+                    session.push("log", f"{op['value']}-after")  # a change after the timeout: kept, once
             await session.asave(end_of_request=False)
         except SessionInterrupted:
             return JSONResponse({"saved": False, "fresh": fresh}, status_code=409)

@@ -334,7 +334,7 @@ class History:
         counts = Counter(log)
         problems = []
         prefix = mine[0].op.value.rsplit("-op", 1)[0] + "-op" if mine else "?"
-        strangers = [v for v in [*log, *tags, *deep] if not str(v).startswith(prefix)]
+        strangers = [v for v in [*log, *tags, *deep] if not str(v).startswith(prefix)]  # (…-after too)
         if strangers:
             problems.append(f"browser {browser.number}: values of another session: {strangers}")
         removed = {o.value for o in mine if o.op.kind in ("remove", "swap") and o.status in (ACKED, UNKNOWN)}
@@ -367,6 +367,13 @@ class History:
                     problems.append(f"{o.op.describe()}: {o.status}, yet stored")
             elif kind == "sdiscard" and o.status == ACKED and o.value in tags:
                 problems.append(f"{o.op.describe()}: acknowledged discard of {o.value}, still there")
+        for o in mine:  # what the app pushed after its timed-out asave(): stored with the push, once
+            if o.op.kind == "push" and o.op.asave_timeout:
+                after = counts[f"{o.op.value}-after"]
+                if after > 1 or (o.status == ACKED and after == 0 and o.op.value not in removed):
+                    problems.append(f"{o.op.describe()}: {o.status}, its later push stored {after} times")
+                elif o.status in (REFUSED, STRAY) and after:
+                    problems.append(f"{o.op.describe()}: {o.status}, yet its later push is stored")
         increments = [o for o in mine if o.op.kind == "incr"]
         low = 1 + sum(1 for o in increments if o.status == ACKED)  # 1: the request that created it
         high = low + sum(1 for o in increments if o.status == UNKNOWN)
