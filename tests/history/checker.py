@@ -131,6 +131,7 @@ class Browser:
     number: int
     cookie: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    navigating: threading.Lock = field(default_factory=threading.Lock)
     settled: threading.Event = field(default_factory=threading.Event)
     """Clear while a login or regenerate is on its way: a browser navigating to the login's response
     sends its next requests once it has the new cookie (the ones already in flight race it)."""
@@ -180,13 +181,14 @@ class History:
 
     def _perform(self, op: Op) -> Outcome:
         browser = self.browsers[op.browser]
-        browser.settled.wait(30)
         if op.kind in ("login", "regenerate"):
-            browser.settled.clear()
-            try:
-                return self._send(op, browser)
-            finally:
-                browser.settled.set()
+            with browser.navigating:  # one login form at a time (a double submit forks the session)
+                browser.settled.clear()
+                try:
+                    return self._send(op, browser)
+                finally:
+                    browser.settled.set()
+        browser.settled.wait(30)
         return self._send(op, browser)
 
     def _send(self, op: Op, browser: Browser) -> Outcome:
