@@ -699,11 +699,13 @@ class Session(StoreApi):
         self._raw = written
         self._gone -= changes.removals
         for key, delta in changes.deltas.items():
-            left = self._deltas.get(key, 0) - delta
+            if key not in self._deltas:
+                continue  # assigned since: a plain assignment, no delta left to carry
+            left = self._deltas[key] - delta
             if left:
                 self._deltas[key] = left
             else:
-                self._deltas.pop(key, None)
+                del self._deltas[key]
         self._loaded = replace(record, version=record.version - 1)
         self._base_user_id = record.user_id
         if unit.new_id_hash is not None and self._id is not None and secret_hash(self._id) == unit.new_id_hash:

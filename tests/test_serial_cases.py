@@ -135,8 +135,9 @@ def test_a_removal_beside_an_edit_of_an_identical_item_takes_the_untouched_copy(
         assert handler.load(session_id)["cart"] == [{"sku": "A", "qty": 3}]  # both orders: serial
 
 
-def late_save_then(handler: BaseHandler[Any], before: Any, after: Any) -> tuple[Any, str]:
-    """*before*, a save that times out (the write goes on), *after*, the end of the request's save."""
+def late_save_then(handler: BaseHandler[Any], before: Any, after: Any, meanwhile: Any = None) -> tuple[Any, str]:
+    """*before*, a save that times out (the write goes on), *after*, the end of the request's save
+    (*meanwhile*: what another request does once the late write landed, given the session id)."""
     session_id = seeded(handler, secret="S")
     write_on = handler.write_on
 
@@ -156,6 +157,9 @@ def late_save_then(handler: BaseHandler[Any], before: Any, after: Any) -> tuple[
                 pass
             after(session)
             await asyncio.sleep(0.5)  # the late write lands and is taken in
+            if meanwhile is not None:
+                handler.write_on = write_on  # type: ignore[method-assign]
+                meanwhile(session_id)
             await store.save(session, end_of_request=True)
             return session
         finally:
@@ -194,3 +198,20 @@ def test_a_logout_after_a_timed_out_login_is_not_undone(make_handler: HandlerFac
     assert handler.list_sessions("u1") == []  # the row the late login moved was destroyed where it went
     stored = handler.load(session.id)
     assert stored is None or (stored.user_id == session.user_id and "secret" not in stored)
+
+
+def test_an_assignment_after_a_timed_out_increment_is_an_assignment(make_handler: HandlerFactory) -> None:
+    handler = make_handler()
+    if not isinstance(handler, DatabaseHandler):
+        pytest.skip("the memory handler's save runs inline: it cannot be left behind by a timeout")
+
+    def after(session: Any) -> None:
+        session["n"] = 100
+
+    def another_request(session_id: str) -> None:
+        other = handler.load(session_id)
+        other.increment("n")
+        other.save()
+
+    session, session_id = late_save_then(handler, lambda s: s.increment("n", 5), after, another_request)
+    assert handler.load(session_id)["n"] == 100  # increment, increment, assignment: the assignment
