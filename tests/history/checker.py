@@ -234,7 +234,8 @@ class History:
         if response.status_code == 200 and response.json().get("saved"):
             return Outcome(op, ACKED, value)
         if response.status_code == 409:
-            return Outcome(op, REFUSED, value)
+            # A timed-out asave() may have landed before the refusal of the save after it: unknown.
+            return Outcome(op, UNKNOWN if op.asave_timeout else REFUSED, value)
         return Outcome(op, UNKNOWN, value)
 
     def _direct(self, browser: Browser, value: str) -> str:
@@ -284,6 +285,18 @@ class History:
             live = self.handler.list_sessions(logins[0].op.user)
             if len(live) == 1:
                 return live[0].key
+            if len(live) > 1:
+                # A later login sent with the stale cookie logged in a fresh session too: the browser's
+                # is the one holding what it was told was stored (values are unique).
+                acked = {
+                    o.op.value for o in self.outcomes.values() if o.op.browser == browser.number and o.status == ACKED
+                }
+
+                def held(key: str) -> int:
+                    session = self.handler.load_by_key(key)
+                    return 0 if session is None else len(acked & set(map(str, session.get("log", []))))
+
+                return max(live, key=lambda info: held(info.key)).key
         return browser.key
 
     def _stored(self, browser: Browser) -> dict[str, Any] | None:
