@@ -73,7 +73,7 @@ def merge_lists(
     base_ids = [identity(item) for item in base]
     my_edits = _edits(base, base_ids, mine, identity, budget)
     their_edits = _edits(base, base_ids, theirs, identity, budget)
-    _separate_double_removals(base_ids, my_edits, their_edits, identity)
+    _separate_twins(base_ids, my_edits, their_edits, identity)
     out: list[Any] = []
     for index in range(len(base) + 1):
         out.extend(their_edits.inserted.get(index, ()))
@@ -195,7 +195,7 @@ def _edited_pairs(base: list[Any], other: list[Any], i1: int, i2: int, j1: int, 
     return pairs
 
 
-def _separate_double_removals(
+def _separate_twins(
     base_ids: list[str], mine: _Edits, theirs: _Edits, identity: Callable[[Any], str]
 ) -> None:
     """Where the two sides' edits meet on one item of a value the list holds several copies of, read

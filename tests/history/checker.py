@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionInterrupted
 from tests.history.apps import apply, config
+from tests.web.served_app import cookie_of, sent
 
 ACKED, REFUSED, UNKNOWN = "acked", "refused", "unknown"
 STRAY = "stray"  # sent with a cookie a login or regenerate had just replaced: it got a fresh session
@@ -165,7 +166,7 @@ class History:
                     break
                 time.sleep(0.2)
             response.raise_for_status()
-            browser.cookie = _cookie(response)
+            browser.cookie = cookie_of(response) or None
         self.started = time.monotonic()
         with ThreadPoolExecutor(max_workers=12) as pool:
             for future in [pool.submit(self._run_at, op) for op in self.ops]:
@@ -219,10 +220,10 @@ class History:
         sent_cookie = browser.cookie
         try:
             with httpx.Client(timeout=op.client_timeout) as client:
-                response = client.post(f"{self.urls[op.server]}{path}", json=body, headers=_sent(sent_cookie))
+                response = client.post(f"{self.urls[op.server]}{path}", json=body, headers=sent(sent_cookie))
         except httpx.HTTPError:
             return Outcome(op, UNKNOWN, value)
-        new_cookie = _cookie(response)
+        new_cookie = cookie_of(response) or None
         fresh = response.headers.get("content-type", "").startswith("application/json") and response.json().get("fresh")
         if fresh:
             # Its cookie named no live session any more (a login moved it meanwhile): it was given a
@@ -395,19 +396,6 @@ class History:
         if not low <= stored.get("n", 0) <= high:
             problems.append(f"browser {browser.number}: counter {stored.get('n')}, expected {low}..{high}")
         return problems
-
-
-def _sent(cookie: str | None) -> dict[str, str]:
-    return {"Cookie": f"session={cookie}"} if cookie else {}
-
-
-def _cookie(response: httpx.Response) -> str | None:
-    for header in response.headers.get_list("set-cookie"):
-        name, _, rest = header.partition("=")
-        if name == "session":
-            value = rest.split(";", 1)[0]
-            return value or None
-    return None
 
 
 def make_handler() -> DatabaseHandler:

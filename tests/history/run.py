@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from sqla_sessions import upgrade
 from tests.history.checker import History, Op, generate, make_handler
+from tests.web.served_app import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get("SQLA_SESSIONS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -32,29 +33,6 @@ class Report:
 
     def summary(self) -> str:
         return f"{self.histories} histories, {self.operations} operations checked, {len(self.failures)} failing"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_up(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
 
 
 @contextmanager
@@ -80,7 +58,7 @@ def servers(url: str, folder: Path) -> Iterator[dict[str, str]]:
     os.environ["HISTORY_NAMESPACE"] = namespace
     os.environ["SQLA_SESSIONS_DATABASE_URL"] = url
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    asgi_port, wsgi_port = _free_port(), _free_port()
+    asgi_port, wsgi_port = free_port(), free_port()
     commands = {
         "asgi": [sys.executable, "-m", "uvicorn", "tests.history.apps:starlette_app", "--factory",
                  "--port", str(asgi_port), "--log-level", "critical"],
@@ -95,8 +73,8 @@ def servers(url: str, folder: Path) -> Iterator[dict[str, str]]:
             process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             processes.append(process)
             stack.callback(_stop, process)
-        _wait_up(processes[0], asgi_port, folder / "asgi.log")
-        _wait_up(processes[1], wsgi_port, folder / "wsgi.log")
+        wait_until_up(processes[0], asgi_port, folder / "asgi.log")
+        wait_until_up(processes[1], wsgi_port, folder / "wsgi.log")
         yield {"asgi": f"http://127.0.0.1:{asgi_port}", "wsgi": f"http://127.0.0.1:{wsgi_port}"}
 
 
