@@ -195,9 +195,7 @@ def _edited_pairs(base: list[Any], other: list[Any], i1: int, i2: int, j1: int, 
     return pairs
 
 
-def _separate_twins(
-    base_ids: list[str], mine: _Edits, theirs: _Edits, identity: Callable[[Any], str]
-) -> None:
+def _separate_twins(base_ids: list[str], mine: _Edits, theirs: _Edits, identity: Callable[[Any], str]) -> None:
     """Where the two sides' edits meet on one item of a value the list holds several copies of, read
     them as edits of different copies, as the list cannot tell which copy was meant:
 
