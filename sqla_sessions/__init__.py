@@ -10,6 +10,7 @@ from .errors import (
     SessionError,
     SessionInterrupted,
     StoreUnavailable,
+    TooManyRequests,
 )
 from .handlers import DatabaseHandler, MemoryHandler, SessionHandler
 from .records import SaveAction, SessionInfo
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseHandler",
     "LockTimeout",
+    "TooManyRequests",
     "MemoryHandler",
     "PayloadTooLarge",
     "SaveAction",

@@ -34,7 +34,7 @@ from .config import SessionConfig
 from .errors import LockTimeout, SessionInterrupted
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
-from .ids import is_valid_session_id
+from .ids import is_valid_session_id, session_key_of
 from .locking import LOST_LOCK, LockedRequest, lost_lock, poll_delays
 from .records import SaveAction, SessionInfo
 from .session import Session
@@ -263,13 +263,15 @@ class AsyncSessionStore:
         """Log a user out everywhere, optionally keeping one session."""
         return await self.call(lambda: self.handler.revoke_user(user_id, except_key=except_key))
 
-    async def open_blocking(self, session_id: str | None) -> AsyncBlockingSession:
+    async def open_blocking(self, session_id: str | None, *, address: str | None = None) -> AsyncBlockingSession:
         """Lock the session for a blocking request (see `sqla_sessions.locking`); `LockTimeout` past the wait.
 
         In one process, one blocking request per session waits for (or holds) the database lock; the
         others queue here, holding no thread and no connection, and past `MAX_QUEUED_PER_SESSION` are
         answered at once (`LockTimeout`: 423). So one browser firing a burst at a blocking route cannot
-        take the pool from everyone else.
+        take the pool from everyone else. The hold counts toward the session's and the client
+        *address*'s share of the pool (`sqla_sessions.fairshare`): past it, `LockTimeout` or
+        `TooManyRequests` at once.
         """
         if not is_valid_session_id(session_id):
             return await AsyncBlockingSession.open(self, session_id)
@@ -290,10 +292,16 @@ class AsyncSessionStore:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(gate.changed.wait(), max(remaining, 0.001))
                 gate.owner, gate.since = token, time.monotonic()
+            end_hold = self.handler.share.hold(session_key_of(session_id), address)
         except BaseException:
             self._leave(session_id, gate, token)
             raise
-        return await AsyncBlockingSession.open(self, session_id, on_done=lambda: self._leave(session_id, gate, token))
+
+        def done() -> None:
+            end_hold()
+            self._leave(session_id, gate, token)
+
+        return await AsyncBlockingSession.open(self, session_id, on_done=done)
 
     def _leave(self, session_id: str, gate: _Gate, token: object) -> None:
         if gate.owner is token:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from .aio import AsyncBlockingSession, AsyncSessionStore
+from .bodies import BodyRefused, ClientGone, read_asgi_body
 from .config import SessionConfig
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
@@ -35,6 +35,7 @@ from .web import (
     describe_store,
     error_headers,
     http_reason,
+    refusal,
     resolve_handler,
     store_failure,
     sweep_batches,
@@ -113,16 +114,25 @@ class SessionMiddleware:
         info = request_info(scope)
         presented: str | None = None
         held: AsyncBlockingSession | None = None
+        blocking = self._blocking is not None and self._blocking(scope)
+        if blocking:  # the whole body first: the lock waits for nobody (sqla_sessions.bodies)
+            try:
+                receive = await read_asgi_body(scope, receive, self.config.block_body_bytes)
+            except BodyRefused as exc:
+                await _send_error(send, exc.status, retry_after=RETRY_AFTER)
+                return
+            except ClientGone:
+                return
         try:
             presented = await self.store.choose_session_id(self.cycle.session_ids(info))
-            if self._blocking is not None and self._blocking(scope):
-                held = await self.store.open_blocking(presented)
+            if blocking:
+                held = await self.store.open_blocking(presented, address=info.client_ip)
                 session = held.session
             else:
                 session = await self.store.load(presented)
         except LockTimeout as exc:
-            logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
-            await _send_error(send, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
+            refused, retry_after = refusal(exc, self.config)
+            await _send_error(send, refused, retry_after=retry_after)
             return
         except STORE_ERRORS as exc:
             status = store_failure(exc, self.cycle.store)

@@ -66,6 +66,16 @@ class SessionConfig:
     block_lock_seconds: float = 10
     block_wait_seconds: float = 10
     lock_timeout_status: int = 423
+    block_body_bytes: int = 2_621_440
+    """Largest request body a blocking request may send (2.5 MiB, Django's default for a form). A
+    blocking request reads its whole body before it takes its session's lock, so a slow client never
+    holds the lock or a pooled connection; a larger body is answered 413."""
+    session_connections: int | None = None
+    """Long holds of pooled connections one session may have at once in a process: blocking requests,
+    and saves waiting for a row lock (None: a quarter of `pool_size`). Past it: `lock_timeout_status` at once."""
+    address_connections: int | None = None
+    """The same for one client address, over all its sessions (None: half of `pool_size`). Past it: 429
+    at once. Behind a proxy, let the server take the address from `X-Forwarded-For` (see fairshare)."""
     gc_batch_size: int = 1000
     """Rows deleted per statement by garbage collection."""
     gc_pause: float = 0
@@ -168,6 +178,10 @@ class SessionConfig:
             _check(0 < value <= 3600, name, "must be more than 0 and at most 3600 seconds")
         _check_int(self.lock_timeout_status, "lock_timeout_status", minimum=400)
         _check(self.lock_timeout_status <= 599, "lock_timeout_status", "must be an HTTP error status (400-599)")
+        _check_int(self.block_body_bytes, "block_body_bytes", minimum=0)
+        for name in ("session_connections", "address_connections"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, minimum=1)
         _check_int(self.pool_size, "pool_size", minimum=1)
         _check_int(self.max_overflow, "max_overflow", minimum=0)
         _check_int(self.pool_recycle, "pool_recycle", minimum=-1)
@@ -187,6 +201,12 @@ class SessionConfig:
         _check(isinstance(self.encryption_keys, tuple), "encryption_keys", "must be a tuple")
         for key in self.encryption_keys:
             decode_encryption_key(key)
+
+    @property
+    def write_wait_seconds(self) -> float:
+        """How long a save (not a blocking request's) waits for a row lock another request holds:
+        no longer than a request waits for a pooled connection, nor than a blocking request would."""
+        return min(self.block_wait_seconds, self.pool_timeout)
 
     @property
     def lifetime_seconds(self) -> int:

@@ -43,11 +43,26 @@ class PayloadTooLarge(SessionError):
 
 
 class LockTimeout(SessionError):
-    """Raised when a blocking request waited `block_wait_seconds` for its session's lock."""
+    """Raised when a blocking request waited `block_wait_seconds` for its session's lock, when a save
+    waited `write_wait_seconds` for its row, or at once when the session holds its share of the pool
+    (`session_connections`); answered `lock_timeout_status` (423)."""
+
+    status: int | None = None  # None: the config's lock_timeout_status
 
     def __init__(self, waited: float) -> None:
         super().__init__(f"session lock not acquired within {waited:g} s")
         self.waited = waited
+
+
+class TooManyRequests(LockTimeout):
+    """Raised when one client address holds its share of the pool already (`address_connections`);
+    answered 429 with `Retry-After` (see `sqla_sessions.fairshare`)."""
+
+    status = 429
+
+    def __init__(self, address: str, share: int) -> None:
+        SessionError.__init__(self, f"client {address} holds its share of the session store ({share} connections)")
+        self.waited = 0.0
 
 
 class SessionInterrupted(SessionError):

@@ -21,7 +21,6 @@ from Flask's defaults (`SESSION_COOKIE_*`, `PERMANENT_SESSION_LIFETIME`), as Fla
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any, cast
 
 try:
@@ -33,6 +32,7 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 
 from werkzeug.exceptions import HTTPException
 
+from .bodies import BodyRefused, read_wsgi_body
 from .config import SessionConfig, config_from_flask_settings
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
@@ -45,6 +45,7 @@ from .web import (
     describe_store,
     error_headers,
     http_reason,
+    refusal,
     resolve_handler,
     store_failure,
     sweep_batches,
@@ -85,13 +86,18 @@ class SqlaSessionInterface(SessionInterface):
         try:
             presented = self.handler.choose_session_id(self.cycle.session_ids(info))
             if self._is_blocking(app, environ):
-                held = BlockingSession.open(self.handler, presented)
+                # The whole body first (before Flask reads it): the lock waits for nobody (sqla_sessions.bodies).
+                read_wsgi_body(environ, self.handler.config.block_body_bytes)
+                held = BlockingSession.open(self.handler, presented, address=info.client_ip)
             else:
                 held = BlockingSession(self.handler, self.handler.load(presented))
-        except (LockTimeout, *STORE_ERRORS) as exc:
+        except (LockTimeout, BodyRefused, *STORE_ERRORS) as exc:
             # Flask turns exceptions raised here into 500s: answer from a before_request hook instead
-            # (423 for a lock wait that ran out, 503 for an unreachable database, 500 for a misconfigured one).
-            if isinstance(exc, LockTimeout):
+            # (423 for a lock wait that ran out, 413 for a body too large, 503 for an unreachable
+            # database, 500 for a misconfigured one).
+            if isinstance(exc, BodyRefused):
+                environ[_UNANSWERED] = exc.status
+            elif isinstance(exc, LockTimeout):
                 environ[_UNANSWERED] = exc
             else:
                 status = store_failure(exc, self.cycle.store)
@@ -160,7 +166,7 @@ def init_app(
         if unanswered is None:
             return None
         if isinstance(unanswered, LockTimeout):
-            return _error(handler.config.lock_timeout_status, math.ceil(unanswered.waited))
+            return _error(*refusal(unanswered, handler.config))
         return _error(unanswered, RETRY_AFTER)
 
     def _store_failed(exc: StoreUnavailable | StoreMisconfigured) -> Response:

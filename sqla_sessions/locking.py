@@ -43,7 +43,7 @@ from sqlalchemy.exc import DBAPIError
 from .config import SessionConfig
 from .errors import LockTimeout, SessionInterrupted
 from .handlers.base import BaseHandler, LockState, LockStrategy
-from .ids import is_valid_session_id
+from .ids import is_valid_session_id, session_key_of
 from .records import SaveAction
 from .session import Session
 from .unit import UnitOfWork
@@ -196,19 +196,31 @@ class BlockingSession:
         self._release_gate: Callable[[], None] | None = None
 
     @classmethod
-    def open(cls, handler: BaseHandler[Any], session_id: str | None) -> BlockingSession:
+    def open(cls, handler: BaseHandler[Any], session_id: str | None, *, address: str | None = None) -> BlockingSession:
         """Lock the session named by *session_id*, waiting up to `block_wait_seconds`; `LockTimeout` past it.
 
         In one process, one blocking request per session waits for (or holds) the database lock with
         a pooled connection; the others wait at a gate holding none, and past `MAX_QUEUED_PER_SESSION`
         are answered at once (`LockTimeout`: 423). So a burst of one browser's requests at a blocking
-        route cannot take the pool from everyone else.
+        route cannot take the pool from everyone else. The hold counts toward the session's and the
+        client *address*'s share of the pool (`sqla_sessions.fairshare`): past it, `LockTimeout` or
+        `TooManyRequests` at once.
         """
         if not is_valid_session_id(session_id):
             return cls(handler, handler.load(session_id))
         assert session_id is not None
         config = handler.config
-        release_gate = _SESSION_GATES.enter(session_id, config.block_wait_seconds, config.block_lock_seconds)
+        leave_gate = _SESSION_GATES.enter(session_id, config.block_wait_seconds, config.block_lock_seconds)
+        try:
+            end_hold = handler.share.hold(session_key_of(session_id), address)
+        except BaseException:
+            leave_gate()
+            raise
+
+        def release_gate() -> None:
+            end_hold()
+            leave_gate()
+
         lock = LockedRequest(handler, session_id)
         held = cls(handler, Session(handler), lock)
         held._release_gate = release_gate

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -35,7 +34,7 @@ try:
     from quart import Quart, Response, has_request_context, request
     from quart import session as quart_session
     from quart.sessions import SessionInterface, SessionMixin
-    from quart.wrappers import BaseRequestWebsocket
+    from quart.wrappers import BaseRequestWebsocket, Request
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise ImportError("sqla_sessions.quart needs Quart: pip install 'sqla-sessions[quart]'") from None
 
@@ -44,6 +43,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from .aio import AsyncBlockingSession, AsyncSessionStore
 from .asgi import Scope, finish_response, request_info, same_origin
+from .bodies import TOO_LARGE, BodyRefused
 from .config import SessionConfig, config_from_flask_settings
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
@@ -57,6 +57,7 @@ from .web import (
     describe_store,
     error_headers,
     http_reason,
+    refusal,
     resolve_handler,
     store_failure,
     sweep_batches,
@@ -111,15 +112,18 @@ class SqlaSessionInterface(SessionInterface):
         try:
             opened.presented = await self.store.choose_session_id(self.cycle.session_ids(info))
             if scope["type"] == "http" and self._is_blocking(app, request):
-                opened.held = await self.store.open_blocking(opened.presented)
+                # The whole body first (Quart bounds its wait, BODY_TIMEOUT): the lock waits for nobody.
+                await _read_body(cast(Request, request), self.handler.config.block_body_bytes)
+                opened.held = await self.store.open_blocking(opened.presented, address=info.client_ip)
                 opened.session = opened.held.session
             else:
                 opened.session = await self.store.load(opened.presented)
-        except (LockTimeout, *STORE_ERRORS) as exc:
+        except (LockTimeout, BodyRefused, *STORE_ERRORS) as exc:
             # Quart turns exceptions raised here into bare 500s: answer from a before_request hook
-            # instead (423 for a lock wait that ran out, 503 unreachable, 500 misconfigured).
-            if isinstance(exc, LockTimeout):
-                logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
+            # instead (423 for a lock wait that ran out, 413 too large, 503 unreachable, 500 misconfigured).
+            if isinstance(exc, BodyRefused):
+                opened.unanswered = exc.status
+            elif isinstance(exc, LockTimeout):
                 opened.unanswered = exc
             else:
                 status = store_failure(exc, self.cycle.store)
@@ -218,7 +222,7 @@ def init_app(
         if unanswered is None:
             return None
         if isinstance(unanswered, LockTimeout):
-            return _error(handler.config.lock_timeout_status, math.ceil(unanswered.waited))
+            return _error(*refusal(unanswered, handler.config))
         return _error(unanswered, RETRY_AFTER)
 
     async def _store_failed(exc: StoreUnavailable | StoreMisconfigured) -> Response:
@@ -252,3 +256,12 @@ def current_session() -> Session:
     if not isinstance(current, Session):
         raise RuntimeError("no sqla_sessions session here: call sqla_sessions.quart.init_app(app) first")
     return current
+
+
+async def _read_body(request: Request, limit: int) -> None:
+    """Read a blocking request's body into Quart's cache before its lock is taken (`sqla_sessions.bodies`)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyRefused(TOO_LARGE)
+    if len(await request.get_data(cache=True)) > limit:
+        raise BodyRefused(TOO_LARGE)

@@ -15,6 +15,7 @@ Policy, following Django's middleware and improving on Laravel's:
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .config import SessionConfig
 from .cookies import CookieWriter, session_cookie_values, session_id_candidates
 from .errors import (
     UNAVAILABLE_ERRORS,
+    LockTimeout,
     PayloadTooLarge,
     SessionInterrupted,
     StoreMisconfigured,
@@ -49,7 +51,7 @@ STORE_UNAVAILABLE = (StoreUnavailable, *UNAVAILABLE_ERRORS)
 #: to fix). Any other database error (a value a column refuses) is a bug to see, raised as it is.
 STORE_ERRORS = (*STORE_UNAVAILABLE, StoreMisconfigured, DBAPIError)
 #: What a failed save may raise; `SessionCycle.conclude` turns each into a response.
-SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, *STORE_ERRORS)
+SAVE_ERRORS = (SessionInterrupted, PayloadTooLarge, TypeError, LockTimeout, *STORE_ERRORS)
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -114,6 +116,8 @@ class SessionCycle:
         if isinstance(error, SessionInterrupted):
             logger.warning("session was destroyed or cut off by a login while this request ran; changes dropped")
             interrupted = True
+        elif isinstance(error, LockTimeout):
+            return refusal(error, self.config)[0]  # nothing was saved: the client may retry
         elif isinstance(error, PayloadTooLarge | TypeError):
             logger.error("session could not be saved; answering 500", exc_info=error)
             return 500
@@ -235,15 +239,28 @@ def store_failure(exc: BaseException, store: str) -> int | None:
     return None
 
 
+def refusal(exc: LockTimeout, config: SessionConfig) -> tuple[int, int]:
+    """Log a request refused for its session's lock or its share of the pool, and say what to answer:
+    the status (`lock_timeout_status`, 429 past a client's share) and the `Retry-After` seconds."""
+    if exc.status is not None:
+        logger.warning("request refused: %s", exc)
+    elif exc.waited:
+        logger.warning("request gave up after waiting %g s for its session", exc.waited)
+    else:
+        logger.warning("request refused at once: its session holds its share of the store's connections")
+    return exc.status or config.lock_timeout_status, max(1, math.ceil(exc.waited))
+
+
 #: Seconds a client is told to wait after a 503 (an unreachable store, a pool that stayed dry).
 RETRY_AFTER = 5
 
 
 def error_headers(status: int, retry_after: int = RETRY_AFTER) -> Headers:
     """The headers of a response the session layer gives instead of the app's (every integration's):
-    plain text, never cached, and `Retry-After` unless it is a 500 (a misconfiguration: no retry helps)."""
+    plain text, never cached, and `Retry-After` where waiting helps (not after a misconfiguration's
+    500, nor a body refused as too large or incomplete)."""
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
-    if status != 500:
+    if status not in (400, 413, 500):
         headers.append(("Retry-After", str(retry_after)))
     return headers
 

@@ -8,11 +8,11 @@ server has sent the body.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .bodies import BodyRefused, read_wsgi_body
 from .config import SessionConfig
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
 from .handlers.base import BaseHandler
@@ -28,6 +28,7 @@ from .web import (
     describe_store,
     error_headers,
     http_reason,
+    refusal,
     resolve_handler,
     store_failure,
     sweep_batches,
@@ -62,15 +63,21 @@ class SessionMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         info = request_info(environ)
         presented: str | None = None
+        blocking = self._blocking is not None and self._blocking(environ)
+        if blocking:  # the whole body first: the lock waits for nobody (sqla_sessions.bodies)
+            try:
+                read_wsgi_body(environ, self.config.block_body_bytes)
+            except BodyRefused as exc:
+                return _error(start_response, exc.status)
         try:
             presented = self.handler.choose_session_id(self.cycle.session_ids(info))
-            if self._blocking is not None and self._blocking(environ):
-                held = BlockingSession.open(self.handler, presented)
+            if blocking:
+                held = BlockingSession.open(self.handler, presented, address=info.client_ip)
             else:
                 held = BlockingSession(self.handler, self.handler.load(presented))  # holds nothing
         except LockTimeout as exc:
-            logger.warning("blocking request gave up after waiting %g s for its session", exc.waited)
-            return _error(start_response, self.config.lock_timeout_status, retry_after=math.ceil(exc.waited))
+            refused, retry_after = refusal(exc, self.config)
+            return _error(start_response, refused, retry_after=retry_after)
         except STORE_ERRORS as exc:
             status = store_failure(exc, self.cycle.store)
             if status is None:

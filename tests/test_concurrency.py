@@ -21,8 +21,13 @@ def _stored(handler: DatabaseHandler, **data: Any) -> str:
     return session.id
 
 
+#: Dozens of threads write one session at once here, to test the merge: more than one session's fair
+#: share of the pool (`session_connections`, refused with LockTimeout; see tests/web/test_fair_share.py).
+CROWDED = SessionConfig(session_connections=64)
+
+
 def test_fifty_concurrent_saves_each_adding_a_key_all_survive(db_backend: Backend) -> None:
-    handler = DatabaseHandler(db_backend.engine, SessionConfig())
+    handler = DatabaseHandler(db_backend.engine, CROWDED)
     session_id = _stored(handler, base=True)
     barrier = threading.Barrier(50)
 
@@ -43,7 +48,7 @@ def test_fifty_concurrent_saves_each_adding_a_key_all_survive(db_backend: Backen
 
 def test_concurrent_sets_and_removes_of_overlapping_keys(db_backend: Backend) -> None:
     """Random overlapping writers: the result is the serial application of their change sets."""
-    handler = DatabaseHandler(db_backend.engine, SessionConfig())
+    handler = DatabaseHandler(db_backend.engine, CROWDED)
     keys = [f"k{i}" for i in range(8)]
     session_id = _stored(handler, **{k: "initial" for k in keys})
     rng = random.Random(1234)
@@ -79,7 +84,7 @@ def test_concurrent_sets_and_removes_of_overlapping_keys(db_backend: Backend) ->
 
 
 def test_concurrent_nested_mutations_of_different_keys(db_backend: Backend) -> None:
-    handler = DatabaseHandler(db_backend.engine, SessionConfig())
+    handler = DatabaseHandler(db_backend.engine, CROWDED)
     session_id = _stored(handler, **{f"list{i}": [] for i in range(10)})
     barrier = threading.Barrier(10)
 
@@ -95,7 +100,7 @@ def test_concurrent_nested_mutations_of_different_keys(db_backend: Backend) -> N
 
 
 def test_logout_racing_with_saves_never_resurrects(db_backend: Backend) -> None:
-    handler = DatabaseHandler(db_backend.engine, SessionConfig())
+    handler = DatabaseHandler(db_backend.engine, CROWDED)
     session_id = _stored(handler, a=1)
     sessions = [handler.load(session_id) for _ in range(10)]
     for n, s in enumerate(sessions):
@@ -114,7 +119,7 @@ def test_logout_racing_with_saves_never_resurrects(db_backend: Backend) -> None:
 
 
 def _process_writer(url: str, session_id: str, n: int, start: Any) -> None:
-    handler = DatabaseHandler(url, SessionConfig())
+    handler = DatabaseHandler(url, CROWDED)
     session = handler.load(session_id)
     session[f"p{n}"] = n
     start.wait()
@@ -124,7 +129,7 @@ def _process_writer(url: str, session_id: str, n: int, start: Any) -> None:
 
 @pytest.mark.parametrize("processes", [8])
 def test_concurrent_saves_from_separate_processes(db_backend: Backend, processes: int) -> None:
-    handler = DatabaseHandler(db_backend.engine, SessionConfig())
+    handler = DatabaseHandler(db_backend.engine, CROWDED)
     session_id = _stored(handler, base=0)
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Event()

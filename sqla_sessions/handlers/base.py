@@ -23,6 +23,7 @@ from ..batching import ThreadBatcher
 from ..codec import CorruptPayload, PayloadCodec
 from ..config import SessionConfig
 from ..errors import SessionInterrupted
+from ..fairshare import FairShare, no_hold
 from ..ids import is_valid_session_id, is_valid_session_key, secret_hash, secret_matches, session_key_of
 from ..merge import apply_changes
 from ..records import Record, SaveAction, SessionInfo, StoreStats
@@ -119,6 +120,11 @@ class BaseHandler(ABC, Generic[C]):
         # Loads and saves of concurrent threads run together where it pays (`DatabaseHandler`).
         self._loads: ThreadBatcher[str, Session] | None = None
         self._saves: ThreadBatcher[UnitOfWork, Saved | None] | None = None
+        self.share = FairShare(self.config)  # long holds of the pool by session and client address
+
+    #: Whether a plain compare-and-set UPDATE can wait for a row lock another transaction holds
+    #: (where it cannot, only the merge after a lost race waits).
+    compare_and_set_waits = True
 
     def batch_concurrent_calls(self, *, loads: bool, saves: bool, in_flight: int = 2, max_size: int = 64) -> None:
         """Run the `load`s and `save`s that threads make at the same moment as one statement per batch
@@ -456,8 +462,13 @@ class BaseHandler(ABC, Generic[C]):
             written = successor(
                 loaded, unit.changes.base, unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps
             )
-            if not self._update(conn, written[0], expected_version=loaded.version, now=now):
-                written, action = None, SaveAction.MERGED
+            # Where the compare-and-set may wait for a row lock, it counts as a long hold of the session.
+            waiting = self.share.hold(loaded.key, None) if self.compare_and_set_waits and not held else no_hold
+            try:
+                if not self._update(conn, written[0], expected_version=loaded.version, now=now):
+                    written, action = None, SaveAction.MERGED
+            finally:
+                waiting()
         if written is None:
             # Someone else saved since we loaded (or this is a change of privilege, which moves the row
             # to a new key): merge onto the current row under its lock.
@@ -472,7 +483,12 @@ class BaseHandler(ABC, Generic[C]):
                     current, current_raw, unit, key=key, now=now, expiry=self.expiry, dumps=self.codec.dumps
                 )
 
-            written = self._merge(conn, loaded.key, now, build, held=held)
+            # The merge waits for the row's lock (up to `write_wait_seconds`): a long hold, counted.
+            waiting = no_hold if held else self.share.hold(loaded.key, unit.ip_address)
+            try:
+                written = self._merge(conn, loaded.key, now, build, held=held)
+            finally:
+                waiting()
             if written is None:
                 if unit.new_key is None or not (unit.user_changed and unit.user_id is not None):
                     # Only a login (credentials checked in this request) may start afresh; a change of

@@ -26,7 +26,7 @@ from ..errors import LockTimeout, StoreMisconfigured, StoreUnavailable, misconfi
 from ..records import Record, StoreStats
 from ..schema import sessions_table
 from .base import BaseHandler, LockState, LockStrategy, Merged
-from .engines import create_session_engine, is_autocommit_engine
+from .engines import create_session_engine, is_autocommit_engine, mysql_lock_wait_seconds
 from .fastpath import FastStatement, fetch_all, fetch_one, not_run, row_count, run_prepared
 from .libpq import BYTEA_ARRAY, INT8, INT8_ARRAY, VARCHAR_ARRAY, PreparedStatement, all_rows
 
@@ -127,6 +127,9 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._dialect = "mysql" if dialect == "mariadb" else dialect
         self.lock_strategy = LockStrategy.LEASE if self._dialect == "sqlite" else LockStrategy.ROW
         self._build_statements()
+        # What a MySQL/MariaDB connection's lock wait goes back to after a blocking request: the bound
+        # its engine set when it opened (`create_session_engine`), or the server's for an engine passed in.
+        self._mysql_write_wait = str(mysql_lock_wait_seconds(config)) if self._owns_engine else "DEFAULT"
         self._fast_path = fast_path
         dialect_ = self.engine.dialect
         self._fast_by_key = FastStatement(self._select_by_key, dialect_)
@@ -248,6 +251,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         self._select_by_id_for_update = (
             sa.select(*cols).where(t.c.key == key, opened, t.c.expires_at > now).with_for_update()
         )
+        self._set_pg_lock_wait = sa.select(sa.func.set_config("lock_timeout", sa.bindparam("wait"), True))
         self._set_pg_timeouts = sa.select(
             sa.func.set_config("lock_timeout", sa.bindparam("wait"), True),
             sa.func.set_config("idle_in_transaction_session_timeout", sa.bindparam("hold"), True),
@@ -430,17 +434,32 @@ class DatabaseHandler(BaseHandler[Connection]):
         else:
             conn.execute(self._insert_row, values)
 
+    @property
+    def compare_and_set_waits(self) -> bool:  # type: ignore[override]
+        """On PostgreSQL a compare-and-set skips a row another transaction holds (its save merges,
+        waiting at most `write_wait_seconds`); on MySQL and MariaDB it waits for the row up to that
+        long. (SQLite has one write lock for the whole database: no session's own wait to count.)"""
+        return self._dialect == "mysql"
+
     def _update(self, conn: Connection, record: Record, *, expected_version: int, now: int) -> bool:
         params = _write_params(record)
         params["b_version"] = expected_version
         params["now"] = now
         try:
+            if self._dialect == "postgresql":
+                # A row another transaction holds is not waited for here: the save merges, under a
+                # bounded wait. (A row this connection's own transaction holds is written.)
+                if self._fast_path:
+                    return row_count(conn, self._fast_update_unless_locked, params) == 1
+                return conn.execute(self._update_unless_locked, params).rowcount == 1
             if self._fast_path:
                 return row_count(conn, self._fast_update, params) == 1
             return conn.execute(self._update_if_version, params).rowcount == 1
         except sa.exc.DBAPIError as exc:
             if is_transient_conflict(exc):
                 return False  # a deadlock victim is a lost race like any other: merge under the lock
+            if is_lock_timeout(exc):
+                raise LockTimeout(self.config.write_wait_seconds) from None
             raise
 
     def _merge(
@@ -450,6 +469,8 @@ class DatabaseHandler(BaseHandler[Connection]):
             try:
                 return self._merge_once(conn, key, now, build, held=held)
             except sa.exc.DBAPIError as exc:
+                if not held and is_lock_timeout(exc):
+                    raise LockTimeout(self.config.write_wait_seconds) from None
                 # A deadlock inside a blocking request's transaction ended that transaction: not retryable here.
                 if held or attempt == _MERGE_ATTEMPTS or not is_transient_conflict(exc):
                     raise
@@ -460,6 +481,10 @@ class DatabaseHandler(BaseHandler[Connection]):
         self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged], *, held: bool
     ) -> Merged | None:
         with self._transaction(conn, held=held):
+            if not held and self._dialect == "postgresql":
+                # The wait for the row's lock ends with the transaction's setting (MySQL and MariaDB:
+                # the connection's innodb_lock_wait_timeout, set when it opened; SQLite: busy timeout).
+                conn.execute(self._set_pg_lock_wait, {"wait": f"{int(self.config.write_wait_seconds * 1000)}ms"})
             row = conn.execute(self._select_for_update, {"b_key": key}).first()
             if row is None:
                 return None
@@ -485,6 +510,10 @@ class DatabaseHandler(BaseHandler[Connection]):
             "v_last_activity": last_activity,
             "v_expires_at": expires_at,
         }
+        if self._dialect == "postgresql":  # a held row is not waited for: its holder writes it anyway
+            if self._fast_path:
+                return row_count(conn, self._fast_touch_unless_locked, params) == 1
+            return conn.execute(self._touch_unless_locked, params).rowcount == 1
         if self._fast_path:
             return row_count(conn, self._fast_touch, params) == 1
         return conn.execute(self._touch_row, params).rowcount == 1
@@ -606,7 +635,8 @@ class DatabaseHandler(BaseHandler[Connection]):
             if self._dialect == "mysql" and not conn.invalidated:
                 with suppress(sa.exc.DBAPIError):
                     conn.exec_driver_sql(
-                        f"SET SESSION innodb_lock_wait_timeout = DEFAULT, {self._mysql_hold_variable(conn)} = DEFAULT"
+                        f"SET SESSION innodb_lock_wait_timeout = {self._mysql_write_wait}, "
+                        f"{self._mysql_hold_variable(conn)} = DEFAULT"
                     )
 
     def _mysql_hold_variable(self, conn: Connection) -> str:

@@ -85,8 +85,10 @@ def engine_options(url: str | URL, config: SessionConfig) -> dict[str, Any]:
         connect_args["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
         if "charset" not in parsed.query:
             connect_args["charset"] = "utf8mb4"
+        # A write waits for a row lock another request holds at most write_wait_seconds (InnoDB's
+        # default is 50 s, holding a connection and a thread all along); blocking requests set their own.
+        connect_args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {mysql_lock_wait_seconds(config)}"
         # pymysql waits for an answer forever otherwise (also for the server's greeting at connect).
-        # The longest legitimate wait is a write queued behind a blocking request's row lock.
         # The longest legitimate wait is a write queued behind a blocking request's row lock, which its
         # holder gives up at its first save past block_lock_seconds, or the database after that long idle.
         longest_lock_wait = 2 * max(config.block_wait_seconds, config.block_lock_seconds) + 5
@@ -152,3 +154,8 @@ def is_autocommit_engine(engine: Engine) -> bool:
     return getattr(engine.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT" or (
         engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
     )
+
+
+def mysql_lock_wait_seconds(config: SessionConfig) -> int:
+    """`innodb_lock_wait_timeout` for a save's row-lock wait (whole seconds, at least 1)."""
+    return max(1, math.ceil(config.write_wait_seconds))
