@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from .errors import ConfigurationError
@@ -45,6 +45,12 @@ class SessionConfig:
     remember_lifetime: int = 43_200
     """Idle lifetime in minutes of a session logged in with `login(user, remember=True)` (30 days);
     its cookie outlives the browser even with `expire_on_close`."""
+    legacy_remember_until: datetime | None = None
+    """Flask-Login only: until when a `remember_token` cookie Flask-Login issued before the switch to
+    sqla_sessions still logs its user in (into a remembered session; the cookie is then deleted). None
+    (the default): such cookies are refused and deleted. A `datetime` (naive: UTC), a `date`, or an
+    ISO 8601 string (`SQLA_SESSIONS_LEGACY_REMEMBER_UNTIL=2025-12-31`). Until then `revoke_user()`
+    also stores a marker that refuses the user's old tokens for good."""
     flash_aging: FlashAging = "shown"
     """"shown": flash data goes after a request that read it or rendered an HTML page (an XHR poll
     or an asset request in between leaves it); "request": after the next request, whatever it was
@@ -121,6 +127,9 @@ class SessionConfig:
         if self.absolute_lifetime is not None:
             _check_int(self.absolute_lifetime, "absolute_lifetime", minimum=1)
         _check_int(self.remember_lifetime, "remember_lifetime", minimum=1)
+        if self.legacy_remember_until is not None:
+            # frozen: the normalized value (an aware datetime) replaces what was given
+            object.__setattr__(self, "legacy_remember_until", _moment(self.legacy_remember_until))
         _check(self.flash_aging in ("shown", "request"), "flash_aging", "must be shown or request")
         _check(
             _COOKIE_NAME.fullmatch(self.cookie_name) is not None,
@@ -216,6 +225,12 @@ class SessionConfig:
     def absolute_lifetime_seconds(self) -> int | None:
         return None if self.absolute_lifetime is None else self.absolute_lifetime * 60
 
+    @property
+    def legacy_remember_until_seconds(self) -> int | None:
+        """`legacy_remember_until` in unix seconds."""
+        until = self.legacy_remember_until
+        return None if until is None else int(until.timestamp())
+
     def replace(self, **changes: Any) -> SessionConfig:
         """Return a copy with *changes* applied (and validated)."""
         return dataclasses.replace(self, **changes)
@@ -300,6 +315,21 @@ def decode_encryption_key(key: str | bytes) -> bytes:
     if len(raw) not in _AES_KEY_SIZES:
         raise ConfigurationError("encryption_keys", f"a key is {len(raw)} bytes; AES keys are 16, 24 or 32 bytes")
     return raw
+
+
+def _moment(value: object) -> datetime:
+    """A `legacy_remember_until` value as an aware datetime: a datetime (naive: UTC), a date (its
+    start, UTC) or an ISO 8601 string of either."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigurationError("legacy_remember_until", f"{value!r} is not an ISO 8601 date") from None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    _check(isinstance(value, datetime), "legacy_remember_until", "must be a datetime, a date or an ISO 8601 string")
+    assert isinstance(value, datetime)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -10,8 +10,9 @@
     def pay(): ...
 
 `session.modified = True` (needed with Flask's cookie sessions after nested changes) is accepted and
-unnecessary here: changes are found by comparing values. `session.permanent` is always true unless
-`expire_on_close` is set.
+unnecessary here: changes are found by comparing values. `session.permanent` is Flask's flag: False
+by default, True for a remembered session (`login_user(..., remember=True)`) or once the app sets it
+(stored with the session); a permanent session's cookie outlives the browser even with `expire_on_close`.
 
 Without a config, `init_app` reads one from the app (`config_from_app`): `SQLA_SESSIONS_*` keys of
 `app.config`, then `SQLA_SESSIONS_*` environment variables, then the Flask settings an app changed
@@ -21,15 +22,18 @@ from Flask's defaults (`SESSION_COOKIE_*`, `PERMANENT_SESSION_LIFETIME`), as Fla
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 try:
     from flask import Flask, Request, Response, request
+    from flask import current_app as flask_app
     from flask import session as flask_session
     from flask.sessions import SessionInterface, SessionMixin
 except ImportError:  # pragma: no cover - depends on the installed extras
     raise ImportError("sqla_sessions.flask needs Flask: pip install 'sqla-sessions[flask]'") from None
 
+from werkzeug.datastructures import ImmutableMultiDict
 from werkzeug.exceptions import HTTPException
 
 from .bodies import BodyRefused, read_wsgi_body
@@ -58,6 +62,7 @@ if TYPE_CHECKING:
 _HELD = "sqla_sessions.held"
 _PRESENTED = "sqla_sessions.presented_id"
 _INFO = "sqla_sessions.request_info"
+_REFUSED_TOKEN = "sqla_sessions.refused_remember_token"  # its cookie name: the response deletes it
 _UNANSWERED = "sqla_sessions.unanswered"  # at opening: a LockTimeout, or the status a failed store call gets
 logger = logging.getLogger("sqla_sessions")
 
@@ -70,6 +75,8 @@ class SqlaSessionInterface(SessionInterface):
         self.cycle = SessionCycle(handler.config, handler.now, describe_store(handler, handler.config))
         self._blocking = blocking_matcher(blocking, lambda environ: environ.get("PATH_INFO", ""))
         self._marked_views: tuple[object, int, bool] = (None, -1, False)  # app, its view count, any marked
+        self.on_open: Callable[[Session, Request], None] | None = None
+        """Run on every opened session, before the app sees it (the Flask-Login bridge's gate)."""
 
     def _has_marked_views(self, app: Flask) -> bool:
         """Whether any view of *app* is marked `@blocking`: looked at again only when views were added
@@ -91,6 +98,8 @@ class SqlaSessionInterface(SessionInterface):
                 held = BlockingSession.open(self.handler, presented, address=info.client_ip)
             else:
                 held = BlockingSession(self.handler, self.handler.load(presented))
+            if self.on_open is not None:
+                self.on_open(held.session, request)
         except (LockTimeout, BodyRefused, *STORE_ERRORS) as exc:
             # Flask turns exceptions raised here into 500s: answer from a before_request hook instead
             # (423 for a lock wait that ran out, 413 for a body too large, 503 for an unreachable
@@ -178,11 +187,11 @@ def init_app(
     app.register_error_handler(StoreUnavailable, _store_failed)
     app.register_error_handler(StoreMisconfigured, _store_failed)
 
+    interface.on_open = _bridge_flask_login(app, handler)
+
     # First of the app-wide hooks, whenever init_app is called: a "login required" hook registered
     # earlier must not answer (a redirect to the login page) for a store that is down.
     app.before_request_funcs.setdefault(None, []).insert(0, _answer_session_failure)
-
-    _bridge_flask_login(app)
 
     @app.teardown_request
     def _release(_exc: BaseException | None) -> None:
@@ -205,9 +214,10 @@ def _flask_login_keys(session: Session) -> dict[str, Any]:
     return {key: session[key] for key in _FLASK_LOGIN_KEYS if key in session}
 
 
-def _bridge_flask_login(app: Flask) -> None:
+def _bridge_flask_login(app: Flask, handler: BaseHandler[Any]) -> Callable[[Session, Request], None] | None:
     """With Flask-Login installed, `login_user()` is our `login()` (a new id, the previous session cut
     off, `user_id` set so device lists and `revoke_user` work) and `logout_user()` our `logout()`.
+    Returns the gate the session interface runs on every opened session (see `_legacy_token_gate`).
 
     Flask-Login writes its keys before it signals, and our login starts from an empty session when
     another user was logged in: its keys are carried over. Signals are app-scoped: other apps of the
@@ -215,14 +225,19 @@ def _bridge_flask_login(app: Flask) -> None:
 
     "Remember me" is ours, not Flask-Login's stateless `remember_token` cookie (which a revocation
     cannot reach): `login_user(user, remember=True)` makes a remembered session and Flask-Login
-    sets no cookie of its own; a `remember_token` it set earlier logs the user in once more, into a
-    new remembered session (a change of privilege, like any login: a session id planted in the
-    browser does not become the user's), and is then deleted.
+    sets no cookie of its own. A `remember_token` it set before the switch is refused and deleted,
+    unless the config's `legacy_remember_until` is still ahead and `revoke_user()` did not refuse
+    the user's tokens since: then it logs the user in once more, into a new remembered session (a
+    change of privilege, like any login: a session id planted in the browser does not become the
+    user's), and is deleted.
+
+    `SESSION_PROTECTION = "strong"`: when Flask-Login drops its keys from a session that is not
+    permanent (its client changed), the session is logged out here too (its row and `user_id` go).
     """
     try:
-        from flask_login import user_loaded_from_cookie, user_logged_in, user_logged_out
+        from flask_login import session_protected, user_loaded_from_cookie, user_logged_in, user_logged_out
     except ImportError:
-        return
+        return None
 
     def logged_in(sender: Flask, user: Any, **_: Any) -> None:
         current: object = flask_session  # werkzeug's proxy answers isinstance() for the real object
@@ -254,6 +269,13 @@ def _bridge_flask_login(app: Flask) -> None:
             current.logout()
             current.update(kept)
 
+    def protected(sender: Flask, **_: Any) -> None:
+        # "strong" mode dropped Flask-Login's keys ("basic", or a permanent session, keeps them and
+        # marks the session not fresh): the row must not stay logged in under the user's id.
+        current: object = flask_session
+        if isinstance(current, Session) and current.user_id is not None and "_user_id" not in current:
+            logged_out(sender, None)
+
     def no_refreshed_remember_cookie() -> None:
         # REMEMBER_COOKIE_REFRESH_EACH_REQUEST makes Flask-Login issue its stateless remember_token
         # on every response of a logged-in user: a revoked device would come straight back with it.
@@ -269,3 +291,57 @@ def _bridge_flask_login(app: Flask) -> None:
     user_logged_in.connect(logged_in, app, weak=False)
     user_loaded_from_cookie.connect(loaded_from_cookie, app, weak=False)
     user_logged_out.connect(logged_out, app, weak=False)
+    session_protected.connect(protected, app, weak=False)
+    app.after_request(_delete_refused_token)
+    return lambda session, request: _legacy_token_gate(app, handler, session, request)
+
+
+def _legacy_token_gate(app: Flask, handler: BaseHandler[Any], session: Session, request: Request) -> None:
+    """Refuse Flask-Login's `remember_token` cookie unless `legacy_remember_until` accepts it.
+
+    Run as the session opens, before anything can ask for `current_user`: a refused cookie is taken
+    out of the request (Flask-Login never sees it) and deleted by the response (`_delete_refused_token`).
+    Nothing is written to the session: an anonymous visitor's refused token leaves no row.
+    """
+    name = app.config.get("REMEMBER_COOKIE_NAME", "remember_token")
+    cookie = request.cookies.get(name)
+    if cookie is None or getattr(app, "login_manager", None) is None:
+        return
+    if "_user_id" in session:
+        reason = "a user is logged in"  # Flask-Login would not read it: a leftover
+    else:
+        from flask_login.utils import decode_cookie
+
+        until = handler.config.legacy_remember_until_seconds
+        user_id = decode_cookie(cookie)
+        if until is None:
+            reason = "legacy_remember_until is not set"
+        elif until <= handler.now():
+            reason = "legacy_remember_until has passed"
+        elif user_id is None:
+            reason = "its signature does not match"
+        elif handler.legacy_tokens_refused(user_id):
+            reason = "revoke_user() refused the user's old tokens"
+        else:
+            return  # accepted: Flask-Login logs the user in, `loaded_from_cookie` makes it our login
+    logger.warning("Flask-Login remember_token cookie refused (%s): deleted, nobody logged in by it", reason)
+    kept = request.cookies.copy()
+    kept.poplist(name)
+    request.cookies = ImmutableMultiDict(kept)  # werkzeug caches the parsed cookies on the request
+    request.environ[_REFUSED_TOKEN] = name
+
+
+def _delete_refused_token(response: Response) -> Response:
+    """Delete a refused `remember_token` where Flask-Login set it."""
+    name = request.environ.get(_REFUSED_TOKEN)
+    if name is not None:
+        config = flask_app.config
+        response.delete_cookie(
+            name,
+            path=config.get("REMEMBER_COOKIE_PATH", "/"),
+            domain=config.get("REMEMBER_COOKIE_DOMAIN"),
+            secure=bool(config.get("REMEMBER_COOKIE_SECURE", False)),
+            httponly=bool(config.get("REMEMBER_COOKIE_HTTPONLY", True)),
+            samesite=config.get("REMEMBER_COOKIE_SAMESITE"),
+        )
+    return response

@@ -41,6 +41,9 @@ from .store_api import TOKEN_KEY as _TOKEN
 from .store_api import StoreApi
 from .unit import JOBS_KEY, Saved, UnitOfWork
 
+#: Where Flask keeps `session.permanent` in the session itself (its cookie sessions and Flask-Session do too).
+PERMANENT_KEY = "_permanent"
+
 if TYPE_CHECKING:
     from .config import SessionConfig
 
@@ -99,6 +102,7 @@ class Session(StoreApi):
         "_live",
         "_loaded",
         "_page_shown",
+        "_permanent_changed",
         "_raw",
         "_saved_callbacks",
         "_store",
@@ -135,6 +139,7 @@ class Session(StoreApi):
         self._lifetime: tuple[int | None, int | None] | None = None  # set_lifetime() in this request
         self._lifetime_changed = False  # a save of this request stored a new lifetime (the cookie follows)
         self._ensure_stored = False
+        self._permanent_changed = False  # the app set `permanent` to another value in this request
         self._generation = 0  # changes of privilege and invalidations in this request
         self._epoch = 0  # times the session was emptied in this request (see adopt_late)
         self._saved_callbacks: list[tuple[Callable[[], None], str]] = []
@@ -254,13 +259,43 @@ class Session(StoreApi):
 
     @property
     def permanent(self) -> bool:
-        """Flask's flag: the cookie outlives the browser unless the config says `expire_on_close`."""
-        store = self._store
-        return not (store is not None and store.config.expire_on_close)
+        """Flask's flag, False by default. True for a session with a lifetime of its own (remember-me:
+        `login(..., remember=True)`, `set_lifetime(idle=...)`) or one the app made permanent
+        (`session.permanent = True`, stored with the session under Flask's own key, `_permanent`).
+
+        A permanent session's cookie outlives the browser even with `expire_on_close`; any other
+        session's cookie is the config's (until its expiry, or the browser's close with
+        `expire_on_close`). Flask-Login's `SESSION_PROTECTION = "strong"` logs a session that is not
+        permanent out when its client (address, user agent) changes, and only marks a permanent one
+        not fresh.
+        """
+        return self.lifetime[0] is not None or self._peek(PERMANENT_KEY) is True
 
     @permanent.setter
     def permanent(self, value: bool) -> None:
-        """Accepted for Flask code; the cookie lifetime comes from the config."""
+        """True: stored with the session (a flag alone does not create a row). False: the flag goes,
+        and so does an idle lifetime of its own (the user is no longer remembered)."""
+        if bool(value) != self.permanent:
+            self._permanent_changed = True
+        if value:
+            if self._peek(PERMANENT_KEY) is not True:
+                self[PERMANENT_KEY] = True
+            return
+        if PERMANENT_KEY in self:
+            del self[PERMANENT_KEY]
+        if self.lifetime[0] is not None:
+            self.set_lifetime(None, self.lifetime[1])
+
+    @property
+    def permanent_changed(self) -> bool:
+        """True when the app made the session permanent, or no longer, in this request (a cookie is due)."""
+        return self._permanent_changed
+
+    def _peek(self, key: str) -> Any:
+        """The value of *key* (None if absent) without marking the session read."""
+        if key in self._live:
+            return self._live[key]
+        return None if key in self._gone else decode_value(self._raw.get(key))
 
     @property
     def created_at(self) -> int | None:
@@ -613,7 +648,9 @@ class Session(StoreApi):
         new_id_hash = new_key = None
         if loaded is None:
             # A new session gets a row only when it has something to hold (or its app asks for one).
-            if changes or self._user_id is not None or self._ensure_stored:
+            # Flask's `permanent` flag alone is not something to hold: an app setting it on every
+            # request would otherwise store a row for every cookieless client (a crawler's requests).
+            if changes.updates.keys() - {PERMANENT_KEY} or self._user_id is not None or self._ensure_stored:
                 new_id_hash, new_key = secret_hash(self.id), session_key_of(self.id)
         elif self._id_changed and self._id is not None:
             new_id_hash = secret_hash(self._id)

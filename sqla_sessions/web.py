@@ -163,9 +163,11 @@ class SessionCycle:
             # A row the browser does not hold the id of: created, or its id regenerated, in this request.
             cookie = self._set(session, info)
         elif session.expiry_moved and (
-            not self.config.expire_on_close or session.lifetime[0] is not None or session.lifetime_changed
+            not self.config.expire_on_close or session.permanent or session.lifetime_changed
         ):  # with expire_on_close, a lifetime back to the config's turns the cookie into a browser-session one
             cookie = self._set(session, info)  # sliding expiry (a touch or a write): at most once per touch_interval
+        elif session.permanent_changed and not session.is_new:
+            cookie = self._set(session, info)  # `permanent` set or cleared: the cookie outlives the browser or not
         elif (
             presented_id is not None
             and session.is_new
@@ -185,8 +187,8 @@ class SessionCycle:
         return headers
 
     def _set(self, session: Session, info: RequestInfo) -> str:
-        # A session with a lifetime of its own ("remember me") keeps its cookie past the browser's close.
-        persistent = session.lifetime[0] is not None
+        # A permanent session (remember-me, `session.permanent = True`) keeps its cookie past the browser's close.
+        persistent = session.permanent
         return self._cookies.set(
             session.id, expires_at=session.expires_at, https=info.https, now=self._clock(), persistent=persistent
         )

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from sqlalchemy.exc import IntegrityError
 
 from ..batching import ThreadBatcher
 from ..codec import CorruptPayload, PayloadCodec
@@ -345,8 +348,39 @@ class BaseHandler(ABC, Generic[C]):
         return [SessionInfo.from_record(r) for r in records]
 
     def revoke_user(self, user_id: object, *, except_key: str | None = None) -> int:
+        user = str(user_id)
         with self.connect() as conn:
-            return self._delete_user(conn, str(user_id), except_key)
+            deleted = self._delete_user(conn, user, except_key)
+            self._refuse_legacy_tokens(conn, user)
+        return deleted
+
+    # -- Flask-Login's remember_token cookies from before sqla_sessions (config.legacy_remember_until) --
+
+    def legacy_tokens_refused(self, user_id: object) -> bool:
+        """True when `revoke_user()` ran for this user while old remember tokens were accepted."""
+        if self.config.legacy_remember_until_seconds is None:
+            return True  # not accepted at all
+        with self.connect() as conn:
+            return self._fetch(conn, legacy_marker_key(str(user_id)), self.now()) is not None
+
+    def _refuse_legacy_tokens(self, conn: C, user: str) -> None:
+        """Store a marker row refusing *user*'s old remember tokens until `legacy_remember_until`.
+
+        A token carries no issue date, so a revocation refuses every token of the user from then on.
+        The row has no `user_id` (device lists and `revoke_user` do not see it), a key no session id
+        can name, and expires with the window, so GC removes it when it is no longer needed.
+        """
+        until = self.config.legacy_remember_until_seconds
+        now = self.now()
+        if until is None or until <= now:
+            return
+        key = legacy_marker_key(user)
+        marker = Record(key, "", None, b"", 1, now, now, until)
+        self._delete(conn, key)  # one that expired earlier (the window was extended since)
+        try:
+            self._insert(conn, marker)
+        except (KeyError, IntegrityError):
+            pass  # a concurrent revocation stored it first
 
     def now(self) -> int:
         """The handler's clock in unix seconds: what expiry is computed with."""
@@ -625,6 +659,12 @@ class BaseHandler(ABC, Generic[C]):
         if not self._update(conn, resealed, expected_version=record.version, now=now):
             return Saved(SaveAction.NOTHING, None, {}, False)  # written meanwhile: that write resealed it
         return Saved(SaveAction.TOUCHED, resealed, {}, True)
+
+
+def legacy_marker_key(user_id: str) -> str:
+    """The key of the row refusing a user's old remember tokens: `~` and 31 hex digits, never a
+    session key (32 hex digits), so no cookie can open it."""
+    return "~" + hashlib.sha256(b"legacy remember token\x00" + user_id.encode()).hexdigest()[:31]
 
 
 def _one_by_one(rows: list[tuple[Record, int]], write: Callable[[Record, int], bool]) -> set[str]:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import flask
 import flask_login
 import pytest
+import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionConfig
 from sqla_sessions.flask import init_app
+from sqla_sessions.schema import sessions_table
 from tests.conftest import Backend
+from tests.web.flask_login_apps import LEGACY_REMEMBER_UNTIL, SECRET_KEY, flask_login_app
 from tests.web.served_app import ServedApp, cookie_of, sent, serve_app
 
 
@@ -23,10 +26,10 @@ class User(flask_login.UserMixin):
         self.id = user_id
 
 
-def _app(db_backend: Backend) -> tuple[flask.Flask, DatabaseHandler]:
+def _app(db_backend: Backend, config: SessionConfig | None = None) -> tuple[flask.Flask, DatabaseHandler]:
     app = flask.Flask(__name__)
     app.secret_key = "not used by sqla_sessions"
-    handler = DatabaseHandler(db_backend.engine, SessionConfig(lottery=(0, 1)))
+    handler = DatabaseHandler(db_backend.engine, config or SessionConfig(lottery=(0, 1)))
     init_app(app, handler=handler)
     manager = flask_login.LoginManager(app)
     manager.user_loader(User)
@@ -125,8 +128,25 @@ def test_remember_me_is_our_remembered_session_and_a_revocation_ends_it(db_backe
     assert client.get("/me").status_code == 401  # no stateless token logs the user back in
 
 
-def test_a_remember_token_from_before_logs_in_once_into_a_rotated_remembered_session(db_backend: Backend) -> None:
+def test_a_remember_token_from_before_is_refused_by_default(
+    db_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
     app, handler = _app(db_backend)
+    client = app.test_client()
+    with app.test_request_context():
+        token = flask_login.utils.encode_cookie("ada")  # a remember_token Flask-Login issued earlier
+    client.set_cookie("remember_token", token)
+    me = client.get("/me")
+    assert me.status_code == 401  # nobody logged in by it
+    assert any(h.startswith("remember_token=;") for h in me.headers.getlist("Set-Cookie"))  # deleted
+    assert [r.getMessage() for r in caplog.records if "remember_token" in r.getMessage()] == [
+        "Flask-Login remember_token cookie refused (legacy_remember_until is not set): deleted, nobody logged in by it"
+    ]
+    assert handler.list_sessions("ada") == [] and _rows(handler) == 0
+
+
+def test_a_remember_token_from_before_logs_in_once_into_a_rotated_remembered_session(db_backend: Backend) -> None:
+    app, handler = _app(db_backend, SessionConfig(lottery=(0, 1), legacy_remember_until="2100-01-01"))
     client = app.test_client()
     planted = _cookie(client.post("/cart/bait"))  # an anonymous session id an attacker could plant
     with app.test_request_context():
@@ -139,6 +159,60 @@ def test_a_remember_token_from_before_logs_in_once_into_a_rotated_remembered_ses
     assert any(h.startswith("remember_token=;") for h in me.headers.getlist("Set-Cookie"))  # converted
     (device,) = handler.list_sessions("ada")
     assert device.key == handler.load(rotated).key and handler.load(rotated).lifetime[0] is not None
+
+
+def test_the_marker_refusing_old_tokens_is_no_device_and_goes_with_the_window(db_backend: Backend) -> None:
+    now = [1_000_000.0]
+    config = SessionConfig(lottery=(0, 1), legacy_remember_until=datetime.fromtimestamp(1_000_100, UTC))
+    handler = DatabaseHandler(db_backend.engine, config, clock=lambda: now[0])
+    assert not handler.legacy_tokens_refused("ada")
+    assert handler.revoke_user("ada") == 0 and handler.revoke_user("ada") == 0  # twice: one marker
+    assert handler.legacy_tokens_refused("ada") and not handler.legacy_tokens_refused("bob")
+    assert handler.list_sessions("ada") == [] and handler.list_sessions("") == [] and _rows(handler) == 1
+    assert handler.gc() == 0
+    now[0] = 1_000_100.0  # the window closed: the marker is garbage
+    assert handler.gc() == 1 and _rows(handler) == 0
+
+
+def _rows(handler: DatabaseHandler) -> int:
+    with handler.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(sessions_table())).scalar_one())
+
+
+def test_permanent_is_false_by_default_true_when_remembered_and_kept_when_set(db_backend: Backend) -> None:
+    app, handler = _app(db_backend, SessionConfig(lottery=(0, 1), expire_on_close=True))
+
+    @app.get("/permanent")
+    def permanent() -> dict[str, Any]:
+        return {"permanent": flask.session.permanent}
+
+    @app.post("/permanent")
+    def make_permanent() -> str:
+        flask.session.permanent = True
+        return "ok"
+
+    @app.post("/plain/<name>")
+    def plain(name: str) -> str:
+        flask_login.login_user(User(name))
+        return "ok"
+
+    client = app.test_client()
+    assert client.get("/permanent").json == {"permanent": False}
+    assert client.post("/permanent").headers.get("Set-Cookie") is None  # the flag alone stores no row
+    added = client.post("/cart/apple")
+    assert "Max-Age" not in added.headers["Set-Cookie"]  # expire_on_close: a browser-session cookie
+    assert client.get("/permanent").json == {"permanent": False}
+    made = client.post("/permanent")
+    assert "Max-Age=" in made.headers["Set-Cookie"]  # now it outlives the browser
+    assert client.get("/permanent").json == {"permanent": True}  # stored with the session
+    assert handler.load(_cookie(made))["_permanent"] is True  # where Flask keeps it
+
+    other = app.test_client()
+    assert "Max-Age" not in other.post("/plain/bob").headers["Set-Cookie"]
+    assert other.get("/permanent").json == {"permanent": False}
+    login = other.post("/login/ada")  # login_user(remember=True)
+    assert "Max-Age=" in login.headers["Set-Cookie"]
+    assert other.get("/permanent").json == {"permanent": True}
 
 
 def test_refreshing_remember_cookies_is_turned_off_and_duration_is_the_lifetime(db_backend: Backend) -> None:
@@ -158,3 +232,53 @@ def test_refreshing_remember_cookies_is_turned_off_and_duration_is_the_lifetime(
     assert handler.load(_cookie(login)).lifetime[0] == 3600  # duration= is the remembered lifetime
     handler.revoke_user("ada")
     assert client.get("/me").status_code == 401
+
+
+MALLORY = {"User-Agent": "Mallory/1.0"}
+
+
+def test_strong_protection_logs_out_a_cookie_replayed_from_another_agent_unless_permanent(served: ServedApp) -> None:
+    served.empty()
+    # Control: Flask's own cookie sessions (SESSION_PROTECTION = "strong", the same app).
+    control = flask_login_app(server_side=False).test_client()
+    control.post("/login/ada")
+    assert control.get("/whoami", headers=MALLORY).json == {"user": None, "fresh": None, "permanent": False}
+    control.post("/login/ada")
+    control.post("/permanent")
+    assert control.get("/whoami", headers=MALLORY).json == {"user": "ada", "fresh": False, "permanent": True}
+
+    with served.client() as client:
+        plain = cookie_of(client.post("/login/ada"))
+        assert client.get("/whoami", headers=sent(plain)).json() == {"user": "ada", "fresh": True, "permanent": False}
+        stolen = client.get("/whoami", headers={**sent(plain), **MALLORY})
+        assert stolen.json() == {"user": None, "fresh": None, "permanent": False}  # logged out, as Flask does
+        assert client.get("/whoami", headers=sent(plain)).json()["user"] is None  # the row is gone (server-side)
+
+        remembered = cookie_of(client.post("/login/ada?remember=1"))
+        assert client.get("/whoami", headers=sent(remembered)).json()["permanent"] is True
+        stolen = client.get("/whoami", headers={**sent(remembered), **MALLORY})
+        assert stolen.json() == {"user": "ada", "fresh": False, "permanent": True}  # only marked not fresh
+
+        made = cookie_of(client.post("/login/bob"))
+        assert client.post("/permanent", headers=sent(made)).text == "ok"
+        stolen = client.get("/whoami", headers={**sent(made), **MALLORY})
+        assert stolen.json() == {"user": "bob", "fresh": False, "permanent": True}  # kept across requests
+
+
+def test_a_replayed_remember_token_logs_in_nobody_after_revoke_user(served: ServedApp) -> None:
+    served.empty()
+    with flask_login_app(server_side=False).test_request_context():
+        assert flask.current_app.secret_key == SECRET_KEY
+        token = flask_login.utils.encode_cookie("ada")  # issued by Flask-Login before the switch
+    replay = {"Cookie": f"remember_token={token}"}
+    with served.client() as client:
+        first = client.get("/read", headers=replay)  # inside legacy_remember_until: accepted once
+        assert first.json()["user"] == "ada" and cookie_of(first) is not None
+        handler = DatabaseHandler(served.engine, SessionConfig(legacy_remember_until=LEGACY_REMEMBER_UNTIL))
+        assert handler.revoke_user("ada") == 1
+        for _ in range(2):
+            again = client.get("/read", headers=replay)
+            assert again.json() == {"user": None, "items": [], "devices": []}  # the marker is no device
+            assert cookie_of(again) is None
+            assert any(h.startswith("remember_token=;") for h in again.headers.get_list("set-cookie"))
+    assert served.rows() == 1  # the marker, gone with the window
