@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .config import SessionConfig
 from .errors import ConfigurationError, misconfiguration
@@ -41,11 +41,41 @@ if not out.is_terminal:  # piped or redirected: do not squeeze tables into 80 co
 err = Console(stderr=True, soft_wrap=True)
 
 
+def visible(text: str) -> str:
+    """*text* with every character a terminal could act on written out as its Python escape.
+
+    What the CLI prints comes from clients (a user agent is whatever the User-Agent header said, an
+    address whatever a proxy passed on) and from the database's own messages. Raw, an ESC sequence
+    would retitle or recolour the operator's terminal, a C1 control (U+009B is a CSI) do the same on
+    terminals that take 8-bit controls, a bidi override (U+202E) make a line read other than it is.
+    Escaped (`\\x1b`, `\\x9b`, `\\u202e`), the operator sees that something was there. Every
+    character `str.isprintable` rejects is escaped: C0, DEL, C1, format characters (bidi controls,
+    zero-width ones), line and paragraph separators, unassigned code points; and the backslash
+    itself, so that an escape shown is never one the client typed.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text  # nearly every value: no copy
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def shown(text: str) -> Text:
+    """What the CLI prints of anything not written in this file: `visible`, and read as plain text,
+    never as rich markup or emoji codes (a user agent of "[reverse blink]Bot" must not restyle the
+    device list, nor "[/x]" crash it)."""
+    return Text(visible(text))
+
+
 class Failure(click.ClickException):
     """One line on stderr, exit status 1."""
 
     def show(self, file: Any = None) -> None:
-        err.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False)
+        err.print(Text.assemble(("error:", "bold red"), " ", shown(self.message)))
 
 
 def _env(name: str) -> str | None:
@@ -83,13 +113,11 @@ def _resolve(
     chosen_table = table or given.get("table") or _env("SQLA_SESSIONS_TABLE") or "sessions"
     if url is None and warn_default:
         url = default_url
-        err.print(
-            f"[yellow]warning:[/] no --database-url and no SQLA_SESSIONS_DATABASE_URL: using {escape(masked_url(url))}",
-            highlight=False,
-        )
+        warning = f" no --database-url and no SQLA_SESSIONS_DATABASE_URL: using {masked_url(url)}"
+        err.print(Text.assemble(("warning:", "yellow"), shown(warning)))
     else:
         url = url or default_url
-        err.print(f"database: {escape(masked_url(url))}, table {escape(chosen_table)}", highlight=False)
+        err.print(shown(f"database: {masked_url(url)}, table {chosen_table}"))
     return url, chosen_table
 
 
@@ -156,7 +184,7 @@ def migrate(database_url: str | None, table: str | None, sql: bool, revision: st
             pass  # fail fast and clearly if the database is unreachable
     upgrade(database_url, table=table, revision=revision, sql=sql)
     if not sql:
-        out.print(f"table {table!r} is at revision {revision}")
+        out.print(shown(f"table {table!r} is at revision {revision}"))
 
 
 @main.command()
@@ -205,18 +233,16 @@ def sessions(database_url: str | None, table: str | None, user_id: str) -> None:
     database_url, table = _resolve(database_url, table)
     handler = open_handler(database_url, table)
     infos = handler.list_sessions(user_id)
-    # Everything a client or an operator typed is shown as text, never read as rich markup: a user
-    # agent of "[reverse blink]Bot" must not restyle the device list, nor "[/x]" crash it.
-    listing = Table(title=escape(f"live sessions of user {user_id!r}"))
+    listing = Table(title=shown(f"live sessions of user {user_id!r}"))
     for column in ("key", "ip", "browser", "os", "created", "last active"):
         listing.add_column(column)
     for info in infos:
         browser, system = describe(info.user_agent)
         listing.add_row(
-            escape(info.key),
-            escape(info.ip_address or "-"),
-            escape(browser),
-            escape(system),
+            shown(info.key),
+            shown(info.ip_address or "-"),
+            shown(browser),
+            shown(system),
             _when(info.created_at),
             _when(info.last_activity),
         )
@@ -243,10 +269,10 @@ def revoke(
     if key is not None:
         if not handler.revoke(key):
             raise Failure(f"no session with key {key!r}")
-        out.print(escape(f"revoked session {key}"))
+        out.print(shown(f"revoked session {key}"))
     else:
         count = handler.revoke_user(user_id, except_key=except_key)
-        out.print(escape(f"revoked {count} session(s) of user {user_id!r}"))
+        out.print(shown(f"revoked {count} session(s) of user {user_id!r}"))
 
 
 @main.command()

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sqla_sessions import DatabaseHandler, SessionConfig
-from sqla_sessions.cli import main
+from sqla_sessions.cli import main, visible
 from tests.conftest import Backend, backend_for
 
 CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
@@ -183,3 +183,35 @@ def test_gc_can_be_paced(sqlite_url: str) -> None:
     assert "deleted" in result.output
     bad = CliRunner().invoke(main, ["gc", "--database-url", sqlite_url, "--pause", "-1"])
     assert bad.exit_code != 0
+
+
+HOSTILE = ("\x1b]0;pwned\x07", "\x1b[31m", "\x9b", "\u202e", "\x7f", "\x00", "\r", "\u2028", "\u200b")
+
+
+def test_control_characters_from_stored_values_never_reach_the_terminal(sqlite_url: str) -> None:
+    """A user agent (the client's own header) or an address holding escape sequences, C1 controls,
+    DEL, bidi overrides: the device list shows them escaped, and prints none of them."""
+    android = "Mozilla/5.0 (Linux; Android 13; {}) AppleWebKit/537.36 Chrome/120.0 Mobile Safari/537.36"
+    handler = DatabaseHandler(sqlite_url, SessionConfig(database_url=sqlite_url))
+    for n, bad in enumerate(HOSTILE):
+        session = handler.load(None)
+        session.ip_address = f"198.51.100.{n}{bad}\u202e1.0.0.1"
+        session.user_agent = f"{bad}Evil{bad}Bot/1.0 {android.format(bad)} \\x1b"
+        session.login("mallory")
+        session.save()
+    handler.close()
+
+    result = run("sessions", "--user", "mallory", "--database-url", sqlite_url)
+
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout + result.stderr
+    assert not [char for char in printed if char != "\n" and not char.isprintable()], ascii(printed)
+    assert "\\x1b" in printed and "\\x9b" in printed and "\\u202e" in printed  # seen to be there
+    assert f"{len(HOSTILE)} session(s)" in result.stdout
+
+
+def test_visible_escapes_every_character_a_terminal_could_act_on() -> None:
+    assert visible("Chrome 120 / Linux ✓") == "Chrome 120 / Linux ✓"
+    assert visible("a\x1b[31mb\x07c\x9bd\u202ee\x7ff\u2028g") == "a\\x1b[31mb\\x07c\\x9bd\\u202ee\\x7ff\\u2028g"
+    assert visible("typed \\x1b") == "typed \\\\x1b"  # a backslash the client sent is not an escape shown
+    assert visible("\U000e0001 \ud800") == "\\U000e0001 \\ud800"  # a tag character, a lone surrogate

@@ -560,10 +560,12 @@ class BaseHandler(ABC, Generic[C]):
         lock: the first writes with one INSERT for all (`_insert_many`), the changes with one
         compare-and-set UPDATE (`_update_many`), the touches with one more (`_touch_many`).
 
-        One outcome per unit, in order: what was saved; an error that belongs to that request alone
-        (a job already applied); or None: not written here (a lost race, a row locked by another
-        transaction, a second unit of a row already in the batch, a unit that is not batchable, a
-        statement the database refused), and its request saves it alone with `write_on`
+        Each statement commits by itself. One outcome per unit, in order: what was saved; an error
+        that belongs to that request alone (a job already applied; the lost connection of its
+        statement, whose outcome is then unknown: see `_each_told_its_own`); or None: not written
+        here (a lost race, a row locked by another transaction, a second unit of a row already in
+        the batch, a unit that is not batchable, a statement the database refused, a statement not
+        sent after the connection was lost), and its request saves it alone with `write_on`
         (compare-and-set, then the merge under the lock), where its own error is raised.
         """
         outcomes: list[Saved | Exception | None] = [None] * len(units)
@@ -596,18 +598,28 @@ class BaseHandler(ABC, Generic[C]):
                     touches[loaded.key] = (index, touched, loaded)
             except Exception as exc:
                 outcomes[index] = exc
-        if inserts:
+
+        def insert() -> None:
             for key in self._insert_many(conn, [record for _, record, _ in inserts.values()]):
                 index, record, unit = inserts[key]
                 outcomes[index] = Saved(SaveAction.INSERTED, record, dict(unit.changes.updates), True)
-        if changes:
+
+        def change() -> None:
             for key in self._update_many(conn, [(w[0], loaded.version) for _, w, loaded in changes.values()], now):
                 index, (record, raw), loaded = changes[key]
                 outcomes[index] = Saved(SaveAction.UPDATED, record, raw, record.expires_at != loaded.expires_at)
-        if touches:
+
+        def touch() -> None:
             for key in self._touch_many(conn, [(t, loaded.version) for _, t, loaded in touches.values()], now):
                 index, touched, _ = touches[key]
                 outcomes[index] = Saved(SaveAction.TOUCHED, touched, {}, True)
+
+        statements = [
+            (insert, [index for index, _, _ in inserts.values()]),
+            (change, [index for index, _, _ in changes.values()]),
+            (touch, [index for index, _, _ in touches.values()]),
+        ]
+        _each_told_its_own(statements, outcomes)
         return outcomes
 
     def acquire_on(self, conn: C, session_id: str, owner: str) -> tuple[LockState, Session | None]:
@@ -665,6 +677,29 @@ def legacy_marker_key(user_id: str) -> str:
     """The key of the row refusing a user's old remember tokens: `~` and 31 hex digits, never a
     session key (32 hex digits), so no cookie can open it."""
     return "~" + hashlib.sha256(b"legacy remember token\x00" + user_id.encode()).hexdigest()[:31]
+
+
+def _each_told_its_own(statements: list[tuple[Callable[[], None], list[int]]], outcomes: list[Any]) -> None:
+    """Run the statements of a batch in order, each committing by itself, and tell every request what
+    became of its own save, whatever breaks between them.
+
+    The `*_many` primitives raise only for a lost connection, when the statement's outcome is unknown
+    (the server may have committed it before the reply was lost): its requests get that error, and
+    their saves must not be written again (a compare-and-set retried against its own write would
+    merge the save onto itself). The saves of the statements already run are committed and keep
+    their outcomes; those of the statements not yet sent stay None: written nothing, they go alone,
+    on a fresh connection, as any save the batch left.
+    """
+    for run, indexes in statements:
+        if not indexes:
+            continue  # nothing of this kind in the batch: no statement
+        try:
+            run()
+        except Exception as exc:
+            for index in indexes:
+                if outcomes[index] is None:
+                    outcomes[index] = exc
+            return
 
 
 def _one_by_one(rows: list[tuple[Record, int]], write: Callable[[Record, int], bool]) -> set[str]:
