@@ -32,6 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from .batching import Batcher
 from .config import SessionConfig
 from .errors import LockTimeout, SessionInterrupted
+from .fairshare import SessionSlots
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
 from .ids import is_valid_session_id, session_key_of
@@ -100,6 +101,7 @@ class AsyncSessionStore:
         self._owns_engine = False
         self._threads: WorkerThreads | None = None
         self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
+        self._slots = SessionSlots(handler.share)  # a session's saves in flight here, at most its share
         self._pending: set[asyncio.Future[None]] = set()  # what cancelled requests still finish (see aclose)
         self._loads: Batcher[tuple[str, float], Session] | None = None
         self._saves: Batcher[tuple[UnitOfWork, float], Saved] | None = None
@@ -177,7 +179,7 @@ class AsyncSessionStore:
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                writing = self._write(unit)
+                writing = await self._write_in_turn(unit)
                 if isinstance(writing, asyncio.Future):
                     try:
                         saved = await asyncio.shield(writing)
@@ -194,6 +196,24 @@ class AsyncSessionStore:
         if session.has_saved_callbacks:  # enqueueing jobs talks to a broker: not on the event loop
             await self.call(lambda: session.run_saved_callbacks(None))
         return action
+
+    async def _write_in_turn(self, unit: UnitOfWork) -> asyncio.Future[Saved] | Saved:
+        """`_write`, once the session has a free slot of its share (`fairshare.SessionSlots`): a burst
+        of one session's saves waits its turn on the loop instead of taking every thread."""
+        loaded = unit.loaded
+        if loaded is None:
+            return self._write(unit)  # a first write: a new row nobody else can hold up
+        leave = await self._slots.enter(loaded.key, self.config.write_wait_seconds)
+        try:
+            writing = self._write(unit)
+        except BaseException:
+            leave()
+            raise
+        if isinstance(writing, asyncio.Future):
+            writing.add_done_callback(lambda _: leave())
+        else:
+            leave()
+        return writing
 
     def _write(self, unit: UnitOfWork) -> asyncio.Future[Saved] | Saved:
         """Start writing *unit*: a future that ends with the write whether or not anyone still waits

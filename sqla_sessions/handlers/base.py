@@ -492,12 +492,14 @@ class BaseHandler(ABC, Generic[C]):
 
         written: Merged | None = None
         action = SaveAction.UPDATED
+        wait = self.config.write_wait_seconds  # for a share of the pool this session holds already
         if unit.new_key is None:
             written = successor(
                 loaded, unit.changes.base, unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps
             )
             # Where the compare-and-set may wait for a row lock, it counts as a long hold of the session.
-            waiting = self.share.hold(loaded.key, None) if self.compare_and_set_waits and not held else no_hold
+            waits = self.compare_and_set_waits and not held
+            waiting = self.share.hold(loaded.key, None, wait=wait) if waits else no_hold
             try:
                 if not self._update(conn, written[0], expected_version=loaded.version, now=now):
                     written, action = None, SaveAction.MERGED
@@ -518,7 +520,7 @@ class BaseHandler(ABC, Generic[C]):
                 )
 
             # The merge waits for the row's lock (up to `write_wait_seconds`): a long hold, counted.
-            waiting = no_hold if held else self.share.hold(loaded.key, unit.ip_address)
+            waiting = no_hold if held else self.share.hold(loaded.key, unit.ip_address, wait=wait)
             try:
                 written = self._merge(conn, loaded.key, now, build, held=held)
             finally:
