@@ -125,10 +125,6 @@ class BaseHandler(ABC, Generic[C]):
         self._saves: ThreadBatcher[UnitOfWork, Saved | None] | None = None
         self.share = FairShare(self.config)  # long holds of the pool by session and client address
 
-    #: Whether a plain compare-and-set UPDATE can wait for a row lock another transaction holds
-    #: (where it cannot, only the merge after a lost race waits).
-    compare_and_set_waits = True
-
     def batch_concurrent_calls(self, *, loads: bool, saves: bool, in_flight: int = 2, max_size: int = 64) -> None:
         """Run the `load`s and `save`s that threads make at the same moment as one statement per batch
         (`sqla_sessions.batching`); off for both by default here, on where the handler measures a win."""
@@ -291,8 +287,7 @@ class BaseHandler(ABC, Generic[C]):
                 if batched is not None:
                     saved = batched
                 else:
-                    with self.connect() as conn:
-                        saved = self.write_on(conn, unit)
+                    saved = self._write_in_turn(unit)
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -300,6 +295,18 @@ class BaseHandler(ABC, Generic[C]):
             raise
         session.run_saved_callbacks(None)
         return action
+
+    def _write_in_turn(self, unit: UnitOfWork) -> Saved:
+        """`write_on` a connection of its own, once the session has a free slot of its share of the pool
+        (`sqla_sessions.fairshare`): a save alone may wait for its row's lock, and a burst of one
+        session's saves waits its turn here, holding no connection, instead of taking the pool."""
+        loaded = unit.loaded
+        turn = no_hold if loaded is None else self.share.hold(loaded.key, None, wait=self.config.write_wait_seconds)
+        try:
+            with self.connect() as conn:
+                return self.write_on(conn, unit)
+        finally:
+            turn()
 
     def destroy(self, key: str) -> bool:
         with self.connect() as conn:
@@ -492,19 +499,12 @@ class BaseHandler(ABC, Generic[C]):
 
         written: Merged | None = None
         action = SaveAction.UPDATED
-        wait = self.config.write_wait_seconds  # for a share of the pool this session holds already
         if unit.new_key is None:
             written = successor(
                 loaded, unit.changes.base, unit, key=loaded.key, now=now, expiry=self.expiry, dumps=self.codec.dumps
             )
-            # Where the compare-and-set may wait for a row lock, it counts as a long hold of the session.
-            waits = self.compare_and_set_waits and not held
-            waiting = self.share.hold(loaded.key, None, wait=wait) if waits else no_hold
-            try:
-                if not self._update(conn, written[0], expected_version=loaded.version, now=now):
-                    written, action = None, SaveAction.MERGED
-            finally:
-                waiting()
+            if not self._update(conn, written[0], expected_version=loaded.version, now=now):
+                written, action = None, SaveAction.MERGED
         if written is None:
             # Someone else saved since we loaded (or this is a change of privilege, which moves the row
             # to a new key): merge onto the current row under its lock.
@@ -519,8 +519,9 @@ class BaseHandler(ABC, Generic[C]):
                     current, current_raw, unit, key=key, now=now, expiry=self.expiry, dumps=self.codec.dumps
                 )
 
-            # The merge waits for the row's lock (up to `write_wait_seconds`): a long hold, counted.
-            waiting = no_hold if held else self.share.hold(loaded.key, unit.ip_address, wait=wait)
+            # The merge waits for the row's lock (up to `write_wait_seconds`): a long hold, counted
+            # against the client's address (the session's own share was taken before connecting).
+            waiting = no_hold if held else self.share.hold(None, unit.ip_address)
             try:
                 written = self._merge(conn, loaded.key, now, build, held=held)
             finally:

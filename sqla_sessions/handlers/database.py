@@ -434,13 +434,6 @@ class DatabaseHandler(BaseHandler[Connection]):
         else:
             conn.execute(self._insert_row, values)
 
-    @property
-    def compare_and_set_waits(self) -> bool:  # type: ignore[override]
-        """On PostgreSQL a compare-and-set skips a row another transaction holds (its save merges,
-        waiting at most `write_wait_seconds`); on MySQL and MariaDB it waits for the row up to that
-        long. (SQLite has one write lock for the whole database: no session's own wait to count.)"""
-        return self._dialect == "mysql"
-
     def _update(self, conn: Connection, record: Record, *, expected_version: int, now: int) -> bool:
         params = _write_params(record)
         params["b_version"] = expected_version

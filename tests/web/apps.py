@@ -359,7 +359,11 @@ def wsgi_app() -> Any:
             if method == "POST":
                 counter.count = 0
             return respond(start_response, {"statements": counter.count})
+        if path == "/blocking/work" and method == "POST":
+            environ["wsgi.input"].read()  # a form the app reads, as a CSRF check would
+            query = dict(part.partition("=")[::2] for part in environ.get("QUERY_STRING", "").split("&") if part)
+            return respond(start_response, _blocking_work(session, float(query.get("ms", "200"))))
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found"]
 
-    return SessionMiddleware(app, handler=handler)
+    return SessionMiddleware(app, handler=handler, blocking=["/blocking/*"])
