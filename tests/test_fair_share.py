@@ -1,0 +1,223 @@
+"""Fair share of the pool (sqla_sessions.fairshare), bounded row-lock waits, and bodies read before a
+lock (sqla_sessions.bodies). The attacks through real servers are in tests/web/test_fair_share.py."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from sqla_sessions import DatabaseHandler, LockTimeout, SessionConfig, TooManyRequests
+from sqla_sessions.bodies import BodyRefused, ClientGone, read_asgi_body, read_wsgi_body
+from sqla_sessions.fairshare import MAX_WAITING_PER_SESSION, FairShare, SessionSlots
+from sqla_sessions.locking import BlockingSession
+from tests.conftest import Backend
+
+
+def share(**settings: Any) -> FairShare:
+    return FairShare(SessionConfig(**settings))
+
+
+def test_the_default_shares_follow_the_pool() -> None:
+    assert (share().per_session, share().per_address) == (10, 20)
+    assert (share(pool_size=4).per_session, share(pool_size=4).per_address) == (1, 2)
+    assert share(session_connections=3, address_connections=5).per_address == 5
+
+
+def test_a_session_past_its_share_is_refused_at_once_without_a_wait() -> None:
+    fair = share(session_connections=2)
+    first, second = fair.hold("k", None), fair.hold("k", None)
+    started = time.monotonic()
+    with pytest.raises(LockTimeout):
+        fair.hold("k", None)
+    assert time.monotonic() - started < 0.1
+    fair.hold("other", None)  # another session is not held up
+    first()
+    first()  # twice is once
+    assert fair.held(session_key="k") == 1
+    second()
+    assert fair.held(session_key="k") == 0
+
+
+def test_a_session_past_its_share_waits_for_a_hold_to_end() -> None:
+    fair = share(session_connections=1)
+    end = fair.hold("k", None)
+    threading.Timer(0.2, end).start()
+    started = time.monotonic()
+    fair.hold("k", None, wait=5)()
+    assert 0.15 < time.monotonic() - started < 2
+    fair.hold("k", None)  # given back
+    with pytest.raises(LockTimeout) as refused:
+        fair.hold("k", None, wait=0.2)
+    assert refused.value.waited == 0.2
+
+
+def test_an_address_past_its_share_gets_too_many_requests_whatever_the_session() -> None:
+    fair = share(address_connections=2)
+    ends = [fair.hold(f"s{n}", "10.0.0.1") for n in range(2)]
+    with pytest.raises(TooManyRequests) as refused:
+        fair.hold("s9", "10.0.0.1", wait=5)
+    assert refused.value.status == 429
+    assert fair.held(session_key="s9") == 0  # nothing counted for a refusal
+    fair.hold("s9", "10.0.0.2")  # another client is served
+    ends[0]()
+    fair.hold("s9", "10.0.0.1")
+
+
+def test_async_slots_queue_a_burst_on_the_loop_and_hand_slots_on_in_order() -> None:
+    slots = SessionSlots(share(session_connections=2))
+
+    async def scenario() -> list[int]:
+        order: list[int] = []
+
+        async def save(n: int) -> None:
+            leave = await slots.enter("k", 5)
+            order.append(n)
+            await asyncio.sleep(0.01)
+            leave()
+
+        await asyncio.gather(*(save(n) for n in range(10)))
+        return order
+
+    assert sorted(asyncio.run(scenario())) == list(range(10))
+
+
+def test_async_slots_time_out_and_a_cancelled_waiter_leaves_nothing_behind() -> None:
+    slots = SessionSlots(share(session_connections=1))
+
+    async def scenario() -> None:
+        leave = await slots.enter("k", 5)
+        with pytest.raises(LockTimeout):
+            await slots.enter("k", 0.05)
+        waiter = asyncio.ensure_future(slots.enter("k", 5))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        leave()
+        again = await asyncio.wait_for(slots.enter("k", 5), 1)  # the slot came back
+        again()
+        assert slots._slots == {}
+
+    asyncio.run(scenario())
+
+
+def test_async_slots_refuse_at_once_past_the_waiters_bound() -> None:
+    slots = SessionSlots(share(session_connections=1))
+
+    async def scenario() -> None:
+        await slots.enter("k", 5)
+        waiting = [asyncio.ensure_future(slots.enter("k", 5)) for _ in range(MAX_WAITING_PER_SESSION)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(LockTimeout):
+            await slots.enter("k", 5)
+        for waiter in waiting:
+            waiter.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+# -- bodies -----------------------------------------------------------------------------------------
+
+
+def test_a_wsgi_body_is_read_whole_and_handed_on_from_memory() -> None:
+    environ: dict[str, Any] = {"CONTENT_LENGTH": "5", "wsgi.input": io.BytesIO(b"a=1&bmore")}
+    read_wsgi_body(environ, 10)
+    assert environ["wsgi.input"].read() == b"a=1&b"
+
+
+@pytest.mark.parametrize(
+    ("environ", "status"),
+    [
+        ({"CONTENT_LENGTH": "11", "wsgi.input": io.BytesIO(b"x" * 11)}, 413),
+        ({"CONTENT_LENGTH": "8", "wsgi.input": io.BytesIO(b"csrf=")}, 400),  # the client stopped sending
+        ({"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"x" * 11)}, 413),  # chunked, too long
+    ],
+)
+def test_a_wsgi_body_over_the_limit_or_cut_short_is_refused(environ: dict[str, Any], status: int) -> None:
+    with pytest.raises(BodyRefused) as refused:
+        read_wsgi_body(environ, 10)
+    assert refused.value.status == status
+
+
+def test_a_chunked_wsgi_body_within_the_limit_gets_its_length() -> None:
+    environ: dict[str, Any] = {"wsgi.input_terminated": True, "wsgi.input": io.BytesIO(b"abc")}
+    read_wsgi_body(environ, 10)
+    assert (environ["CONTENT_LENGTH"], environ["wsgi.input"].read()) == ("3", b"abc")
+
+
+def test_a_wsgi_request_without_a_length_has_no_body_to_wait_for() -> None:
+    stream = io.BytesIO(b"never read")
+    environ: dict[str, Any] = {"wsgi.input": stream}
+    read_wsgi_body(environ, 10)
+    assert environ["wsgi.input"] is stream and stream.tell() == 0
+
+
+def asgi_receive(messages: list[dict[str, Any]]) -> Any:
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    return receive
+
+
+def test_an_asgi_body_is_read_whole_then_replayed_then_the_server_answers() -> None:
+    parts = [
+        {"type": "http.request", "body": b"a=", "more_body": True},
+        {"type": "http.request", "body": b"1", "more_body": False},
+    ]
+
+    async def scenario() -> list[dict[str, Any]]:
+        replay = await read_asgi_body({"headers": []}, asgi_receive(parts), 10)
+        return [await replay() for _ in range(3)]
+
+    assert asyncio.run(scenario()) == [*parts, {"type": "http.disconnect"}]
+
+
+def test_an_asgi_body_too_large_or_abandoned_is_refused() -> None:
+    async def read(scope: dict[str, Any], messages: list[dict[str, Any]]) -> Any:
+        return await read_asgi_body(scope, asgi_receive(messages), 10)
+
+    with pytest.raises(BodyRefused):  # by its declared length, before reading anything
+        asyncio.run(read({"headers": [(b"content-length", b"11")]}, []))
+    with pytest.raises(BodyRefused):  # by what arrived
+        asyncio.run(read({"headers": []}, [{"type": "http.request", "body": b"x" * 11, "more_body": True}]))
+    with pytest.raises(ClientGone):
+        asyncio.run(read({"headers": []}, [{"type": "http.request", "body": b"x", "more_body": True}]))
+
+
+# -- bounded row-lock waits ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_save_meeting_a_held_row_waits_at_most_write_wait_seconds_then_lock_timeout(db_backend: Backend) -> None:
+    config = SessionConfig(database_url=db_backend.url, pool_timeout=1, block_lock_seconds=30)
+    handler = DatabaseHandler(db_backend.url, config)  # its own engine: MariaDB's wait is set at connect
+    try:
+        session = handler.load(None)
+        session["n"] = 1
+        handler.save(session)
+        stale = handler.load(session.id)
+        held = BlockingSession.open(handler, session.id)
+        try:
+            stale["other"] = True
+            started = time.monotonic()
+            with pytest.raises(LockTimeout):
+                handler.save(stale)
+            waited = time.monotonic() - started
+            assert 0.5 < waited < 3, waited
+        finally:
+            held.finish()
+        assert "other" not in handler.load(session.id)  # refused: nothing of it was written
+        stale_again = handler.load(session.id)
+        stale_again["other"] = True
+        handler.save(stale_again)  # the lock is free: it saves
+        assert handler.load(session.id)["other"] is True
+    finally:
+        handler.close()
