@@ -232,6 +232,35 @@ def test_auto_turns_prepared_statements_off_at_the_first_refusal_and_runs_the_st
         handler.close()
 
 
+def test_auto_detects_on_the_async_engine_too(pg_backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """`async_engine="auto"` has its own pool: it turns its prepared statements off the same way."""
+    from sqla_sessions.aio import AsyncSessionStore
+
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
+    store = AsyncSessionStore(handler, async_engine="auto")
+    assert store.mode == "async-engine"
+
+    async def refused_then_run_unnamed() -> None:
+        try:
+            for n in range(7):
+                await store.run_on_connection(handler._delete, f"no-such-key-{n}")
+            assert store._engine is not None
+            async with store._engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                raw.driver_connection.pgconn.exec_(b"DEALLOCATE ALL")  # type: ignore[union-attr]
+            with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+                for n in range(7):
+                    assert await store.run_on_connection(handler._delete, f"no-such-key-{n}") is False
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(refused_then_run_unnamed())
+    finally:
+        handler.close()
+    assert caplog.text.count('prepared_statements="off"') == 1, caplog.text
+
+
 def test_a_blocking_requests_transaction_carries_no_named_statement_under_auto(
     pg_backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
