@@ -35,6 +35,7 @@ from .errors import LockTimeout, SessionInterrupted
 from .fairshare import SessionSlots
 from .handlers.base import BaseHandler
 from .handlers.database import DatabaseHandler
+from .handlers.prepared import detect_refusals
 from .ids import is_valid_session_id, session_key_of
 from .locking import LOST_LOCK, LockedRequest, lost_lock, poll_delays
 from .records import SaveAction, SessionInfo
@@ -115,6 +116,8 @@ class AsyncSessionStore:
         elif async_engine is not None:
             self._engine = async_engine
         if self._engine is not None:
+            if self.config.prepared_statements == "auto":  # its own pool: its own switch (`handlers.prepared`)
+                detect_refusals(self._engine.sync_engine)
             return
         threads = self._threads = WorkerThreads(THREADS)
         if self.config.batch_requests:

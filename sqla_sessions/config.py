@@ -105,7 +105,8 @@ class SessionConfig:
     """Seconds to establish a database connection (an unreachable host answers 503 instead of hanging)."""
     prepared_statements: PreparedStatements = "auto"
     """Server-side prepared statements on PostgreSQL: "on", "off" (PgBouncer < 1.21 in transaction mode,
-    or one without `max_prepared_statements`), "auto" (off when the URL's port is PgBouncer's 6432)."""
+    or one without `max_prepared_statements`), "auto" (off when the URL's port is PgBouncer's 6432, and
+    from the server's first refusal of one: `handlers.prepared`)."""
     websocket_origins: tuple[str, ...] = ()
     """Origins besides the request's own host whose pages get the session on a websocket
     (e.g. `("https://app.example.com",)`); others get an empty one (cross-site websocket hijacking)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqla_sessions import ConfigurationError, DatabaseHandler, SessionConfig, upgrade
 from sqla_sessions.asgi import SessionMiddleware as AsgiMiddleware
 from sqla_sessions.handlers.engines import create_session_engine, engine_options
+from sqla_sessions.locking import BlockingSession
 from sqla_sessions.wsgi import SessionMiddleware as WsgiMiddleware
 from tests.conftest import Backend
 
@@ -177,6 +179,109 @@ def test_prepared_statements_on_or_off(pg_backend: Backend, setting: str, named:
         with handler.engine.connect() as conn:  # the pool's one connection: the one that ran them
             prepared = conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one()
         assert (prepared > 0) is named
+    finally:
+        handler.close()
+
+
+def _forget_prepared_statements_behind_psycopgs_back(handler: DatabaseHandler) -> None:
+    """What a pooler does to a client connection: the server it reaches next lacks what psycopg prepared."""
+    with handler.engine.connect() as conn:  # the pool's one connection
+        conn.connection.driver_connection.pgconn.exec_(b"DEALLOCATE ALL")  # type: ignore[union-attr]
+
+
+def _prepared_by_psycopg(handler: DatabaseHandler) -> None:
+    """Run one statement through SQLAlchemy past psycopg's threshold (5): it is prepared as `_pg3_0`."""
+    for n in range(7):
+        handler.destroy(f"no-such-key-{n}")
+
+
+def test_prepared_statements_on_raises_the_servers_refusal(pg_backend: Backend) -> None:
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(prepared_statements="on", pool_size=1))
+    try:
+        _prepared_by_psycopg(handler)
+        _forget_prepared_statements_behind_psycopgs_back(handler)
+        with pytest.raises(sa.exc.ProgrammingError, match="does not exist"):
+            handler.destroy("no-such-key")
+    finally:
+        handler.close()
+
+
+def test_auto_turns_prepared_statements_off_at_the_first_refusal_and_runs_the_statement_again(
+    pg_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
+    try:
+        session = handler.load(None)
+        session["n"] = 1
+        session.save()
+        _prepared_by_psycopg(handler)
+        _forget_prepared_statements_behind_psycopgs_back(handler)
+        with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+            assert handler.destroy(session.key or "") is True  # refused, then run unnamed
+            for n in range(10):
+                handler.destroy(f"again-{n}")
+        assert [r.getMessage().count('prepared_statements="off"') for r in caplog.records] == [1]
+        assert "SQLA_SESSIONS_PREPARED_STATEMENTS=off" in caplog.text
+        with handler.engine.connect() as conn:
+            assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
+        handler.engine.dispose()  # a new connection: unprepared from the start
+        with handler.engine.connect() as conn:
+            assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one() == 0
+    finally:
+        handler.close()
+
+
+def test_auto_detects_on_the_async_engine_too(pg_backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
+    """`async_engine="auto"` has its own pool: it turns its prepared statements off the same way."""
+    from sqla_sessions.aio import AsyncSessionStore
+
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
+    store = AsyncSessionStore(handler, async_engine="auto")
+    assert store.mode == "async-engine"
+
+    async def refused_then_run_unnamed() -> None:
+        try:
+            for n in range(7):
+                await store.run_on_connection(handler._delete, f"no-such-key-{n}")
+            assert store._engine is not None
+            async with store._engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                raw.driver_connection.pgconn.exec_(b"DEALLOCATE ALL")  # type: ignore[union-attr]
+            with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+                for n in range(7):
+                    assert await store.run_on_connection(handler._delete, f"no-such-key-{n}") is False
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(refused_then_run_unnamed())
+    finally:
+        handler.close()
+    assert caplog.text.count('prepared_statements="off"') == 1, caplog.text
+
+
+def test_a_blocking_requests_transaction_carries_no_named_statement_under_auto(
+    pg_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal inside it would abort the transaction holding the row lock, beyond retrying: so its
+    statements go unnamed, and what a pooler drops meanwhile refuses nothing."""
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
+    try:
+        session = handler.load(None)
+        session["n"] = 0
+        session.save()
+        sid = session.id or ""
+        with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+            for _ in range(7):  # BEGIN, the lock, the save and COMMIT: past psycopg's threshold
+                held = BlockingSession.open(handler, sid)
+                held.session.increment("n")
+                held._conn.connection.driver_connection.pgconn.exec_(b"DEALLOCATE ALL")  # inside its transaction
+                held.finish()
+        assert handler.load(sid)["n"] == 7
+        assert 'prepared_statements="off"' not in caplog.text  # nothing was refused
+        with handler.engine.connect() as conn:  # outside a blocking request, psycopg prepares again
+            assert conn.connection.driver_connection.prepare_threshold == 5  # type: ignore[union-attr]
     finally:
         handler.close()
 

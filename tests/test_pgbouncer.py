@@ -3,12 +3,15 @@ migrations, two web processes, racing and sustained writes, blocking sessions an
 
 PgBouncer < 1.21 hands each transaction to any server connection, so named prepared statements
 break (`prepared statement "_pg3_5" does not exist`): `prepared_statements="off"` (or "auto" on
-PgBouncer's port 6432) sends unnamed statements instead.
+PgBouncer's port 6432) sends unnamed statements instead, and "auto" on any other port turns them off
+at the server's first refusal. The PgBouncer here hands server connections out in turn
+(`server_round_robin`), so consecutive statements of one client do reach different servers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -19,12 +22,14 @@ from typing import Any
 
 import dramatiq
 import httpx
+import psycopg
 import pytest
 from dramatiq.brokers.stub import StubBroker
 from sqlalchemy.engine import make_url
 
 from sqla_sessions import DatabaseHandler, Session, SessionConfig, upgrade
 from sqla_sessions.dramatiq import session_actor
+from sqla_sessions.locking import BlockingSession
 from tests.conftest import backend_for, unavailable
 from tests.web.test_servers import cookie_of, free_port, sent, start_server, wait_until_up
 
@@ -62,6 +67,7 @@ auth_type = trust
 auth_file = {folder / "userlist.txt"}
 pool_mode = transaction
 default_pool_size = {POOL_SIZE}
+server_round_robin = 1
 max_client_conn = 500
 logfile = {folder / "pgbouncer.log"}
 pidfile = {folder / "pgbouncer.pid"}
@@ -211,3 +217,114 @@ def test_dramatiq_jobs_behind_pgbouncer(migrated: str) -> None:
         assert data["done"] == 20 and sorted(data["jobs"]) == list(range(20))
     finally:
         stored.close()
+
+
+#: What the one warning of a detected pooler names: the setting that starts without prepared statements.
+SETTING_NAMED = 'prepared_statements="off"'
+
+
+def _open_every_server_connection(url: str) -> None:
+    """Make PgBouncer open its whole pool: POOL_SIZE clients each hold a transaction at once."""
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    clients = [psycopg.connect(conninfo) for _ in range(POOL_SIZE)]
+    try:
+        for client in clients:
+            client.execute("SELECT 1")  # opens a transaction: each client holds its own server
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_default_settings_turn_prepared_statements_off_at_the_first_refusal(
+    migrated: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Default settings on a port other than 6432: every load, save, merge and blocking request
+    succeeds, and the switch to unnamed statements is said once."""
+    _open_every_server_connection(migrated)
+    handler = DatabaseHandler(migrated, SessionConfig(database_url=migrated, table=TABLE, lottery=(0, 1), pool_size=4))
+    errors: list[BaseException] = []
+
+    def user(n: int) -> str:
+        session = handler.load(None)
+        session["n"] = 0
+        session.save()
+        sid = session.id or ""
+        for round_ in range(30):
+            try:
+                if round_ % 5 == 4:  # a blocking request: row lock, merge and commit in one transaction
+                    held = BlockingSession.open(handler, sid)
+                    held.session.increment("n")
+                    held.finish()
+                else:
+                    loaded = handler.load(sid)
+                    loaded.increment("n")
+                    loaded.save()
+            except Exception as exc:  # collected: every one is a failure
+                errors.append(exc)
+        return sid
+
+    with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
+        try:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(6) as pool:
+                ids = list(pool.map(user, range(6)))
+            assert errors == []
+            assert [handler.load(sid)["n"] for sid in ids] == [30] * 6
+        finally:
+            handler.close()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and SETTING_NAMED in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_served_app_with_default_settings_answers_every_request(migrated: str, tmp_root: Path) -> None:
+    """uvicorn + Starlette, default settings (no `SQLA_SESSIONS_PREPARED_STATEMENTS`): racing and
+    blocking requests all answer 200, and the log holds the one warning naming the setting."""
+    _open_every_server_connection(migrated)
+    env = {"SQLA_SESSIONS_TABLE": TABLE, "SQLA_SESSIONS_POOL_SIZE": "8", "SQLA_SESSIONS_PREPARED_STATEMENTS": None}
+    previous = {name: os.environ.get(name) for name in env}
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    port = free_port()
+    log = tmp_root / "pgbouncer-auto.log"
+    try:
+        with log.open("wb") as out:
+            process = start_server("starlette", migrated, port, out, module="tests.web.same_key_apps")
+        try:
+            wait_until_up(process, port, log)
+            base = f"http://127.0.0.1:{port}"
+            users = [_seed(base) for _ in range(6)]
+
+            async def fire() -> list[int]:
+                # 12 at a time: a blocking request holds one of PgBouncer's 3 server connections throughout.
+                at_once = asyncio.Semaphore(12)
+
+                async def request(client: httpx.AsyncClient, n: int) -> int:
+                    path = "/blocking/edit/assign/-" if n % 4 == 3 else "/edit/increment/-"
+                    async with at_once:
+                        return (await client.post(path, headers=sent(users[n % len(users)]))).status_code
+
+                async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                    return list(await asyncio.gather(*(request(client, n) for n in range(240))))
+
+            assert asyncio.run(fire()) == [200] * 240
+            for u, cookie in enumerate(users):
+                mine = [n for n in range(240) if n % len(users) == u]
+                blocking = sum(1 for n in mine if n % 4 == 3)
+                data = _read(base, cookie)
+                assert (data.get("n", 0), data.get("m", 0)) == (len(mine) - blocking, blocking)
+        finally:
+            process.terminate()
+            process.wait(10)
+    finally:
+        for name, old in previous.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
+    assert text.count(SETTING_NAMED) == 1, text[-3000:]

@@ -29,6 +29,7 @@ from .base import BaseHandler, LockState, LockStrategy, Merged
 from .engines import create_session_engine, is_autocommit_engine, mysql_lock_wait_seconds
 from .fastpath import FastStatement, fetch_all, fetch_one, not_run, row_count, run_prepared
 from .libpq import BYTEA_ARRAY, INT8, INT8_ARRAY, VARCHAR_ARRAY, PreparedStatement, all_rows
+from .prepared import detect_refusals, once_more_unprepared, prepared_again, refused, unprepared_while_held
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -83,6 +84,7 @@ def _refusal_writes_nothing(conn: Connection) -> Iterator[None]:
     except sa.exc.DBAPIError as exc:
         if exc.connection_invalidated or conn.invalidated:
             raise
+        refused(conn, exc)  # a pooler's refusal ("auto"): the saves alone go unnamed
 
 
 class DatabaseHandler(BaseHandler[Connection]):
@@ -115,6 +117,8 @@ class DatabaseHandler(BaseHandler[Connection]):
                 )
             self.engine = create_session_engine(url, autocommit=True, config=config)
             self._owns_engine = True
+        if config.prepared_statements == "auto":
+            detect_refusals(self.engine)
         self.table = sessions_table(config.table)
         # Single statements run in autocommit: one round trip each. An engine that is not in autocommit
         # already is switched per checkout, which is correct but slower (see create_session_engine).
@@ -306,6 +310,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         with self._autocommit.connect() as conn:
             yield conn
 
+    @once_more_unprepared
     def _fetch(self, conn: Connection, key: str, now: int) -> Record | None:
         params = {"b_key": key, "now": now}
         if self._fast_path:
@@ -314,6 +319,7 @@ class DatabaseHandler(BaseHandler[Connection]):
             row = conn.execute(self._select_by_key, params).first()
         return None if row is None else _record(row)
 
+    @once_more_unprepared
     def _fetch_many(self, conn: Connection, keys: list[str], now: int) -> dict[str, Record]:
         prepared = self._prepared_by_keys if self._fast_path else None
         rows = fetch_all(conn, prepared, self._select_by_keys, {"b_keys": keys, "now": now})
@@ -427,6 +433,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         return PreparedStatement(sql, parameters)
 
+    @once_more_unprepared
     def _insert(self, conn: Connection, record: Record) -> None:
         values = {name: getattr(record, name) for name in _COLUMNS}
         if self._fast_path:
@@ -434,6 +441,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         else:
             conn.execute(self._insert_row, values)
 
+    @once_more_unprepared
     def _update(self, conn: Connection, record: Record, *, expected_version: int, now: int) -> bool:
         params = _write_params(record)
         params["b_version"] = expected_version
@@ -455,6 +463,7 @@ class DatabaseHandler(BaseHandler[Connection]):
                 raise LockTimeout(self.config.write_wait_seconds) from None
             raise
 
+    @once_more_unprepared
     def _merge(
         self, conn: Connection, key: str, now: int, build: Callable[[Record], Merged], *, held: bool
     ) -> Merged | None:
@@ -493,6 +502,7 @@ class DatabaseHandler(BaseHandler[Connection]):
                 conn.execute(self._insert_row, {name: getattr(successor, name) for name in _COLUMNS})
             return merged
 
+    @once_more_unprepared
     def _touch(
         self, conn: Connection, key: str, *, version: int, last_activity: int, expires_at: int, now: int
     ) -> bool:
@@ -511,20 +521,25 @@ class DatabaseHandler(BaseHandler[Connection]):
             return row_count(conn, self._fast_touch, params) == 1
         return conn.execute(self._touch_row, params).rowcount == 1
 
+    @once_more_unprepared
     def _delete(self, conn: Connection, key: str) -> bool:
         return conn.execute(self._delete_row, {"b_key": key}).rowcount > 0
 
+    @once_more_unprepared
     def _delete_expired(self, conn: Connection, now: int, limit: int) -> int:
         return conn.execute(self._gc_statement(limit), {"now": now}).rowcount
 
+    @once_more_unprepared
     def _fetch_user(self, conn: Connection, user_id: str, now: int) -> list[Record]:
         return [_record(row) for row in conn.execute(self._select_user, {"b_user_id": user_id, "now": now})]
 
+    @once_more_unprepared
     def _delete_user(self, conn: Connection, user_id: str, except_key: str | None) -> int:
         if except_key is None:
             return conn.execute(self._delete_user_rows, {"b_user_id": user_id}).rowcount
         return conn.execute(self._delete_user_except, {"b_user_id": user_id, "b_key": except_key}).rowcount
 
+    @once_more_unprepared
     def _stats(self, conn: Connection, now: int) -> StoreStats:
         t = self.table
         live = t.c.expires_at > sa.bindparam("now", type_=sa.BigInteger)
@@ -586,6 +601,7 @@ class DatabaseHandler(BaseHandler[Connection]):
             # InnoDB locks the primary-key record before it checks the rest of the WHERE clause: a known
             # key with a wrong secret would wait for (and then hold) the owner's lock. A plain read first.
             return LockState.MISSING, None
+        unprepared_while_held(conn)  # until `_end_transaction`: a refusal in the transaction could not be retried
         try:
             if self._dialect == "mysql":
                 # Session variables (whole seconds), reset when the lock ends.
@@ -623,6 +639,7 @@ class DatabaseHandler(BaseHandler[Connection]):
         try:
             conn.exec_driver_sql("COMMIT" if commit else "ROLLBACK")
         finally:
+            prepared_again(conn)
             # A connection the server ended (the hold outlived its bound) is discarded by the pool: there
             # is nothing to reset, and trying would hide why the transaction ended.
             if self._dialect == "mysql" and not conn.invalidated:
@@ -663,11 +680,15 @@ class DatabaseHandler(BaseHandler[Connection]):
             conn.exec_driver_sql(begin)
         try:
             yield
-        except BaseException:
+            # A COMMIT refused before it ran (a pooler's missing prepared statement) leaves the transaction
+            # open and aborted: it is rolled back like any other failure, and nothing was committed.
+            conn.exec_driver_sql("COMMIT")
+        except BaseException as exc:
+            if isinstance(exc, sa.exc.DBAPIError):
+                refused(conn, exc)  # a pooler's refusal ("auto"): the ROLLBACK goes unnamed
             with suppress(Exception):  # a dead connection must not hide the original error
                 conn.exec_driver_sql("ROLLBACK")
             raise
-        conn.exec_driver_sql("COMMIT")
 
 
 def is_transient_conflict(exc: sa.exc.DBAPIError) -> bool:

@@ -43,7 +43,8 @@ def normalize_url(url: str | URL) -> URL:
 
 
 def prepared_statements_on(url: URL, setting: str) -> bool:
-    """Whether server-side prepared statements are used for *url* ("auto": not on PgBouncer's port)."""
+    """Whether server-side prepared statements are used for *url* at first ("auto": not on PgBouncer's
+    port; elsewhere until the server refuses one, see `handlers.prepared`)."""
     if setting == "auto":
         port = url.port or url.query.get("port")  # a unix socket names its port in the query
         return str(port) != str(PGBOUNCER_PORT)

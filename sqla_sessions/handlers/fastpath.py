@@ -17,7 +17,10 @@ What stays SQLAlchemy's:
 - on any driver error the statement is run again through `Connection.execute`, which maps the
   error to `sqlalchemy.exc` and invalidates a dead connection, exactly as without the fast path.
   Re-running is safe for these statements: a failed SELECT has no effect, and the UPDATEs are
-  compare-and-set or idempotent.
+  compare-and-set or idempotent;
+- a prepared statement a pooler refused (`handlers.prepared`, `prepared_statements="auto"`) turns the
+  engine's prepared statements off first, so that run through `Connection.execute` is the one retry
+  and goes unnamed (the refusal came before the statement ran, in autocommit: nothing ran).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.expression import Executable
 
 from .libpq import PreparedStatement, StatementFailed, affected_rows, all_rows, connection_ok, first_row
+from .prepared import refused
 
 
 class FastStatement:
@@ -94,13 +98,18 @@ def run_prepared(
     if prepared is None or not _below_allowed(conn):
         return _NOT_RUN
     fairy = conn.connection
-    try:
-        result = prepared.execute(fairy.dbapi_connection, fairy.info, values)
-    except Exception as exc:
-        if _wrote_nothing(fairy.dbapi_connection, exc):
-            return _NOT_RUN
-        conn.exec_driver_sql("SELECT 1")  # raises the broken connection's error, as SQLAlchemy maps it
-        raise  # pragma: no cover - the connection answered after all; the outcome is still unknown
+    for attempt in (1, 2):
+        try:
+            result = prepared.execute(fairy.dbapi_connection, fairy.info, values)
+            break
+        except Exception as exc:
+            if not _wrote_nothing(fairy.dbapi_connection, exc):
+                conn.exec_driver_sql("SELECT 1")  # raises the broken connection's error, as SQLAlchemy maps it
+                raise  # pragma: no cover - the connection answered after all; the outcome is still unknown
+            # A pooler's refusal ("auto"): it came before the statement ran (autocommit: nothing else
+            # did either), and the connection now sends unnamed statements: once more.
+            if attempt == 2 or not refused(conn, exc):
+                return _NOT_RUN
     return _NOT_RUN if result is None else from_result(result)
 
 
@@ -154,5 +163,6 @@ def _run_below(
             return from_cursor(cursor)
         finally:
             cursor.close()
-    except Exception:
-        return _NOT_RUN  # SQLAlchemy's path raises the error properly (and invalidates a dead connection)
+    except Exception as exc:
+        refused(conn, exc)  # a pooler's refusal ("auto"): SQLAlchemy's path below is the retry, unnamed
+    return _NOT_RUN  # SQLAlchemy's path raises the error properly (and invalidates a dead connection)

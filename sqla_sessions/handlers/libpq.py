@@ -43,6 +43,7 @@ _PREPARED = "sqla_sessions_prepared"
 #: SQLSTATEs of a prepared statement gone stale: deallocated (DISCARD ALL, a pooler), or its table
 #: changed under it ("cached plan must not change result type", undefined table/column).
 _STALE = (b"26000", b"0A000", b"42P01", b"42703")
+_MISSING = b"26000"
 _ALREADY_PREPARED = b"42P05"
 
 
@@ -54,6 +55,11 @@ class StatementFailed(Exception):
         super().__init__(result.error_message)
         sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
         self.sqlstate: bytes | None = sqlstate
+
+
+class PreparedElsewhere(StatementFailed):
+    """The statement prepared in the round trip before is missing on the server connection that got
+    the execute: a pooler in transaction mode sent the two to different ones (`handlers.prepared`)."""
 
 
 _INT8, _BYTEA, _TEXT, _VARCHAR, _INT4, _INT2, _NAME, _BPCHAR = 20, 17, 25, 1043, 23, 21, 19, 1042
@@ -207,7 +213,8 @@ class PreparedStatement:
                 return result
             raise StatementFailed(result)
         prepared: set[bytes] = info.setdefault(_PREPARED, set())
-        if self.name not in prepared:
+        just_prepared = self.name not in prepared
+        if just_prepared:
             result = pgconn.prepare(self.name, self.sql, self.types)
             if result.status != pq.ExecStatus.COMMAND_OK:
                 # 42P05: the server connection has it already (same SQL, same name): use it.
@@ -217,9 +224,12 @@ class PreparedStatement:
         result = pgconn.exec_prepared(self.name, params, self.formats, 1)
         if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
             return result
-        if result.error_field(pq.DiagnosticField.SQLSTATE) in _STALE:
+        sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
+        if sqlstate in _STALE:
             prepared.discard(self.name)  # prepare afresh next time
             pgconn.exec_(b"DEALLOCATE " + self.name)  # an error if it is gone already: harmless, idle
+        if just_prepared and sqlstate == _MISSING:
+            raise PreparedElsewhere(result)  # nothing on one server connection drops it between two round trips
         raise StatementFailed(result)
 
 
