@@ -101,7 +101,9 @@ class AsyncSessionStore:
         self._engine: AsyncEngine | None = None
         self._owns_engine = False
         self._threads: WorkerThreads | None = None
-        self._gates: dict[str, _Gate] = {}  # blocking requests of a session in this process
+        self._gates: dict[str, _Gate] = {}  # blocking requests of a session id in this process
+        # Session keys whose lock a blocking request here holds: when it took it, and its end.
+        self._locked_here: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
         self._slots = SessionSlots(handler.share)  # a session's saves in flight here, at most its share
         self._pending: set[asyncio.Future[None]] = set()  # what cancelled requests still finish (see aclose)
         self._loads: Batcher[tuple[str, float], Session] | None = None
@@ -206,7 +208,10 @@ class AsyncSessionStore:
         loaded = unit.loaded
         if loaded is None:
             return self._write(unit)  # a first write: a new row nobody else can hold up
-        leave = await self._slots.enter(loaded.key, self.config.write_wait_seconds)
+        wait = self.config.write_wait_seconds
+        if self._locked_here:
+            await self._until_unlocked_here(loaded.key, wait)
+        leave = await self._slots.enter(loaded.key, wait)
         try:
             writing = self._write(unit)
         except BaseException:
@@ -299,7 +304,8 @@ class AsyncSessionStore:
         if not is_valid_session_id(session_id):
             return await AsyncBlockingSession.open(self, session_id)
         assert session_id is not None
-        gate = self._gates.setdefault(session_id, _Gate())
+        key = session_key_of(session_id)
+        gate = self._gates.setdefault(session_id, _Gate())  # the id's: a known key alone queues behind nobody
         if gate.users > MAX_QUEUED_PER_SESSION:  # the one past the gate, and a full queue
             raise LockTimeout(1)
         gate.users += 1
@@ -315,16 +321,33 @@ class AsyncSessionStore:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(gate.changed.wait(), max(remaining, 0.001))
                 gate.owner, gate.since = token, time.monotonic()
-            end_hold = self.handler.share.hold(session_key_of(session_id), address)
+            end_hold = self.handler.share.hold_blocking(key, address, wait=0)
         except BaseException:
             self._leave(session_id, gate, token)
             raise
+        locked: list[asyncio.Future[None]] = []
 
         def done() -> None:
             end_hold()
             self._leave(session_id, gate, token)
+            for unlocked in locked:
+                self._unlock_here(key, unlocked)
 
-        return await AsyncBlockingSession.open(self, session_id, on_done=done)
+        held = await AsyncBlockingSession.open(self, session_id, on_done=done)
+        if held.locked:  # its secret checked: this session's saves here wait for it, holding nothing
+            unlocked = asyncio.get_running_loop().create_future()
+            self._locked_here.setdefault(key, []).append((time.monotonic(), unlocked))
+            locked.append(unlocked)
+        return held
+
+    def _unlock_here(self, key: str, unlocked: asyncio.Future[None]) -> None:
+        holds = [entry for entry in self._locked_here.get(key, []) if entry[1] is not unlocked]
+        if holds:
+            self._locked_here[key] = holds
+        else:
+            self._locked_here.pop(key, None)
+        if not unlocked.done():
+            unlocked.get_loop().call_soon_threadsafe(_settle, unlocked)
 
     def _leave(self, session_id: str, gate: _Gate, token: object) -> None:
         if gate.owner is token:
@@ -338,6 +361,22 @@ class AsyncSessionStore:
     async def _notify(gate: _Gate) -> None:
         async with gate.changed:
             gate.changed.notify()
+
+    async def _until_unlocked_here(self, key: str, wait: float) -> None:
+        """Wait (holding nothing) while a blocking request of this process holds the session's lock, for
+        at most *wait* (`LockTimeout`) and no longer than its hold's bound: in the database the save
+        would only wait for the row's lock, holding a thread and a connection."""
+        deadline = time.monotonic() + wait
+        while holds := self._locked_here.get(key):
+            since, unlocked = holds[0]
+            now = time.monotonic()
+            lapses = since + self.config.block_lock_seconds
+            if lapses <= now:
+                return  # past its bound the database takes the lock back: the save need not wait
+            if now >= deadline:
+                raise LockTimeout(wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(unlocked), min(deadline, lapses) - now)
 
     async def aclose(self) -> None:
         """Dispose of what this store created (its AsyncEngine, its threads), once what cancelled requests
@@ -673,3 +712,8 @@ def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:
     engine = create_async_engine(url, isolation_level="AUTOCOMMIT", **options)
     use_wal(engine.sync_engine)
     return engine
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -4,14 +4,22 @@ Most store calls hold a pooled connection for a millisecond or two, and nothing 
 they cannot crowd anyone out. Two kinds of call hold one for as long as someone else decides:
 
 - a blocking request holds its connection (and its session's row lock) while the app runs;
-- a save that lost its race (or met a row another request holds) waits for that row's lock, up to
-  its bound, holding a connection and a thread.
+- a save that goes alone (a lost race, a row another request holds; on MariaDB and SQLite every
+  save) may wait for its row's lock, up to `write_wait_seconds`, holding a connection and a thread.
 
-Those *long holds* are counted here, per process, by session key and by client address. Past
-`session_connections` holds of one session a call is refused at once with `LockTimeout` (423):
-its session is busy. Past `address_connections` holds of one address, with `TooManyRequests` (429):
-that client has its share. So however a client mixes blocking routes, parallel writes and sessions
-of its own, everyone else keeps the rest of the pool and of the worker threads.
+So, per process:
+
+- a client address holds at most `address_connections` blocking requests at once (half the pool by
+  default); the next is answered 429 (`TooManyRequests`) at once;
+- a session holds at most `session_connections` connections at once (a quarter of the pool); a save
+  past it waits its turn *before* it takes a connection (sync: in its own request's thread; async:
+  on the event loop, `SessionSlots`, holding no thread either), and so does a save of a session
+  whose blocking request holds it here (in the database it would only wait for the row's lock);
+  waits end within `write_wait_seconds` (423), and past 64 waiting saves of a session, or an
+  address's share of waiting threads, a save is refused at once (423, 429).
+
+However a client mixes blocking routes, parallel writes and sessions of its own, everyone else keeps
+the rest of the pool and of the worker threads.
 
 Behind a reverse proxy the address is the proxy's unless the server is told to trust its
 `X-Forwarded-For` (uvicorn `--proxy-headers`, gunicorn `forwarded_allow_ips`, werkzeug's `ProxyFix`):
@@ -41,66 +49,126 @@ def no_hold() -> None:
 
 
 class FairShare:
-    """Counts of long holds in flight, by session key and by client address (thread-safe)."""
+    """Long holds of the pool in flight in this process, by session key and by client address (thread-safe).
+
+    Two kinds: `hold_blocking` (a blocking request, from its lock attempt to its commit) and
+    `hold_save` (a save that goes alone and may wait for its row). A save of a session whose
+    blocking request holds it here waits for that request to end before it takes a connection: it
+    would only wait for the row's lock in the database, holding one.
+    """
 
     def __init__(self, config: SessionConfig) -> None:
         self.per_session = config.session_connections or max(1, config.pool_size // 4)
         self.per_address = config.address_connections or max(1, config.pool_size // 2)
+        self._hold_bound = config.block_lock_seconds  # as the database bounds a blocking request's hold
         self._changed = threading.Condition(threading.Lock())
         self._by_session: dict[str, int] = {}
-        self._waiting: dict[str, int] = {}
-        self._by_address: dict[str, int] = {}
+        self._blocking: dict[str, list[float]] = {}  # when blocking requests took each session they hold
+        self._by_address: dict[str, int] = {}  # blocking requests, by client address
+        self._waiting: dict[str, int] = {}  # saves waiting, by session
+        self._waiting_from: dict[str, int] = {}  # saves waiting, by client address
 
-    def hold(self, session_key: str | None, address: str | None, *, wait: float = 0.0) -> Release:
-        """Count one long hold of *session_key* from *address* (either may be None: not counted by it);
-        returns the function that ends it (safe to call twice).
-
-        When the session holds its share already, wait up to *wait* seconds for one of its holds to
-        end (a thread that waits here holds no connection), then `LockTimeout`; past
-        `MAX_WAITING_PER_SESSION` waiters, at once. An address past its share: `TooManyRequests` at once.
-        """
-        if session_key is None and address is None:
-            return no_hold
+    def hold_blocking(self, session_key: str, address: str | None, *, wait: float) -> Release:
+        """Count a blocking request's hold. `TooManyRequests` at once when *address* holds its share;
+        when the session's saves hold its share, wait up to *wait* for one to end (`LockTimeout`)."""
         with self._changed:
             if address is not None and self._by_address.get(address, 0) >= self.per_address:
                 raise TooManyRequests(address, self.per_address)
-            if session_key is not None and self._by_session.get(session_key, 0) >= self.per_session:
-                self._wait_for_a_slot(session_key, wait)
-                if address is not None and self._by_address.get(address, 0) >= self.per_address:
-                    raise TooManyRequests(address, self.per_address)
-            if session_key is not None:
-                self._by_session[session_key] = self._by_session.get(session_key, 0) + 1
+            self._wait_until(lambda: self._by_session.get(session_key, 0) < self.per_session, wait)
+            _increment(self._by_session, session_key)
             if address is not None:
-                self._by_address[address] = self._by_address.get(address, 0) + 1
-        ended = False
+                _increment(self._by_address, address)
 
         def release() -> None:
+            _decrement(self._by_session, session_key)
+            if address is not None:
+                _decrement(self._by_address, address)
+
+        return self._release_once(release)
+
+    def locked_here(self, session_key: str) -> Release:
+        """Note that a blocking request of this process holds the session's lock (its secret checked:
+        a known key alone must not hold anyone up), until the returned function is called."""
+        since = time.monotonic()
+        with self._changed:
+            self._blocking.setdefault(session_key, []).append(since)
+
+        def release() -> None:
+            holds = self._blocking.get(session_key, [])
+            if since in holds:
+                holds.remove(since)
+            if not holds:
+                self._blocking.pop(session_key, None)
+
+        return self._release_once(release)
+
+    def hold_save(self, session_key: str, address: str | None, *, wait: float) -> Release:
+        """Count a save that goes alone. It waits (holding no connection) up to *wait* seconds while a
+        blocking request holds the session here, or the session holds its share, then `LockTimeout`.
+        Past `MAX_WAITING_PER_SESSION` waiting saves of the session, `LockTimeout` at once; past the
+        address's share of waiting threads, `TooManyRequests` at once."""
+        with self._changed:
+
+            def free() -> bool:
+                return not self._blocked(session_key) and self._by_session.get(session_key, 0) < self.per_session
+
+            if not free():
+                if self._waiting.get(session_key, 0) >= MAX_WAITING_PER_SESSION:
+                    raise LockTimeout(0)
+                if address is not None and self._waiting_from.get(address, 0) >= self.per_address:
+                    raise TooManyRequests(address, self.per_address)
+                _increment(self._waiting, session_key)
+                if address is not None:
+                    _increment(self._waiting_from, address)
+                try:
+                    self._wait_until(free, wait, lambda: self._blocked_until(session_key))
+                finally:
+                    _decrement(self._waiting, session_key)
+                    if address is not None:
+                        _decrement(self._waiting_from, address)
+            _increment(self._by_session, session_key)
+        return self._release_once(lambda: _decrement(self._by_session, session_key))
+
+    def _blocked(self, session_key: str) -> bool:
+        """Whether a blocking request holds the session here, for less than `block_lock_seconds` (past
+        it the database takes its lock back, and the save need not wait for it any more)."""
+        return self._blocked_until(session_key) > time.monotonic()
+
+    def _blocked_until(self, session_key: str) -> float:
+        holds = self._blocking.get(session_key)
+        return min(holds) + self._hold_bound if holds else 0.0
+
+    def _wait_until(
+        self, condition: Callable[[], bool], wait: float, lapses: Callable[[], float] | None = None
+    ) -> None:
+        """Wait (with the guard held) until *condition*, up to *wait* seconds; *lapses*: when what is
+        waited for ends by itself (a blocking hold past its bound), which no release announces."""
+        if condition():
+            return
+        if wait <= 0:
+            raise LockTimeout(0)
+        deadline = time.monotonic() + wait
+        while not condition():
+            now = time.monotonic()
+            if now >= deadline:
+                raise LockTimeout(wait)
+            lapse = 0.0 if lapses is None else lapses()
+            wake = min(deadline, lapse) if lapse > now else deadline
+            self._changed.wait(wake - now)
+
+    def _release_once(self, release: Callable[[], None]) -> Release:
+        ended = False
+
+        def release_once() -> None:
             nonlocal ended
             with self._changed:
                 if ended:
                     return
                 ended = True
-                _decrement(self._by_session, session_key)
-                _decrement(self._by_address, address)
-                if session_key is not None and self._waiting.get(session_key):
-                    self._changed.notify_all()
+                release()
+                self._changed.notify_all()
 
-        return release
-
-    def _wait_for_a_slot(self, session_key: str, wait: float) -> None:
-        # Called with the guard held, while the session holds its share.
-        if wait <= 0 or self._waiting.get(session_key, 0) >= MAX_WAITING_PER_SESSION:
-            raise LockTimeout(0)
-        deadline = time.monotonic() + wait
-        self._waiting[session_key] = self._waiting.get(session_key, 0) + 1
-        try:
-            while self._by_session.get(session_key, 0) >= self.per_session:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise LockTimeout(wait)
-                self._changed.wait(remaining)
-        finally:
-            _decrement(self._waiting, session_key)
+        return release_once
 
     def held(self, *, session_key: str | None = None, address: str | None = None) -> int:
         """How many long holds are in flight for *session_key* or *address* (for tests and metrics)."""
@@ -110,9 +178,11 @@ class FairShare:
             return self._by_address.get(address or "", 0)
 
 
-def _decrement(counts: dict[str, int], name: str | None) -> None:
-    if name is None:
-        return
+def _increment(counts: dict[str, int], name: str) -> None:
+    counts[name] = counts.get(name, 0) + 1
+
+
+def _decrement(counts: dict[str, int], name: str) -> None:
     left = counts.get(name, 0) - 1
     if left > 0:
         counts[name] = left

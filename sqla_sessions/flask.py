@@ -99,7 +99,11 @@ class SqlaSessionInterface(SessionInterface):
             else:
                 held = BlockingSession(self.handler, self.handler.load(presented))
             if self.on_open is not None:
-                self.on_open(held.session, request)
+                try:
+                    self.on_open(held.session, request)
+                except BaseException:
+                    held.release()  # a blocking request's lock, connection and share go back at once
+                    raise
         except (LockTimeout, BodyRefused, *STORE_ERRORS) as exc:
             # Flask turns exceptions raised here into 500s: answer from a before_request hook instead
             # (423 for a lock wait that ran out, 413 for a body too large, 503 for an unreachable
@@ -313,7 +317,12 @@ def _legacy_token_gate(app: Flask, handler: BaseHandler[Any], session: Session, 
         from flask_login.utils import decode_cookie
 
         until = handler.config.legacy_remember_until_seconds
-        user_id = decode_cookie(cookie)
+        user_id = None
+        if until is not None and until > handler.now():
+            try:
+                user_id = decode_cookie(cookie)
+            except (TypeError, ValueError):  # a cookie no signature could match (non-ASCII, say)
+                user_id = None
         if until is None:
             reason = "legacy_remember_until is not set"
         elif until <= handler.now():

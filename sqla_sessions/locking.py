@@ -210,9 +210,12 @@ class BlockingSession:
             return cls(handler, handler.load(session_id))
         assert session_id is not None
         config = handler.config
+        key = session_key_of(session_id)
+        # The gate is the id's, not the row's: a known key with a wrong secret queues behind nobody.
         leave_gate = _SESSION_GATES.enter(session_id, config.block_wait_seconds, config.block_lock_seconds)
         try:
-            end_hold = handler.share.hold(session_key_of(session_id), address)
+            # The gate's wait counts toward the lock's: what is left of block_wait_seconds.
+            end_hold = handler.share.hold_blocking(key, address, wait=config.block_wait_seconds)
         except BaseException:
             leave_gate()
             raise
@@ -244,6 +247,13 @@ class BlockingSession:
         else:
             held.session = lock.session
             held.session.bind(held)
+            unlocked = handler.share.locked_here(key)  # this session's saves here wait for it, holding nothing
+
+            def release_all() -> None:
+                unlocked()
+                release_gate()
+
+            held._release_gate = release_all
         return held
 
     @property
@@ -381,7 +391,7 @@ class _SessionGates:
             with self._guard:
                 if gate.owner is token:
                     gate.owner = None
-                    gate.changed.notify()
+                    gate.changed.notify_all()
                 self._leave(session_id, gate)
 
         released: list[bool] = []

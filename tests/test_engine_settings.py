@@ -206,6 +206,38 @@ def test_prepared_statements_on_raises_the_servers_refusal(pg_backend: Backend) 
         handler.close()
 
 
+def _share_the_server_session_with_another_client(handler: DatabaseHandler) -> None:
+    """What a pooler in transaction mode does: the server session this client reaches holds what
+    another client prepared there. Our statements are named by their SQL, so the other client's
+    are ours under the same names, and this connection does not know it has them."""
+    from sqla_sessions.handlers.libpq import _PREPARED
+
+    with handler.engine.connect() as conn:  # the pool's one connection
+        conn.connection.info.pop(_PREPARED, None)
+
+
+def test_auto_never_lets_psycopg_name_statements_and_names_ours_by_their_sql(pg_backend: Backend) -> None:
+    """psycopg's names (`_pg3_0`, …) are per client connection: behind a pooler, one client's name can
+    reach another's statement with the same parameters and run it. Under "auto" only our own hot
+    statements are prepared, under names derived from their SQL."""
+    handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
+    try:
+        session = handler.load(None)
+        session["n"] = 0
+        session.save()
+        for _ in range(8):  # past psycopg's automatic threshold (5)
+            loaded = handler.load(session.id)
+            loaded.increment("n")
+            loaded.save()
+            handler.destroy("no-such-key")  # through SQLAlchemy: never prepared
+        with handler.engine.connect() as conn:
+            assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
+            names = conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
+        assert names and all(name.startswith("sqla_sessions_") for name in names), names
+    finally:
+        handler.close()
+
+
 def test_auto_turns_prepared_statements_off_at_the_first_refusal_and_runs_the_statement_again(
     pg_backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -214,51 +246,47 @@ def test_auto_turns_prepared_statements_off_at_the_first_refusal_and_runs_the_st
         session = handler.load(None)
         session["n"] = 1
         session.save()
-        _prepared_by_psycopg(handler)
-        _forget_prepared_statements_behind_psycopgs_back(handler)
+        assert handler.load(session.id)["n"] == 1  # the read is prepared on this connection
+        _share_the_server_session_with_another_client(handler)
         with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
-            assert handler.destroy(session.key or "") is True  # refused, then run unnamed
-            for n in range(10):
-                handler.destroy(f"again-{n}")
+            assert handler.load(session.id)["n"] == 1  # refused ("already exists"), then run unnamed
+            for _ in range(10):
+                assert handler.load(session.id)["n"] == 1
         assert [r.getMessage().count('prepared_statements="off"') for r in caplog.records] == [1]
         assert "SQLA_SESSIONS_PREPARED_STATEMENTS=off" in caplog.text
-        with handler.engine.connect() as conn:
-            assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
         handler.engine.dispose()  # a new connection: unprepared from the start
+        assert handler.load(session.id)["n"] == 1
         with handler.engine.connect() as conn:
-            assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
             assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one() == 0
     finally:
         handler.close()
 
 
-def test_auto_detects_on_the_async_engine_too(pg_backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
-    """`async_engine="auto"` has its own pool: it turns its prepared statements off the same way."""
+def test_auto_on_the_async_engine_prepares_nothing(pg_backend: Backend) -> None:
+    """`async_engine="auto"` has its own pool; its statements go through psycopg, which never prepares
+    under "auto": nothing a pooler could refuse or confuse."""
     from sqla_sessions.aio import AsyncSessionStore
 
     handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
     store = AsyncSessionStore(handler, async_engine="auto")
     assert store.mode == "async-engine"
 
-    async def refused_then_run_unnamed() -> None:
+    async def run() -> int:
         try:
             for n in range(7):
-                await store.run_on_connection(handler._delete, f"no-such-key-{n}")
+                assert await store.run_on_connection(handler._delete, f"no-such-key-{n}") is False
             assert store._engine is not None
             async with store._engine.connect() as conn:
                 raw = await conn.get_raw_connection()
-                raw.driver_connection.pgconn.exec_(b"DEALLOCATE ALL")  # type: ignore[union-attr]
-            with caplog.at_level(logging.WARNING, logger="sqla_sessions"):
-                for n in range(7):
-                    assert await store.run_on_connection(handler._delete, f"no-such-key-{n}") is False
+                assert raw.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
+                return int((await conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements")).scalar_one())
         finally:
             await store.aclose()
 
     try:
-        asyncio.run(refused_then_run_unnamed())
+        assert asyncio.run(run()) == 0
     finally:
         handler.close()
-    assert caplog.text.count('prepared_statements="off"') == 1, caplog.text
 
 
 def test_a_blocking_requests_transaction_carries_no_named_statement_under_auto(
@@ -280,8 +308,6 @@ def test_a_blocking_requests_transaction_carries_no_named_statement_under_auto(
                 held.finish()
         assert handler.load(sid)["n"] == 7
         assert 'prepared_statements="off"' not in caplog.text  # nothing was refused
-        with handler.engine.connect() as conn:  # outside a blocking request, psycopg prepares again
-            assert conn.connection.driver_connection.prepare_threshold == 5  # type: ignore[union-attr]
     finally:
         handler.close()
 

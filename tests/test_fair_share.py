@@ -28,44 +28,84 @@ def test_the_default_shares_follow_the_pool() -> None:
     assert share(session_connections=3, address_connections=5).per_address == 5
 
 
-def test_a_session_past_its_share_is_refused_at_once_without_a_wait() -> None:
+def test_a_session_past_its_share_waits_its_turn_or_is_refused_at_once_without_a_wait() -> None:
     fair = share(session_connections=2)
-    first, second = fair.hold("k", None), fair.hold("k", None)
+    first, second = fair.hold_save("k", None, wait=0), fair.hold_save("k", None, wait=0)
     started = time.monotonic()
     with pytest.raises(LockTimeout):
-        fair.hold("k", None)
+        fair.hold_save("k", None, wait=0)
     assert time.monotonic() - started < 0.1
-    fair.hold("other", None)  # another session is not held up
+    fair.hold_save("other", None, wait=0)  # another session is not held up
     first()
     first()  # twice is once
     assert fair.held(session_key="k") == 1
-    second()
-    assert fair.held(session_key="k") == 0
-
-
-def test_a_session_past_its_share_waits_for_a_hold_to_end() -> None:
-    fair = share(session_connections=1)
-    end = fair.hold("k", None)
-    threading.Timer(0.2, end).start()
+    threading.Timer(0.2, second).start()
     started = time.monotonic()
-    fair.hold("k", None, wait=5)()
+    fair.hold_save("k", None, wait=5)  # the first slot is free: at once
+    fair.hold_save("k", None, wait=5)()  # the second: when `second` ends
     assert 0.15 < time.monotonic() - started < 2
-    fair.hold("k", None)  # given back
+    fair.hold_save("k", None, wait=0)  # the share is taken again
     with pytest.raises(LockTimeout) as refused:
-        fair.hold("k", None, wait=0.2)
+        fair.hold_save("k", None, wait=0.2)
     assert refused.value.waited == 0.2
 
 
-def test_an_address_past_its_share_gets_too_many_requests_whatever_the_session() -> None:
+def test_an_address_past_its_share_of_blocking_requests_gets_too_many_requests() -> None:
     fair = share(address_connections=2)
-    ends = [fair.hold(f"s{n}", "10.0.0.1") for n in range(2)]
+    ends = [fair.hold_blocking(f"s{n}", "10.0.0.1", wait=0) for n in range(2)]
     with pytest.raises(TooManyRequests) as refused:
-        fair.hold("s9", "10.0.0.1", wait=5)
+        fair.hold_blocking("s9", "10.0.0.1", wait=5)
     assert refused.value.status == 429
     assert fair.held(session_key="s9") == 0  # nothing counted for a refusal
-    fair.hold("s9", "10.0.0.2")  # another client is served
+    fair.hold_blocking("s9", "10.0.0.2", wait=0)  # another client is served
     ends[0]()
-    fair.hold("s9", "10.0.0.1")
+    fair.hold_blocking("s8", "10.0.0.1", wait=0)
+
+
+def test_a_save_waits_while_a_blocking_request_holds_its_session_here() -> None:
+    fair = share()
+    end = fair.locked_here("k")
+    threading.Timer(0.2, end).start()
+    started = time.monotonic()
+    fair.hold_save("k", "10.0.0.1", wait=5)()
+    assert 0.15 < time.monotonic() - started < 2
+    fair.hold_save("other", "10.0.0.1", wait=0)()  # other sessions do not wait
+    fair.locked_here("k")
+    with pytest.raises(LockTimeout):
+        fair.hold_save("k", None, wait=0.1)
+
+
+def test_a_blocking_request_past_block_lock_seconds_no_longer_holds_up_saves() -> None:
+    fair = share(block_lock_seconds=0.2)
+    fair.locked_here("k")  # never released (a stuck request)
+    started = time.monotonic()
+    fair.hold_save("k", None, wait=5)()
+    assert 0.15 < time.monotonic() - started < 2
+
+
+def test_a_blocking_request_waits_for_the_sessions_saves_instead_of_a_refusal() -> None:
+    fair = share(session_connections=1)
+    end = fair.hold_save("k", None, wait=0)
+    threading.Timer(0.2, end).start()
+    fair.hold_blocking("k", "10.0.0.1", wait=5)()
+
+
+def test_one_address_may_park_only_its_share_of_threads_waiting() -> None:
+    fair = share(session_connections=1, address_connections=2)
+    fair.hold_save("k", "10.0.0.1", wait=0)
+    parked = [
+        threading.Thread(target=lambda: pytest.raises(LockTimeout, fair.hold_save, "k", "10.0.0.1", wait=1))
+        for _ in range(2)
+    ]
+    for thread in parked:
+        thread.start()
+    time.sleep(0.2)
+    with pytest.raises(TooManyRequests):
+        fair.hold_save("k", "10.0.0.1", wait=5)
+    with pytest.raises(LockTimeout):  # another address may wait (and runs out of time here)
+        fair.hold_save("k", "10.0.0.2", wait=0.1)
+    for thread in parked:
+        thread.join()
 
 
 def test_async_slots_queue_a_burst_on_the_loop_and_hand_slots_on_in_order() -> None:

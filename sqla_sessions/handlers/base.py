@@ -301,7 +301,8 @@ class BaseHandler(ABC, Generic[C]):
         (`sqla_sessions.fairshare`): a save alone may wait for its row's lock, and a burst of one
         session's saves waits its turn here, holding no connection, instead of taking the pool."""
         loaded = unit.loaded
-        turn = no_hold if loaded is None else self.share.hold(loaded.key, None, wait=self.config.write_wait_seconds)
+        wait = self.config.write_wait_seconds
+        turn = no_hold if loaded is None else self.share.hold_save(loaded.key, unit.ip_address, wait=wait)
         try:
             with self.connect() as conn:
                 return self.write_on(conn, unit)
@@ -519,13 +520,7 @@ class BaseHandler(ABC, Generic[C]):
                     current, current_raw, unit, key=key, now=now, expiry=self.expiry, dumps=self.codec.dumps
                 )
 
-            # The merge waits for the row's lock (up to `write_wait_seconds`): a long hold, counted
-            # against the client's address (the session's own share was taken before connecting).
-            waiting = no_hold if held else self.share.hold(None, unit.ip_address)
-            try:
-                written = self._merge(conn, loaded.key, now, build, held=held)
-            finally:
-                waiting()
+            written = self._merge(conn, loaded.key, now, build, held=held)
             if written is None:
                 if unit.new_key is None or not (unit.user_changed and unit.user_id is not None):
                     # Only a login (credentials checked in this request) may start afresh; a change of

@@ -26,7 +26,12 @@ from ..errors import LockTimeout, StoreMisconfigured, StoreUnavailable, misconfi
 from ..records import Record, StoreStats
 from ..schema import sessions_table
 from .base import BaseHandler, LockState, LockStrategy, Merged
-from .engines import create_session_engine, is_autocommit_engine, mysql_lock_wait_seconds
+from .engines import (
+    create_session_engine,
+    is_autocommit_engine,
+    mysql_lock_wait_seconds,
+    prepared_statements_on,
+)
 from .fastpath import FastStatement, fetch_all, fetch_one, not_run, row_count, run_prepared
 from .libpq import BYTEA_ARRAY, INT8, INT8_ARRAY, VARCHAR_ARRAY, PreparedStatement, all_rows
 from .prepared import detect_refusals, once_more_unprepared, prepared_again, refused, unprepared_while_held
@@ -118,7 +123,10 @@ class DatabaseHandler(BaseHandler[Connection]):
             self.engine = create_session_engine(url, autocommit=True, config=config)
             self._owns_engine = True
         if config.prepared_statements == "auto":
-            detect_refusals(self.engine)
+            # An engine of ours never lets psycopg prepare under "auto" (create_session_engine): only
+            # the hot statements, by names derived from their SQL, unless the port says PgBouncer.
+            named = self._owns_engine and prepared_statements_on(self.engine.url, "auto")
+            detect_refusals(self.engine, named_by_sql=named)
         self.table = sessions_table(config.table)
         # Single statements run in autocommit: one round trip each. An engine that is not in autocommit
         # already is switched per checkout, which is correct but slower (see create_session_engine).

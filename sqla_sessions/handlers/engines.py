@@ -80,15 +80,20 @@ def engine_options(url: str | URL, config: SessionConfig) -> dict[str, Any]:
             keepalives_count=3,
             tcp_user_timeout=int(1000 * max(10, config.connect_timeout * 2)),
         )
-        if not prepared_statements_on(parsed, config.prepared_statements):
-            connect_args["prepare_threshold"] = None  # psycopg never prepares; the fast path sends unnamed statements
+        if config.prepared_statements != "on":
+            # psycopg never prepares by itself: under "auto" only the hot statements go prepared, named
+            # by their SQL (handlers.prepared); "off" and PgBouncer's port send unnamed statements.
+            connect_args["prepare_threshold"] = None
     elif backend in ("mysql", "mariadb"):
         connect_args["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
         if "charset" not in parsed.query:
             connect_args["charset"] = "utf8mb4"
         # A write waits for a row lock another request holds at most write_wait_seconds (InnoDB's
         # default is 50 s, holding a connection and a thread all along); blocking requests set their own.
-        connect_args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {mysql_lock_wait_seconds(config)}"
+        # A URL's own init_command is kept instead (one statement only, unless multi-statements are on):
+        # then its connections wait as long as the server lets them.
+        if "init_command" not in parsed.query:
+            connect_args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {mysql_lock_wait_seconds(config)}"
         # pymysql waits for an answer forever otherwise (also for the server's greeting at connect).
         # The longest legitimate wait is a write queued behind a blocking request's row lock, which its
         # holder gives up at its first save past block_lock_seconds, or the database after that long idle.

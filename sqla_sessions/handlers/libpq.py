@@ -39,12 +39,17 @@ except ImportError:  # pragma: no cover - psycopg finds no libpq (neither the sy
 
 #: `Connection.info` key: the names of the statements prepared on this DBAPI connection.
 _PREPARED = "sqla_sessions_prepared"
+#: Connection record `info` key: whether this module's statements go named (prepared) on the
+#: connection; absent, psycopg's own setting decides (`prepare_threshold`). Set by `handlers.prepared`.
+NAMED = "sqla_sessions_named"
 
 #: SQLSTATEs of a prepared statement gone stale: deallocated (DISCARD ALL, a pooler), or its table
 #: changed under it ("cached plan must not change result type", undefined table/column).
 _STALE = (b"26000", b"0A000", b"42P01", b"42703")
 _MISSING = b"26000"
 _ALREADY_PREPARED = b"42P05"
+#: How a server reports UTF-8; PgBouncer passes on the client's own spelling ("utf8", as we connect).
+_UTF8 = (b"UTF8", b"utf8", b"UTF-8", b"utf-8")
 
 
 class StatementFailed(Exception):
@@ -193,7 +198,7 @@ class PreparedStatement:
         pgconn = dbapi_connection.pgconn
         if pgconn.transaction_status != pq.TransactionStatus.IDLE:
             return None  # inside a transaction a failed statement would abort it: psycopg's cursor
-        if pgconn.parameter_status(b"client_encoding") != b"UTF8":
+        if pgconn.parameter_status(b"client_encoding") not in _UTF8:
             return None  # text goes out as UTF-8 bytes (`SET client_encoding` may change it at any time)
         params: list[bytes | None] = []
         for name, encode in zip(self.names, self.encoders, strict=True):
@@ -205,7 +210,10 @@ class PreparedStatement:
             if encoded is None:
                 return None
             params.append(encoded)
-        if dbapi_connection.prepare_threshold is None:
+        named = info.get(NAMED)
+        if named is None:
+            named = dbapi_connection.prepare_threshold is not None
+        if not named:
             # Prepared statements are off (a pooler such as PgBouncer < 1.21 in transaction mode hands
             # each statement to any server connection): an unnamed statement, still binary both ways.
             result = pgconn.exec_params(self.sql, params, self.types, self.formats, 1)
@@ -217,9 +225,11 @@ class PreparedStatement:
         if just_prepared:
             result = pgconn.prepare(self.name, self.sql, self.types)
             if result.status != pq.ExecStatus.COMMAND_OK:
-                # 42P05: the server connection has it already (same SQL, same name): use it.
-                if result.error_field(pq.DiagnosticField.SQLSTATE) != _ALREADY_PREPARED:
-                    raise StatementFailed(result)
+                if result.error_field(pq.DiagnosticField.SQLSTATE) == _ALREADY_PREPARED:
+                    # A server session that has a statement this connection never prepared is shared
+                    # with other clients: a pooler in transaction mode (handlers.prepared).
+                    raise PreparedElsewhere(result)
+                raise StatementFailed(result)
             prepared.add(self.name)
         result = pgconn.exec_prepared(self.name, params, self.formats, 1)
         if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):

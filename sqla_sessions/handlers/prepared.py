@@ -33,7 +33,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from .libpq import PreparedElsewhere, StatementFailed
+from .libpq import NAMED, PreparedElsewhere, StatementFailed
 
 logger = logging.getLogger("sqla_sessions")
 
@@ -82,12 +82,26 @@ class _Switch:
 _SWITCHES: weakref.WeakKeyDictionary[Dialect, _Switch] = weakref.WeakKeyDictionary()
 
 
-def detect_refusals(engine: Engine) -> None:
+def detect_refusals(engine: Engine, *, named_by_sql: bool = False) -> None:
     """Turn *engine*'s prepared statements off at the server's first refusal (`prepared_statements="auto"`).
 
+    *named_by_sql*: the engine's psycopg prepares nothing by itself (`prepare_threshold=None`: its
+    names, `_pg3_0`, `_pg3_1`…, are per client connection, so behind a pooler one client's name can
+    reach another's statement with the same parameters and run it, silently), and only this
+    library's own hot statements go prepared, under names derived from their SQL (`handlers.libpq`):
+    the same name is the same statement on any server connection. Until the first refusal.
+
     Only psycopg 3 prepares statements by itself; other drivers are left alone."""
-    if engine.dialect.driver == "psycopg":
-        _SWITCHES.setdefault(engine.dialect, _Switch())
+    if engine.dialect.driver != "psycopg":
+        return
+    switch = _SWITCHES.setdefault(engine.dialect, _Switch())
+    if named_by_sql:
+
+        def name_by_sql(_dbapi_connection: Any, record: Any) -> None:
+            if not switch.off:
+                record.info[NAMED] = True
+
+        sa.event.listen(engine.pool, "connect", name_by_sql)
 
 
 def refused(conn: Connection, error: BaseException) -> bool:
@@ -101,6 +115,7 @@ def refused(conn: Connection, error: BaseException) -> bool:
     switch.turn_off(conn.engine, error)
     if not conn.invalidated:
         _unprepare(conn.connection.driver_connection)
+        conn.connection.info[NAMED] = False
     return True
 
 
@@ -180,7 +195,9 @@ def _unprepare(driver_connection: Any) -> None:
 
 def _unprepare_new(_dbapi_connection: Any, record: Any) -> None:
     _unprepare(record.driver_connection)
+    record.info[NAMED] = False
 
 
 def _unprepare_checked_out(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     _unprepare(record.driver_connection)
+    record.info[NAMED] = False

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -45,10 +46,15 @@ SERVERS = {
 ATTACKERS = 42  # more than the pool's 40 connections
 
 
+@dataclass
+class Served(ServedApp):
+    base_url_name: str = ""
+
+
 @pytest.fixture(scope="module", params=list(SERVERS))
-def served(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[ServedApp]:
+def served(request: pytest.FixtureRequest, tmp_root: Path) -> Iterator[Served]:
     with serve_app(f"fair-{request.param}", "postgresql", tmp_root, SERVERS[request.param]) as app:
-        yield app
+        yield Served(app.database, app.base_url, app.engine, base_url_name=request.param)
 
 
 def bystander_answer(app: ServedApp, cookie: str | None) -> tuple[int, float]:
@@ -127,17 +133,22 @@ def fire_writes(app: ServedApp, cookie: str, count: int) -> list[int]:
     return asyncio.run(run())
 
 
-def test_one_session_stalling_a_blocking_body_and_bursting_writes_starves_nobody(served: ServedApp) -> None:
+def test_one_session_stalling_a_blocking_body_and_bursting_writes_starves_nobody(served: Served) -> None:
     bystander = new_session(served)
     cookie = new_session(served)
     with stalled_body(served, cookie):
         time.sleep(0.3)
         statuses = fire_writes(served, cookie, 40)
         assert_bystander_served(served, bystander)
-    assert statuses == [200] * 40  # nothing holds the session's row: every write lands
+    if "uvicorn" in served.base_url_name:
+        assert statuses == [200] * 40  # waiting on the event loop costs nothing: every write lands
+    else:
+        # A WSGI server's waiting save holds a server thread: one address parks at most its share of
+        # them (20) beside the session's 10 in flight; the rest are told to come back (429).
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 30, statuses
     assert_bystander_served(served, bystander)
     data = served.read(cookie)["data"]
-    assert all(data[f"w{n}"] is True for n in range(40))
+    assert all(data[f"w{n}"] is True for n, status in enumerate(statuses) if status == 200)
 
 
 def test_a_burst_at_a_session_whose_lock_is_held_waits_its_share_and_starves_nobody(
@@ -165,7 +176,7 @@ def test_a_burst_at_a_session_whose_lock_is_held_waits_its_share_and_starves_nob
     assert holder_status == 200
     for status, took in checks:
         assert status == 200 and took < 1.0, f"the bystander got {status} after {took:.2f} s"
-    assert set(statuses) <= {200, 423}, statuses
+    assert set(statuses) <= {200, 423, 429}, statuses
     assert_bystander_served(served, bystander)
     data = served.read(cookie)["data"]
     assert all(data.get(f"w{n}") is True for n, status in enumerate(statuses) if status == 200)

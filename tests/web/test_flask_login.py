@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionConfig
 from sqla_sessions.flask import init_app
+from sqla_sessions.locking import blocking
 from sqla_sessions.schema import sessions_table
 from tests.conftest import Backend
 from tests.web.flask_login_apps import LEGACY_REMEMBER_UNTIL, SECRET_KEY, flask_login_app
@@ -282,3 +283,29 @@ def test_a_replayed_remember_token_logs_in_nobody_after_revoke_user(served: Serv
             assert cookie_of(again) is None
             assert any(h.startswith("remember_token=;") for h in again.headers.get_list("set-cookie"))
     assert served.rows() == 1  # the marker, gone with the window
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_a_hostile_remember_token_on_a_blocking_route_leaves_nothing_held(db_backend: Backend, window: bool) -> None:
+    """A cookie Flask-Login cannot decode (non-ASCII) on a blocking route, many times from one
+    address: each request is answered, and no lock, connection or share of the pool stays taken."""
+    until = {"legacy_remember_until": datetime.now(UTC) + timedelta(days=1)} if window else {}
+    app, handler = _app(db_backend, SessionConfig(lottery=(0, 1), **until))
+
+    @app.post("/pay")
+    @blocking
+    def pay() -> str:
+        flask.session["paid"] = True
+        return "paid"
+
+    client = app.test_client()
+    cookie = _cookie(client.post("/cart/apple"))
+    for _ in range(handler.share.per_address + 5):
+        client.set_cookie("session", cookie)
+        client.set_cookie("remember_token", "1|\u00e9")
+        assert client.post("/pay", environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code < 500
+    assert handler.share.held(address="10.9.9.9") == 0
+    assert handler.share.held(session_key=cookie.split(".")[0]) == 0
+    client.delete_cookie("remember_token")
+    client.set_cookie("session", cookie)
+    assert client.post("/pay", environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code == 200
