@@ -33,7 +33,7 @@ from .batching import Batcher
 from .config import SessionConfig
 from .errors import LockTimeout, SessionInterrupted
 from .fairshare import SessionSlots
-from .handlers.base import BaseHandler
+from .handlers.base import BaseHandler, LockStrategy
 from .handlers.database import DatabaseHandler
 from .handlers.prepared import detect_refusals
 from .ids import is_valid_session_id, session_key_of
@@ -54,6 +54,8 @@ THREADS = 32
 #: Blocking requests of one session that may queue in one process behind the one that waits for or
 #: holds its lock; more are answered `lock_timeout_status` (423) at once.
 MAX_QUEUED_PER_SESSION = 8
+#: Seconds past `block_lock_seconds` after which a blocking request's idle connection is given back.
+EXPIRY_GRACE = 1.0
 #: Batches of loads, and of saves, running at once (each on one thread and one connection), and their
 #: largest size (see `sqla_sessions.batching`).
 LOAD_BATCHES = 2
@@ -556,6 +558,8 @@ class AsyncBlockingSession:
         self._conn: HeldConnection | None = None
         self._settling = False  # a cancelled finish() still running: it, not release(), ends the request
         self._on_done: Callable[[], None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expired = False  # the hold outlived block_lock_seconds: its connection went back to the pool
 
     @classmethod
     async def open(
@@ -590,7 +594,25 @@ class AsyncBlockingSession:
         else:
             held.session = lock.session
             held.session.bind(_AsyncOnly(handler.config), held)
+            if handler.lock_strategy is LockStrategy.ROW:
+                # Past block_lock_seconds the database ends the lock's transaction (an idle hold), or the
+                # request's next save gives it up: its connection need not wait for the app to end.
+                delay = handler.config.block_lock_seconds + EXPIRY_GRACE
+                held._expiry = asyncio.get_running_loop().call_later(delay, held._expire)
         return held
+
+    def _expire(self) -> None:
+        """The hold outlived `block_lock_seconds` while the app kept running: give its connection back to
+        the pool now (discarded: the database ended, or now ends, its transaction and lock), not when
+        the app ends. The request's saves are written again without the lock (see `locking`)."""
+        conn = self._conn
+        if conn is None or self._settling or not self.locked:
+            return
+        inflight = conn.last_call
+        if inflight is not None and not inflight.done():
+            return  # a call on it now: that call finds the lock lost itself
+        self._expired, self._conn = True, None
+        self.store.in_background(conn.close(_discard))
 
     @property
     def locked(self) -> bool:
@@ -599,6 +621,8 @@ class AsyncBlockingSession:
     async def save(self, session: Session, *, end_of_request: bool = False) -> SaveAction:
         """A mid-request save (`await session.asave()`), on the held connection inside the lock."""
         lock, conn = self._lock, self._conn
+        if lock is not None and self._expired and lock.locked:
+            return await self._write_after_expiry(lock, session, end_of_request=end_of_request)
         if lock is None or conn is None or not lock.locked:
             return await self.store.save(session, end_of_request=end_of_request)
         try:
@@ -617,6 +641,16 @@ class AsyncBlockingSession:
     async def finish(self) -> SaveAction:
         """Save at the end of the request and release the lock."""
         lock, conn, session = self._lock, self._conn, self.session
+        if lock is not None and self._expired and lock.locked:
+            session.bind(self.store.handler, self.store)
+            try:
+                action = await self._write_after_expiry(lock, session, end_of_request=True)
+            except Exception as error:
+                session.run_saved_callbacks(error)
+                raise
+            if session.has_saved_callbacks:
+                await self.store.call(lambda: session.run_saved_callbacks(None))
+            return action
         if lock is None or conn is None or not lock.locked:
             return await self.store.save(session, end_of_request=True)
         try:
@@ -647,6 +681,15 @@ class AsyncBlockingSession:
         if session.has_saved_callbacks:
             await self.store.call(lambda: session.run_saved_callbacks(None))
         return action
+
+    async def _write_after_expiry(self, lock: LockedRequest, session: Session, *, end_of_request: bool) -> SaveAction:
+        """A save after the hold expired (`_expire`): this one joins the saves the lost transaction
+        rolled back, and all are written again, in order, as a non-blocking request's."""
+        unit = self.store.handler.plan_save(session, end_of_request=end_of_request)
+        if unit is not None:
+            lock.written.append(unit)
+        rewrite = await self._save_again_without_lock(lock, session)
+        return await asyncio.shield(rewrite)
 
     async def _save_again_without_lock(self, lock: LockedRequest, session: Session) -> asyncio.Future[SaveAction]:
         """The database ended the lock's transaction and rolled back its saves: write them again on a
@@ -690,6 +733,9 @@ class AsyncBlockingSession:
 
     async def _close(self) -> None:
         """Roll back whatever the lock still holds (after any call in flight), then return the connection."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         conn, self._conn = self._conn, None
         if conn is not None:
             lock = self._lock
@@ -712,6 +758,12 @@ def _create_async_engine(url: URL, handler: DatabaseHandler) -> AsyncEngine:
     engine = create_async_engine(url, isolation_level="AUTOCOMMIT", **options)
     use_wal(engine.sync_engine)
     return engine
+
+
+def _discard(conn: Any) -> None:
+    """The last step on an expired hold's connection: the pool drops it (its server session ends, and
+    with it the transaction and the row lock, if the database has not ended them already)."""
+    conn.invalidate()
 
 
 def _settle(future: asyncio.Future[None]) -> None:

@@ -261,3 +261,40 @@ def test_a_save_meeting_a_held_row_waits_at_most_write_wait_seconds_then_lock_ti
         assert handler.load(session.id)["other"] is True
     finally:
         handler.close()
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_hold_past_block_lock_seconds_gives_its_connection_back_before_the_app_ends(db_backend: Backend) -> None:
+    """ASGI: the app of a blocking request runs on past `block_lock_seconds`; its connection goes back
+    to the pool then (the database ends the lock's transaction), not when the app ends, and every save
+    of the request still lands, the one made inside the lost transaction included."""
+    from sqla_sessions.aio import EXPIRY_GRACE, AsyncSessionStore
+
+    config = SessionConfig(database_url=db_backend.url, block_lock_seconds=1, pool_size=4)
+    handler = DatabaseHandler(db_backend.url, config)
+    store = AsyncSessionStore(handler)
+
+    async def scenario() -> None:
+        session = await store.load(None)
+        session["n"] = 0
+        await store.save(session)
+        held = await store.open_blocking(session.id, address="10.0.0.1")
+        assert held.locked and handler.engine.pool.checkedout() == 1
+        held.session.increment("n")
+        await held.save(held.session)  # inside the lock's transaction
+        await asyncio.sleep(1 + EXPIRY_GRACE + 0.8)
+        assert handler.engine.pool.checkedout() == 0  # given back while the app still runs
+        other = await store.load(session.id)  # the row is free: another request writes at once
+        other["other"] = True
+        await asyncio.wait_for(store.save(other), 2)
+        held.session["late"] = True
+        await held.finish()
+        stored = await store.load(session.id)
+        assert (stored["n"], stored["late"], stored["other"]) == (1, True, True)
+        assert handler.share.held(address="10.0.0.1") == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(store.aclose())
+        handler.close()
