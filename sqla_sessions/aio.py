@@ -32,7 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from .batching import Batcher
 from .config import SessionConfig
 from .errors import LockTimeout, SessionInterrupted
-from .fairshare import SessionSlots
+from .fairshare import Release, SessionSlots, no_hold
 from .handlers.base import BaseHandler, LockStrategy
 from .handlers.database import DatabaseHandler
 from .handlers.prepared import detect_refusals
@@ -186,15 +186,28 @@ class AsyncSessionStore:
             if unit is None:
                 action = SaveAction.NOTHING
             else:
-                writing = await self._write_in_turn(unit)
+                leave = await self._turn(unit)
+                try:
+                    writing = self._write(unit)
+                except BaseException:
+                    leave()
+                    raise
                 if isinstance(writing, asyncio.Future):
                     try:
                         saved = await asyncio.shield(writing)
                     except asyncio.CancelledError:
+                        if not writing.done():  # the slot is the write's until it ends
+                            writing.add_done_callback(lambda _: leave())
+                        else:
+                            leave()
                         self._adopt_when_written(session, unit, epoch, writing)
+                        raise
+                    except BaseException:
+                        leave()
                         raise
                 else:
                     saved = writing
+                leave()
                 session.adopt(saved, unit)
                 action = saved.action
         except BaseException as exc:
@@ -204,26 +217,21 @@ class AsyncSessionStore:
             await self.call(lambda: session.run_saved_callbacks(None))
         return action
 
-    async def _write_in_turn(self, unit: UnitOfWork) -> asyncio.Future[Saved] | Saved:
-        """`_write`, once the session has a free slot of its share (`fairshare.SessionSlots`): a burst
-        of one session's saves waits its turn on the loop instead of taking every thread."""
+    async def _turn(self, unit: UnitOfWork) -> Release:
+        """A slot of the session's share for writing *unit* (`fairshare.SessionSlots`), taken at once
+        when one is free: a burst of one session's saves waits its turn on the loop instead of taking
+        every thread, and so does a save of a session a blocking request holds here. Returns its end."""
         loaded = unit.loaded
         if loaded is None:
-            return self._write(unit)  # a first write: a new row nobody else can hold up
+            return no_hold  # a first write: a new row nobody else can hold up
+        if not self._locked_here:
+            leave = self._slots.take(loaded.key)
+            if leave is not None:
+                return leave  # the common case: nothing to wait for
         wait = self.config.write_wait_seconds
         if self._locked_here:
             await self._until_unlocked_here(loaded.key, wait)
-        leave = await self._slots.enter(loaded.key, wait)
-        try:
-            writing = self._write(unit)
-        except BaseException:
-            leave()
-            raise
-        if isinstance(writing, asyncio.Future):
-            writing.add_done_callback(lambda _: leave())
-        else:
-            leave()
-        return writing
+        return await self._slots.enter(loaded.key, wait)
 
     def _write(self, unit: UnitOfWork) -> asyncio.Future[Saved] | Saved:
         """Start writing *unit*: a future that ends with the write whether or not anyone still waits

@@ -200,7 +200,20 @@ class SessionSlots:
         self._share = share
         self._slots: dict[str, list[Any]] = {}  # key -> [in flight, waiters (futures)]
 
+    def take(self, session_key: str) -> Release | None:
+        """A slot of the session's, if one is free now (its end), else None: `enter` waits for one."""
+        entry = self._slots.get(session_key)
+        if entry is None:
+            entry = self._slots[session_key] = [1, []]
+        elif entry[0] < self._share.per_session:
+            entry[0] += 1
+        else:
+            return None
+        return self._leave(session_key, entry)
+
     async def enter(self, session_key: str, wait: float) -> Release:
+        """A slot of the session's: at once if one is free, else the first to end, waited for on the
+        loop up to *wait* seconds (`LockTimeout`)."""
         entry = self._slots.setdefault(session_key, [0, []])
         if entry[0] >= self._share.per_session:
             waiters: list[asyncio.Future[None]] = entry[1]
@@ -221,6 +234,9 @@ class SessionSlots:
                 raise
         else:
             entry[0] += 1
+        return self._leave(session_key, entry)
+
+    def _leave(self, session_key: str, entry: list[Any]) -> Release:
         ended = False
 
         def leave() -> None:
