@@ -153,7 +153,7 @@ class AsyncSessionStore:
 
     def _load_batch(self, batch: list[tuple[str, float]]) -> list[Session | Exception]:
         """In a worker thread: the loads of concurrent requests, one read for all (`load_many_on`)."""
-        return self._in_time(batch, self.handler.load_many_on)
+        return self._in_time(batch, self.handler.load_many_on, read=True)
 
     def _save_batch(self, batch: list[tuple[UnitOfWork, float]]) -> list[Saved | Exception | None]:
         """In a worker thread: the saves of concurrent requests, the plain ones in one statement (`write_many_on`)."""
@@ -163,13 +163,20 @@ class AsyncSessionStore:
         """In a worker thread: a save its batch left (compare-and-set, then the merge under the lock)."""
         return self._run_in_thread(self.handler.write_on, (item[0],))
 
-    def _in_time(self, batch: list[tuple[Any, float]], run: Callable[[Any, list[Any]], list[Any]]) -> list[Any]:
+    def _in_time(
+        self, batch: list[tuple[Any, float]], run: Callable[[Any, list[Any]], list[Any]], *, read: bool = False
+    ) -> list[Any]:
         """`run(connection, items)` for the items of *batch* still within their deadline; one queued past
         it fails as a pool timeout would, as any call queued behind busy threads."""
         now = time.monotonic()
         late = [now > deadline for _, deadline in batch]
         items = [item for (item, _), is_late in zip(batch, late, strict=True) if not is_late]
-        done = iter(self._run_in_thread(run, (items,)) if items else ())
+        if not items:
+            done: Any = iter(())
+        elif read:  # sent again on a fresh connection if this one turned out dead
+            done = iter(self.handler.read(run, items))
+        else:
+            done = iter(self._run_in_thread(run, (items,)))
         return [self._no_thread_in_time() if is_late else next(done) for is_late in late]
 
     def _no_thread_in_time(self) -> PoolTimeout:

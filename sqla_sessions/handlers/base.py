@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..batching import ThreadBatcher
 from ..codec import CorruptPayload, PayloadCodec
@@ -36,6 +36,7 @@ from ..unit import Expiry, Saved, UnitOfWork, first_row, successor
 logger = logging.getLogger("sqla_sessions")
 
 C = TypeVar("C")
+T = TypeVar("T")
 #: What `_merge` hands back: the row it wrote and the raw payload it stored.
 Merged = tuple[Record, dict[str, Any]]
 
@@ -132,8 +133,20 @@ class BaseHandler(ABC, Generic[C]):
         self._saves = ThreadBatcher(self._save_batch, max_in_flight=in_flight, max_size=max_size) if saves else None
 
     def _load_batch(self, session_ids: list[str]) -> list[Session | Exception]:
+        return self.read(self.load_many_on, session_ids)
+
+    def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)` for a read, on a pooled connection; once more on a fresh one when that
+        connection turned out dead (the server restarted, or ended it: the pool then replaces its
+        older connections too). A read can always be sent again; a write's outcome would be unknown."""
+        try:
+            with self.connect() as conn:
+                return fn(conn, *args)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
         with self.connect() as conn:
-            return self.load_many_on(conn, session_ids)
+            return fn(conn, *args)
 
     def _save_batch(self, units: list[UnitOfWork]) -> list[Saved | Exception | None]:
         with self.connect() as conn:
@@ -257,8 +270,7 @@ class BaseHandler(ABC, Generic[C]):
         assert session_id is not None
         if self._loads is not None:
             return self._loads.submit(session_id)
-        with self.connect() as conn:
-            return self.load_on(conn, session_id)
+        return self.read(self.load_on, session_id)
 
     def load_by_key(self, key: str) -> Session | None:
         if not is_valid_session_key(key):
