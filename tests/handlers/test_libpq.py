@@ -13,6 +13,7 @@ from psycopg import pq
 from sqlalchemy.engine import Engine
 
 from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig
+from sqla_sessions.errors import StoreUnavailable
 from sqla_sessions.handlers.engines import create_session_engine
 from tests.conftest import Backend, FakeClock, backend_for
 
@@ -197,10 +198,20 @@ def test_a_killed_connection_is_one_error_and_then_a_new_connection(one_connecti
     with pg.engine.connect() as admin:
         admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
 
-    with pytest.raises(sa.exc.DBAPIError) as raised:
-        handler.load(session_id)
+    assert handler.load(session_id)["counter"] == 0  # a read is sent again, on a new connection
+    with one_connection.connect() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    session = handler.load(session_id)
+    session.increment("counter")
+    with pg.engine.connect() as admin:
+        admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
 
-    assert raised.value.connection_invalidated  # mapped by SQLAlchemy, and the pool drops the connection
+    with pytest.raises(StoreUnavailable) as raised:  # a write is not: its outcome would be unknown
+        session.save()
+
+    cause = raised.value.__cause__
+    assert isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated  # the pool drops it
     assert handler.load(session_id)["counter"] == 0
 
 
