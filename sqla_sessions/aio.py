@@ -107,7 +107,7 @@ class AsyncSessionStore:
         # Session keys whose lock a blocking request here holds: when it took it, and its end.
         self._locked_here: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
         self._slots = SessionSlots(handler.share)  # a session's saves in flight here, at most its share
-        self._pending: set[asyncio.Future[None]] = set()  # what cancelled requests still finish (see aclose)
+        self._pending: set[asyncio.Future[Any]] = set()  # what cancelled requests still finish (see aclose)
         self._loads: Batcher[tuple[str, float], Session] | None = None
         self._saves: Batcher[tuple[UnitOfWork, float], Saved] | None = None
         if not isinstance(handler, DatabaseHandler):
@@ -420,9 +420,12 @@ class AsyncSessionStore:
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run *work* to its end without anyone awaiting it (what a cancelled request still has to
         finish); `aclose()` waits for it."""
-        task = asyncio.ensure_future(work)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self.keep_until_done(asyncio.ensure_future(work))
+
+    def keep_until_done(self, future: asyncio.Future[Any]) -> None:
+        """`aclose()` waits for *future* (a write that must not be cut off at shutdown)."""
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
 
     async def run_on_connection(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(connection, *args)` on a connection of the right kind."""
@@ -704,7 +707,13 @@ class AsyncBlockingSession:
         if unit is not None:
             lock.written.append(unit)
         rewrite = await self._save_again_without_lock(lock, session)
-        return await asyncio.shield(rewrite)
+        try:
+            return await asyncio.shield(rewrite)
+        except asyncio.CancelledError:
+            # The rewrite runs on; the callbacks follow what it did (as after a cancelled `finish`).
+            self._settling = True
+            self.store.in_background(self._settle(rewrite))
+            raise
 
     async def _save_again_without_lock(self, lock: LockedRequest, session: Session) -> asyncio.Future[SaveAction]:
         """The database ended the lock's transaction and rolled back its saves: write them again on a
@@ -713,7 +722,9 @@ class AsyncBlockingSession:
         logger.warning(LOST_LOCK)
         lock.key = None
         await self._close()
-        return asyncio.ensure_future(self.store.run_on_connection(lock.rewrite, session))
+        rewrite = asyncio.ensure_future(self.store.run_on_connection(lock.rewrite, session))
+        self.store.keep_until_done(rewrite)  # `aclose()` waits for it
+        return rewrite
 
     async def _settle(self, call: asyncio.Future[Any] | None) -> None:
         """After a cancelled `finish`: once its save has ended, finish what it left (as `finish` would)."""

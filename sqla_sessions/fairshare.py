@@ -29,9 +29,10 @@ then every client shares one address's part, which stays half the pool by defaul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .config import SessionConfig
@@ -69,22 +70,54 @@ class FairShare:
         self._waiting_from: dict[str, int] = {}  # saves waiting, by client address
 
     def hold_blocking(self, session_key: str, address: str | None, *, wait: float) -> Release:
-        """Count a blocking request's hold. `TooManyRequests` at once when *address* holds its share;
-        when the session's saves hold its share, wait up to *wait* for one to end (`LockTimeout`)."""
+        """Count a blocking request's hold against *address*: `TooManyRequests` at once past its share.
+        When the session's saves hold the session's share, wait up to *wait* for one to end
+        (`LockTimeout`), the waiting thread parked on the address's share too.
+
+        (The hold itself is not one of the session's: its saves wait for it by `locked_here`, and a
+        hold that outlives `block_lock_seconds` must stop holding them up.)"""
         with self._changed:
-            if address is not None and self._by_address.get(address, 0) >= self.per_address:
-                raise TooManyRequests(address, self.per_address)
-            self._wait_until(lambda: self._by_session.get(session_key, 0) < self.per_session, wait)
-            _increment(self._by_session, session_key)
+            self._check_address(address)
+            if self._by_session.get(session_key, 0) >= self.per_session:
+                with self._parked_here(address):
+                    self._wait_until(lambda: self._by_session.get(session_key, 0) < self.per_session, wait)
+                self._check_address(address)  # others of the address may have come in meanwhile
             if address is not None:
                 _increment(self._by_address, address)
 
         def release() -> None:
-            _decrement(self._by_session, session_key)
             if address is not None:
                 _decrement(self._by_address, address)
 
         return self._release_once(release)
+
+    def _check_address(self, address: str | None) -> None:
+        if address is not None and self._by_address.get(address, 0) >= self.per_address:
+            raise TooManyRequests(address, self.per_address)
+
+    @contextlib.contextmanager
+    def _parked_here(self, address: str | None) -> Iterator[None]:
+        # Called with the guard held: a thread about to wait counts on its address's share of them.
+        if address is not None:
+            if self._waiting_from.get(address, 0) >= self.per_address:
+                raise TooManyRequests(address, self.per_address)
+            _increment(self._waiting_from, address)
+        try:
+            yield
+        finally:
+            if address is not None:
+                _decrement(self._waiting_from, address)
+
+    def park(self, address: str | None) -> Release:
+        """Count a thread of *address* that is about to wait elsewhere (a blocking request's gate):
+        `TooManyRequests` at once when the address has its share of threads waiting already."""
+        if address is None:
+            return no_hold
+        with self._changed:
+            if self._waiting_from.get(address, 0) >= self.per_address:
+                raise TooManyRequests(address, self.per_address)
+            _increment(self._waiting_from, address)
+        return self._release_once(lambda: _decrement(self._waiting_from, address))
 
     def locked_here(self, session_key: str) -> Release:
         """Note that a blocking request of this process holds the session's lock (its secret checked:
@@ -115,17 +148,12 @@ class FairShare:
             if not free():
                 if self._waiting.get(session_key, 0) >= MAX_WAITING_PER_SESSION:
                     raise LockTimeout(0)
-                if address is not None and self._waiting_from.get(address, 0) >= self.per_address:
-                    raise TooManyRequests(address, self.per_address)
-                _increment(self._waiting, session_key)
-                if address is not None:
-                    _increment(self._waiting_from, address)
-                try:
-                    self._wait_until(free, wait, lambda: self._blocked_until(session_key))
-                finally:
-                    _decrement(self._waiting, session_key)
-                    if address is not None:
-                        _decrement(self._waiting_from, address)
+                with self._parked_here(address):
+                    _increment(self._waiting, session_key)
+                    try:
+                        self._wait_until(free, wait, lambda: self._blocked_until(session_key))
+                    finally:
+                        _decrement(self._waiting, session_key)
             _increment(self._by_session, session_key)
         return self._release_once(lambda: _decrement(self._by_session, session_key))
 

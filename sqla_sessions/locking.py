@@ -211,11 +211,17 @@ class BlockingSession:
         assert session_id is not None
         config = handler.config
         key = session_key_of(session_id)
-        # The gate is the id's, not the row's: a known key with a wrong secret queues behind nobody.
-        leave_gate = _SESSION_GATES.enter(session_id, config.block_wait_seconds, config.block_lock_seconds)
+        deadline = time.monotonic() + config.block_wait_seconds
+        # A thread waiting at the gate is one of its address's parked threads (`fairshare`). The gate
+        # is the id's, not the row's: a known key with a wrong secret queues behind nobody.
+        unpark = handler.share.park(address)
+        try:
+            leave_gate = _SESSION_GATES.enter(session_id, config.block_wait_seconds, config.block_lock_seconds)
+        finally:
+            unpark()
         try:
             # The gate's wait counts toward the lock's: what is left of block_wait_seconds.
-            end_hold = handler.share.hold_blocking(key, address, wait=config.block_wait_seconds)
+            end_hold = handler.share.hold_blocking(key, address, wait=max(0.0, deadline - time.monotonic()))
         except BaseException:
             leave_gate()
             raise

@@ -298,3 +298,77 @@ def test_a_hold_past_block_lock_seconds_gives_its_connection_back_before_the_app
     finally:
         asyncio.run(store.aclose())
         handler.close()
+
+
+def test_a_stuck_blocking_hold_holds_the_sessions_saves_no_longer_than_its_bound_whatever_the_share() -> None:
+    fair = share(session_connections=1, block_lock_seconds=0.3)
+    fair.hold_blocking("k", None, wait=0)  # never released (a stuck request)
+    fair.locked_here("k")
+    started = time.monotonic()
+    fair.hold_save("k", None, wait=5)()
+    assert 0.25 < time.monotonic() - started < 1.5
+
+
+def test_threads_waiting_at_a_blocking_gate_count_on_their_address() -> None:
+    from sqla_sessions import MemoryHandler
+
+    handler = MemoryHandler(SessionConfig(address_connections=2, block_wait_seconds=2))
+    session = handler.load(None)
+    session["a"] = 1
+    handler.save(session)
+    assert session.id is not None
+    holder = BlockingSession.open(handler, session.id, address="10.0.0.1")
+    outcomes: list[str] = []
+
+    def queue_up() -> None:
+        try:
+            BlockingSession.open(handler, session.id, address="10.0.0.1").release()
+            outcomes.append("served")
+        except LockTimeout as exc:
+            outcomes.append(type(exc).__name__)
+
+    parked = [threading.Thread(target=queue_up) for _ in range(2)]
+    for thread in parked:
+        thread.start()
+    time.sleep(0.3)
+    with pytest.raises(TooManyRequests):  # two threads of the address wait at the gate already
+        BlockingSession.open(handler, session.id, address="10.0.0.1")
+    BlockingSession.open(handler, "a" * 32 + "." + "A" * 40, address="10.0.0.2").release()  # others are served
+    holder.release()
+    for thread in parked:
+        thread.join()
+    assert outcomes == ["served", "served"]
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+def test_a_cancelled_finish_after_the_hold_expired_still_runs_the_callbacks_of_what_it_saved(
+    db_backend: Backend,
+) -> None:
+    from sqla_sessions.aio import EXPIRY_GRACE, AsyncSessionStore
+
+    url = db_backend.url
+    handler = DatabaseHandler(url, SessionConfig(database_url=url, block_lock_seconds=0.5, pool_size=4))
+    store = AsyncSessionStore(handler)
+    ran: list[object] = []
+
+    async def scenario() -> None:
+        session = await store.load(None)
+        session["a"] = 0
+        await store.save(session)
+        held = await store.open_blocking(session.id)
+        held.session["a"] = 1
+        held.session.on_saved(lambda: ran.append("job"))
+        await asyncio.sleep(0.5 + EXPIRY_GRACE + 0.5)  # expired: the connection went back
+        finishing = asyncio.ensure_future(held.finish())
+        await asyncio.sleep(0)
+        finishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await finishing
+        await store.aclose()  # waits for the rewrite and its callbacks
+        assert (await AsyncSessionStore(handler).load(session.id))["a"] == 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        handler.close()
+    assert ran == ["job"]
