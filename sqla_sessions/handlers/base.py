@@ -37,6 +37,10 @@ logger = logging.getLogger("sqla_sessions")
 
 C = TypeVar("C")
 T = TypeVar("T")
+
+#: A read whose connection failed within this many seconds found it dead (sent again on a fresh one);
+#: later, the server did not answer in time (not asked twice).
+_FOUND_DEAD_WITHIN = 1.0
 #: What `_merge` hands back: the row it wrote and the raw payload it stored.
 Merged = tuple[Record, dict[str, Any]]
 
@@ -137,13 +141,15 @@ class BaseHandler(ABC, Generic[C]):
 
     def read(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(connection, *args)` for a read, on a pooled connection; once more on a fresh one when that
-        connection turned out dead (the server restarted, or ended it: the pool then replaces its
-        older connections too). A read can always be sent again; a write's outcome would be unknown."""
+        connection was found dead at once (the server restarted, or ended it: the pool then replaces
+        its older connections too). A read can always be sent again; a write's outcome would be
+        unknown. A server that does not answer is not asked twice: its timeout is the answer."""
+        started = time.monotonic()
         try:
             with self.connect() as conn:
                 return fn(conn, *args)
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
+            if not exc.connection_invalidated or time.monotonic() - started > _FOUND_DEAD_WITHIN:
                 raise
         with self.connect() as conn:
             return fn(conn, *args)
