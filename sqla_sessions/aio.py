@@ -231,14 +231,11 @@ class AsyncSessionStore:
         loaded = unit.loaded
         if loaded is None:
             return no_hold  # a first write: a new row nobody else can hold up
-        if not self._locked_here:
-            leave = self._slots.take(loaded.key)
-            if leave is not None:
-                return leave  # the common case: nothing to wait for
         wait = self.config.write_wait_seconds
         if self._locked_here:
             await self._until_unlocked_here(loaded.key, wait)
-        return await self._slots.enter(loaded.key, wait)
+        # A free slot is taken without an await (the common case); `enter` waits for one.
+        return self._slots.take(loaded.key) or await self._slots.enter(loaded.key, wait)
 
     def _write(self, unit: UnitOfWork) -> asyncio.Future[Saved] | Saved:
         """Start writing *unit*: a future that ends with the write whether or not anyone still waits

@@ -95,18 +95,23 @@ class FairShare:
         if address is not None and self._by_address.get(address, 0) >= self.per_address:
             raise TooManyRequests(address, self.per_address)
 
+    def _park(self, address: str) -> None:
+        # Called with the guard held: a thread about to wait counts on its address's share of them.
+        if self._waiting_from.get(address, 0) >= self.per_address:
+            raise TooManyRequests(address, self.per_address)
+        _increment(self._waiting_from, address)
+
     @contextlib.contextmanager
     def _parked_here(self, address: str | None) -> Iterator[None]:
-        # Called with the guard held: a thread about to wait counts on its address's share of them.
-        if address is not None:
-            if self._waiting_from.get(address, 0) >= self.per_address:
-                raise TooManyRequests(address, self.per_address)
-            _increment(self._waiting_from, address)
+        # Called with the guard held, around a wait on it.
+        if address is None:
+            yield
+            return
+        self._park(address)
         try:
             yield
         finally:
-            if address is not None:
-                _decrement(self._waiting_from, address)
+            _decrement(self._waiting_from, address)
 
     def park(self, address: str | None) -> Release:
         """Count a thread of *address* that is about to wait elsewhere (a blocking request's gate):
@@ -114,9 +119,7 @@ class FairShare:
         if address is None:
             return no_hold
         with self._changed:
-            if self._waiting_from.get(address, 0) >= self.per_address:
-                raise TooManyRequests(address, self.per_address)
-            _increment(self._waiting_from, address)
+            self._park(address)
         return self._release_once(lambda: _decrement(self._waiting_from, address))
 
     def locked_here(self, session_key: str) -> Release:
@@ -242,27 +245,27 @@ class SessionSlots:
     async def enter(self, session_key: str, wait: float) -> Release:
         """A slot of the session's: at once if one is free, else the first to end, waited for on the
         loop up to *wait* seconds (`LockTimeout`)."""
-        entry = self._slots.setdefault(session_key, [0, []])
-        if entry[0] >= self._share.per_session:
-            waiters: list[asyncio.Future[None]] = entry[1]
-            if len(waiters) >= MAX_WAITING_PER_SESSION:
-                raise LockTimeout(0)
-            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiters.append(turn)
-            try:
-                await asyncio.wait_for(asyncio.shield(turn), wait)
-            except BaseException as exc:  # out of time, or the request was cancelled
-                if turn in waiters:
-                    waiters.remove(turn)
-                    turn.cancel()
-                else:
-                    self._pass_on(session_key, entry)  # handed a slot just now: it goes to the next
-                if isinstance(exc, TimeoutError):
-                    raise LockTimeout(wait) from None
-                raise
-        else:
-            entry[0] += 1
-        return self._leave(session_key, entry)
+        leave = self.take(session_key)
+        if leave is not None:
+            return leave
+        entry = self._slots[session_key]
+        waiters: list[asyncio.Future[None]] = entry[1]
+        if len(waiters) >= MAX_WAITING_PER_SESSION:
+            raise LockTimeout(0)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), wait)
+        except BaseException as exc:  # out of time, or the request was cancelled
+            if turn in waiters:
+                waiters.remove(turn)
+                turn.cancel()
+            else:
+                self._pass_on(session_key, entry)  # handed a slot just now: it goes to the next
+            if isinstance(exc, TimeoutError):
+                raise LockTimeout(wait) from None
+            raise
+        return self._leave(session_key, entry)  # the slot handed over by `_pass_on`
 
     def _leave(self, session_key: str, entry: list[Any]) -> Release:
         ended = False

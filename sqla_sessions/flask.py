@@ -317,22 +317,21 @@ def _legacy_token_gate(app: Flask, handler: BaseHandler[Any], session: Session, 
         from flask_login.utils import decode_cookie
 
         until = handler.config.legacy_remember_until_seconds
-        user_id = None
-        if until is not None and until > handler.now():
-            try:
-                user_id = decode_cookie(cookie)
-            except (TypeError, ValueError):  # a cookie no signature could match (non-ASCII, say)
-                user_id = None
         if until is None:
             reason = "legacy_remember_until is not set"
         elif until <= handler.now():
             reason = "legacy_remember_until has passed"
-        elif user_id is None:
-            reason = "its signature does not match"
-        elif handler.legacy_tokens_refused(user_id):
-            reason = "revoke_user() refused the user's old tokens"
         else:
-            return  # accepted: Flask-Login logs the user in, `loaded_from_cookie` makes it our login
+            try:
+                user_id = decode_cookie(cookie)
+            except (TypeError, ValueError):  # a cookie no signature could match (non-ASCII, say)
+                user_id = None
+            if user_id is None:
+                reason = "its signature does not match"
+            elif handler.legacy_tokens_refused(user_id):
+                reason = "revoke_user() refused the user's old tokens"
+            else:
+                return  # accepted: Flask-Login logs the user in, `loaded_from_cookie` makes it our login
     logger.warning("Flask-Login remember_token cookie refused (%s): deleted, nobody logged in by it", reason)
     kept = request.cookies.copy()
     kept.poplist(name)

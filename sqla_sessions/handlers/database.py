@@ -245,6 +245,11 @@ class DatabaseHandler(BaseHandler[Connection]):
         )
         self._update_unless_locked = self._update_if_version.where(unlocked)
         self._touch_unless_locked = self._touch_row.where(unlocked)
+        if self._dialect == "postgresql":
+            # A save alone skips a row another transaction holds too: it then merges, waiting at most
+            # `write_wait_seconds`; a touch is left to the holder, which writes the row anyway. (A
+            # row this connection's own transaction holds, a blocking request's, is written.)
+            self._update_if_version, self._touch_row = self._update_unless_locked, self._touch_unless_locked
         self._delete_row = sa.delete(t).where(t.c.key == key)
         user = sa.bindparam("b_user_id", type_=t.c.user_id.type)
         # A device list shows no payload: an empty one is selected in its place (nothing TOASTed is read).
@@ -455,12 +460,6 @@ class DatabaseHandler(BaseHandler[Connection]):
         params["b_version"] = expected_version
         params["now"] = now
         try:
-            if self._dialect == "postgresql":
-                # A row another transaction holds is not waited for here: the save merges, under a
-                # bounded wait. (A row this connection's own transaction holds is written.)
-                if self._fast_path:
-                    return row_count(conn, self._fast_update_unless_locked, params) == 1
-                return conn.execute(self._update_unless_locked, params).rowcount == 1
             if self._fast_path:
                 return row_count(conn, self._fast_update, params) == 1
             return conn.execute(self._update_if_version, params).rowcount == 1
@@ -521,10 +520,6 @@ class DatabaseHandler(BaseHandler[Connection]):
             "v_last_activity": last_activity,
             "v_expires_at": expires_at,
         }
-        if self._dialect == "postgresql":  # a held row is not waited for: its holder writes it anyway
-            if self._fast_path:
-                return row_count(conn, self._fast_touch_unless_locked, params) == 1
-            return conn.execute(self._touch_unless_locked, params).rowcount == 1
         if self._fast_path:
             return row_count(conn, self._fast_touch, params) == 1
         return conn.execute(self._touch_row, params).rowcount == 1

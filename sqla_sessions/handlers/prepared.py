@@ -1,14 +1,20 @@
-"""`prepared_statements="auto"`: server-side prepared statements until the server refuses one, then never again.
+"""`prepared_statements="auto"`: the hot statements prepared until a pooler shows itself, then never again.
 
 A pooler in transaction mode (PgBouncer before 1.21, or 1.21+ without `max_prepared_statements`)
 hands each transaction to whichever server connection is free, so a statement prepared through one
 client connection is missing on the next server ("prepared statement … does not exist", 26000), its
 name is taken there by another client's ("… already exists", 42P05), or it names another client's
 statement with other parameters (08P01 "bind message supplies 2 parameters, but prepared statement
-… requires 5"). The port tells only when it is PgBouncer's 6432 (`engines.prepared_statements_on`);
-everywhere else the first such refusal switches the engine to unnamed statements for good (psycopg's
-`prepare_threshold=None` on the connection that saw it, every pooled one at its next checkout and
-every new one), says so once with a WARNING naming the setting, and the statement is sent once more.
+… requires 5"). Worse, a name psycopg gave (`_pg3_0`, per client connection) can reach another
+client's statement with the same parameters and run it, silently. So under "auto" an engine of ours
+lets psycopg prepare nothing (`prepare_threshold=None`): only the hot statements of `handlers.libpq`
+are prepared, under names derived from their SQL, the same statement on any server connection.
+The port tells only when it is PgBouncer's 6432 (`engines.prepared_statements_on`): nothing is
+prepared there. Everywhere else the first sign of a pooler (a statement this connection never
+prepared already on the server, one missing right after it was prepared, a refusal of psycopg's on
+an engine passed in) switches the engine to unnamed statements for good (on the connection that saw
+it, every pooled one at its next checkout and every new one), says so once with a WARNING naming
+the setting, and the statement is sent once more.
 
 Why sending it once more is safe: each of these errors answers the Parse or Bind message, before
 Execute, so the statement did not run. In autocommit (every statement but a blocking request's or a
