@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -164,18 +164,27 @@ def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(silen
         handler.close()
 
 
+def _increments_past_psycopgs_threshold(handler: DatabaseHandler, between: Callable[[], object] = lambda: None) -> str:
+    """A session counted to 8 by 8 loads and saves, past psycopg's automatic threshold (5); *between*
+    runs after each save. Returns the session's id."""
+    session = handler.load(None)
+    session["n"] = 0
+    session.save()
+    assert session.id is not None
+    for _ in range(8):
+        loaded = handler.load(session.id)
+        loaded.increment("n")
+        loaded.save()
+        between()
+    assert handler.load(session.id)["n"] == 8
+    return session.id
+
+
 @pytest.mark.parametrize(("setting", "named"), [("on", True), ("off", False)])
 def test_prepared_statements_on_or_off(pg_backend: Backend, setting: str, named: bool) -> None:
     handler = DatabaseHandler(pg_backend.url, SessionConfig(prepared_statements=setting, pool_size=1))
     try:
-        session = handler.load(None)
-        session["n"] = 0
-        session.save()
-        for _ in range(8):  # past psycopg's automatic threshold (5)
-            loaded = handler.load(session.id)
-            loaded.increment("n")
-            loaded.save()
-        assert handler.load(session.id)["n"] == 8
+        _increments_past_psycopgs_threshold(handler)
         with handler.engine.connect() as conn:  # the pool's one connection: the one that ran them
             prepared = conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one()
         assert (prepared > 0) is named
@@ -221,15 +230,8 @@ def test_auto_never_lets_psycopg_name_statements_and_names_ours_by_their_sql(pg_
     reach another's statement with the same parameters and run it. Under "auto" only our own hot
     statements are prepared, under names derived from their SQL."""
     handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
-    try:
-        session = handler.load(None)
-        session["n"] = 0
-        session.save()
-        for _ in range(8):  # past psycopg's automatic threshold (5)
-            loaded = handler.load(session.id)
-            loaded.increment("n")
-            loaded.save()
-            handler.destroy("no-such-key")  # through SQLAlchemy: never prepared
+    try:  # with a statement through SQLAlchemy beside each save: never prepared either
+        _increments_past_psycopgs_threshold(handler, between=lambda: handler.destroy("no-such-key"))
         with handler.engine.connect() as conn:
             assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
             names = conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
