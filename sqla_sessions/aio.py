@@ -35,7 +35,7 @@ from .errors import LockTimeout, SessionInterrupted
 from .fairshare import Release, SessionSlots, no_hold
 from .handlers.base import BaseHandler, LockStrategy
 from .handlers.database import DatabaseHandler
-from .handlers.prepared import detect_refusals
+from .handlers.prepared import switch_for
 from .ids import is_valid_session_id, session_key_of
 from .locking import LOST_LOCK, LockedRequest, lost_lock, poll_delays
 from .records import SaveAction, SessionInfo
@@ -121,7 +121,9 @@ class AsyncSessionStore:
             self._engine = async_engine
         if self._engine is not None:
             if self.config.prepared_statements == "auto":  # its own pool: its own switch (`handlers.prepared`)
-                detect_refusals(self._engine.sync_engine)
+                handler.runner.use_also(
+                    self._engine.sync_engine, switch_for(self._engine.sync_engine, named=False, detects=True)
+                )
             return
         threads = self._threads = WorkerThreads(THREADS)
         if self.config.batch_requests:

@@ -217,25 +217,28 @@ def test_prepared_statements_on_raises_the_servers_refusal(pg_backend: Backend) 
 
 def _share_the_server_session_with_another_client(handler: DatabaseHandler) -> None:
     """What a pooler in transaction mode does: the server session this client reaches holds what
-    another client prepared there. Our statements are named by their SQL, so the other client's
-    are ours under the same names, and this connection does not know it has them."""
-    from sqla_sessions.handlers.libpq import _PREPARED
-
+    another client prepared there, under the names psycopg gives (`_pg3_0`, …), which this
+    connection does not know it has."""
     with handler.engine.connect() as conn:  # the pool's one connection
-        conn.connection.info.pop(_PREPARED, None)
+        conn.exec_driver_sql("DEALLOCATE ALL")  # psycopg forgets what it prepared (and the server)
+        for n in range(40):  # and the other client's, under psycopg's names, arrive
+            conn.exec_driver_sql(f"PREPARE _pg3_{n} AS SELECT {n}")
 
 
-def test_auto_never_lets_psycopg_name_statements_and_names_ours_by_their_sql(pg_backend: Backend) -> None:
+def test_auto_lets_psycopg_prepare_only_the_hot_statements(pg_backend: Backend) -> None:
     """psycopg's names (`_pg3_0`, …) are per client connection: behind a pooler, one client's name can
-    reach another's statement with the same parameters and run it. Under "auto" only our own hot
-    statements are prepared, under names derived from their SQL."""
+    reach another's statement. Under "auto" psycopg prepares only what the library asks it to (the
+    hot statements), never the application's statements by counting their runs."""
+    from sqla_sessions.handlers.engines import ONLY_WHEN_ASKED
+
     handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
-    try:  # with a statement through SQLAlchemy beside each save: never prepared either
+    try:  # with a statement through SQLAlchemy beside each save: never prepared
         _increments_past_psycopgs_threshold(handler, between=lambda: handler.destroy("no-such-key"))
         with handler.engine.connect() as conn:
-            assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
-            names = conn.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
-        assert names and all(name.startswith("sqla_sessions_") for name in names), names
+            assert conn.connection.driver_connection.prepare_threshold == ONLY_WHEN_ASKED  # type: ignore[union-attr]
+            prepared = conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements").scalars().all()
+        assert prepared and not any(statement.startswith("DELETE") for statement in prepared), prepared
+        assert any(statement.startswith("SELECT") for statement in prepared), prepared
     finally:
         handler.close()
 
@@ -259,7 +262,8 @@ def test_auto_turns_prepared_statements_off_at_the_first_refusal_and_runs_the_st
         handler.engine.dispose()  # a new connection: unprepared from the start
         assert handler.load(session.id)["n"] == 1
         with handler.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar_one() == 0
+            named = conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql")
+            assert named.scalar_one() == 0
     finally:
         handler.close()
 
@@ -279,8 +283,6 @@ def test_auto_on_the_async_engine_prepares_nothing(pg_backend: Backend) -> None:
                 assert await store.run_on_connection(handler._delete, f"no-such-key-{n}") is False
             assert store._engine is not None
             async with store._engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                assert raw.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
                 return int((await conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements")).scalar_one())
         finally:
             await store.aclose()

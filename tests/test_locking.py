@@ -137,7 +137,7 @@ def test_a_hold_past_block_lock_seconds_is_ended_by_the_database_and_the_save_st
         pytest.skip("SQLite holds leases, not locks; PostgreSQL runs once")
     handler = make_handler(block_lock_seconds=0.5)
     assert isinstance(handler, DatabaseHandler)
-    monkeypatch.setattr(handler, "_mysql_hold_variable", lambda conn: mysql_bound)
+    monkeypatch.setattr("sqla_sessions.handlers.dialects.mysql._is_mariadb", lambda conn: mysql_bound != "wait_timeout")
     handler._clock = time.time
     session_id = stored_id(handler)
     held = BlockingSession.open(handler, session_id)

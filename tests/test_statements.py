@@ -1,6 +1,10 @@
-"""The hot path, counted with SQLAlchemy engine events on every real database."""
+"""The hot path, counted on every real database: on the driver's cursor (`handlers.runner`) for the
+statements every request runs, through SQLAlchemy for the rest (`StatementCounter` sees both)."""
 
 from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig
 from tests.conftest import Backend, FakeClock, StatementCounter
@@ -25,6 +29,7 @@ def test_loading_an_existing_session_is_one_statement(db_backend: Backend, clock
         session = handler.load(session_id)
     assert session["counter"] == 0
     assert counter.count == 1 and counter.statements[0].lstrip().upper().startswith("SELECT")
+    assert counter.hot == counter.statements  # the production path, not SQLAlchemy's
 
 
 def test_a_read_only_request_inside_touch_interval_is_one_select_and_no_write(
@@ -66,6 +71,7 @@ def test_a_first_write_is_one_insert(db_backend: Backend, clock: FakeClock) -> N
     with StatementCounter(db_backend.engine) as counter:
         assert session.save() is SaveAction.INSERTED
     assert counter.count == 1 and counter.statements[0].lstrip().upper().startswith("INSERT")
+    assert counter.hot == counter.statements
 
 
 def test_a_due_touch_is_one_update(db_backend: Backend, clock: FakeClock) -> None:
@@ -87,87 +93,23 @@ def test_a_contended_save_locks_merges_and_commits(db_backend: Backend, clock: F
     second["b"] = 2
     with StatementCounter(db_backend.engine) as counter:
         assert second.save() is SaveAction.MERGED
-    # failed compare-and-set, BEGIN, (PostgreSQL: the lock wait's bound, set_config), SELECT … FOR UPDATE,
-    # UPDATE, COMMIT
-    bounded = db_backend.name == "postgresql"
-    assert counter.count == 5 + bounded
-    assert "set_config" in counter.statements[2] or not bounded
-    assert "FOR UPDATE" in counter.statements[2 + bounded] or db_backend.name == "sqlite"
+    # PostgreSQL: the compare-and-set of a batch (of one: the save went through the batcher), skipping
+    # nothing but finding the row changed; then the save alone: failed compare-and-set, BEGIN, (PostgreSQL:
+    # the lock wait's bound, set_config), SELECT … FOR UPDATE, UPDATE, COMMIT
+    postgresql = db_backend.name == "postgresql"
+    assert counter.count == 5 + 2 * postgresql
+    assert counter.hot == counter.statements[: 1 + postgresql]
+    assert "set_config" in counter.statements[2 + postgresql] or not postgresql
+    assert "FOR UPDATE" in counter.statements[2 + 2 * postgresql] or db_backend.name == "sqlite"
 
 
-def test_the_same_counts_without_the_fast_path(db_backend: Backend, clock: FakeClock) -> None:
-    handler = DatabaseHandler(db_backend.engine, SessionConfig(), clock=clock, fast_path=False)
-    with StatementCounter(db_backend.engine) as counter:
-        session_id = _stored_id(handler)  # the first write: one INSERT through SQLAlchemy's path
-    assert counter.count == 1 and counter.statements[0].lstrip().upper().startswith("INSERT")
-    with StatementCounter(db_backend.engine) as counter:
-        session = handler.load(session_id)
-        session["counter"] = 1
-        assert session.save() is SaveAction.UPDATED
-    assert counter.count == 2
-
-
-def test_a_driver_error_on_the_fast_path_is_retried_through_sqlalchemy(db_backend: Backend, clock: FakeClock) -> None:
+def test_a_driver_error_is_sqlalchemys_and_leaves_a_working_connection(db_backend: Backend, clock: FakeClock) -> None:
     handler = _handler(db_backend, clock)
     session_id = _stored_id(handler)
-    handler._fast_by_key.sql = "SELEC this is not sql"  # the driver raises; SQLAlchemy's path answers
-    if handler._fast_by_key.libpq is not None:  # PostgreSQL: the libpq statement too
-        handler._fast_by_key.libpq.sql, handler._fast_by_key.libpq.name = b"SELEC oops", b"broken_select"
-    assert handler.load(session_id)["counter"] == 0
-    handler._fast_update.sql = "UPDATE nothing at all"
-    if handler._fast_update.libpq is not None:
-        handler._fast_update.libpq.sql, handler._fast_update.libpq.name = b"UPDATE oops", b"broken_update"
-    session = handler.load(session_id)
-    session["counter"] = 5
-    assert session.save() is SaveAction.UPDATED
-    assert handler.load(session_id)["counter"] == 5
-
-
-def test_every_per_request_statement_addresses_one_row_by_its_key(db_backend: Backend, clock: FakeClock) -> None:
-    """Split-token ids: load, save, touch, lost race, login and logout all name the row by its primary
-    key (what a sharded PostgreSQL routes by); none looks a session up by its secret's hash."""
-    handler = _handler(db_backend, clock)
-    with StatementCounter(db_backend.engine) as counter:
-        session_id = _stored_id(handler)
-        first, second = handler.load(session_id), handler.load(session_id)
-        first.increment("counter")
-        first.save()
-        second.increment("counter")
-        second.save()  # a lost race: the locked merge
-        clock.advance(handler.config.touch_interval + 1)
-        handler.load(session_id).save()  # a due touch
-        login = handler.load(session_id)
-        login.login("ada")
-        login.save()
-        out = handler.load(login.id)
-        out.logout()
-        out.save()
-    assert handler.load(login.id).is_new
-    for statement in counter.statements:
-        sql = " ".join(statement.split()).lower()
-        if sql.split(" ", 1)[0] in ("begin", "commit", "rollback", "savepoint", "release") or sql.startswith(
-            ("set ", "select set_config(")
-        ):
-            continue
-        if sql.startswith("insert"):
-            continue  # a new row names its key in its values
-        assert " where " in sql, sql
-        where = sql.split(" where ", 1)[1]
-        assert "key" in where, sql
-        assert "id_hash" not in where, sql
-
-
-def test_the_load_is_a_primary_key_lookup(db_backend: Backend, clock: FakeClock) -> None:
-    if db_backend.name != "postgresql":
-        return
-    handler = _handler(db_backend, clock)
-    session_id = _stored_id(handler)
-    with StatementCounter(db_backend.engine) as counter:
-        handler.load(session_id)
-    statements = counter.statements
-    key = session_id.split(".")[0]
-    with db_backend.engine.connect() as conn:
-        conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: ask which index the planner would use
-        sql = statements[0].replace("%(b_key)s", f"'{key}'").replace("%(now)s", "0")
-        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
-    assert "pk_sessions" in plan, plan
+    good = handler._by_key.sql
+    handler._by_key.sql = "SELEC this is not sql"  # the server refuses it: no second path answers instead
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        handler.read(handler.load_on, session_id)
+    assert not raised.value.connection_invalidated and "hidden" in str(raised.value)
+    handler._by_key.sql = good
+    assert handler.load(session_id)["counter"] == 0  # the same pooled connection, still in good order

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 #: PgBouncer's default port: `prepared_statements="auto"` turns server-side prepared statements off there.
 PGBOUNCER_PORT = 6432
 
+#: psycopg's `prepare_threshold` under "auto": it prepares a statement when asked to (`prepare=True`), never by
+#: counting its runs (the count is never reached).
+ONLY_WHEN_ASKED = 2**31 - 1
+
 #: Seconds a SQLite writer waits for the database write lock before "database is locked".
 SQLITE_BUSY_TIMEOUT = 15
 
@@ -81,9 +85,11 @@ def engine_options(url: str | URL, config: SessionConfig) -> dict[str, Any]:
             tcp_user_timeout=int(1000 * max(10, config.connect_timeout * 2)),
         )
         if config.prepared_statements != "on":
-            # psycopg never prepares by itself: under "auto" only the hot statements go prepared, named
-            # by their SQL (handlers.prepared); "off" and PgBouncer's port send unnamed statements.
-            connect_args["prepare_threshold"] = None
+            # psycopg never prepares by itself (its threshold out of reach): under "auto" only the hot
+            # statements go prepared, asked for (`handlers.runner`); "off" and PgBouncer's port prepare
+            # nothing at all (a threshold of None: psycopg then prepares nothing, even when asked).
+            named = prepared_statements_on(parsed, config.prepared_statements)
+            connect_args["prepare_threshold"] = ONLY_WHEN_ASKED if named else None
     elif backend in ("mysql", "mariadb"):
         connect_args["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
         if "charset" not in parsed.query:
@@ -152,14 +158,6 @@ def use_wal(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-
-
-def is_autocommit_engine(engine: Engine) -> bool:
-    """True if *engine* opens its connections in autocommit (`create_engine(…, isolation_level="AUTOCOMMIT")`)."""
-    # SQLAlchemy keeps create_engine()'s level on the dialect (a private name, stable since 1.4).
-    return getattr(engine.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT" or (
-        engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
-    )
 
 
 def mysql_lock_wait_seconds(config: SessionConfig) -> int:

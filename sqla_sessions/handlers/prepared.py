@@ -5,16 +5,14 @@ hands each transaction to whichever server connection is free, so a statement pr
 client connection is missing on the next server ("prepared statement … does not exist", 26000), its
 name is taken there by another client's ("… already exists", 42P05), or it names another client's
 statement with other parameters (08P01 "bind message supplies 2 parameters, but prepared statement
-… requires 5"). Worse, a name psycopg gave (`_pg3_0`, per client connection) can reach another
-client's statement with the same parameters and run it, silently. So under "auto" an engine of ours
-lets psycopg prepare nothing (`prepare_threshold=None`): only the hot statements of `handlers.libpq`
-are prepared, under names derived from their SQL, the same statement on any server connection.
-The port tells only when it is PgBouncer's 6432 (`engines.prepared_statements_on`): nothing is
-prepared there. Everywhere else the first sign of a pooler (a statement this connection never
-prepared already on the server, one missing right after it was prepared, a refusal of psycopg's on
-an engine passed in) switches the engine to unnamed statements for good (on the connection that saw
-it, every pooled one at its next checkout and every new one), says so once with a WARNING naming
-the setting, and the statement is sent once more.
+… requires 5").
+
+So under "auto" an engine of ours lets psycopg prepare only what it is asked to (`prepare=True`:
+the hot statements of `handlers.runner`; its own threshold is out of reach), and nothing at all on
+PgBouncer's port, 6432 (`engines.prepared_statements_on`). Everywhere else the first sign of a
+pooler (any of the refusals above) switches the engine to unnamed statements for good (every
+connection, at once), says so once with a WARNING naming the setting, and the statement is sent once
+more. An engine passed in keeps psycopg's own threshold, and is switched off the same way.
 
 Why sending it once more is safe: each of these errors answers the Parse or Bind message, before
 Execute, so the statement did not run. In autocommit (every statement but a blocking request's or a
@@ -25,6 +23,12 @@ wrote in between). So under "auto" it never carries a named statement: its conne
 ones from its BEGIN to its end (`unprepared_while_held`; a parse per statement on a path that holds
 a row lock for a whole request anyway). Explicit "on" detects nothing (the error is raised as it
 is); "off" never prepares.
+
+The names are psycopg's (`_pg3_0`, `_pg3_1`… per client connection): behind a pooler that passes
+prepared statements on unchecked, one client's name could reach another client's statement with the
+same parameter types. The refusals above make that rare for this library's own statements (their
+parameter lists differ), not impossible for another application's: behind such a pooler, set
+`prepared_statements="off"` (the README's PgBouncer section says so).
 """
 
 from __future__ import annotations
@@ -39,9 +43,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from .libpq import NAMED, PreparedElsewhere, StatementFailed
-
-logger = logging.getLogger("sqla_sessions")
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -50,26 +52,32 @@ S = TypeVar("S")
 #: SQLSTATEs of a prepared statement the server connection does not have, or has from someone else.
 _MISSING_OR_TAKEN = ("26000", "42P05")
 _PROTOCOL_VIOLATION = "08P01"
-#: `Connection.info` key: the connection's psycopg threshold, kept while `unprepared_while_held`.
-_THRESHOLD_WHILE_HELD = "sqla_sessions_prepare_threshold"
+#: `Connection.info` key, while a blocking request's transaction is open: the connection's psycopg
+#: threshold to go back to (None: it had none).
+_HELD = "sqla_sessions_unprepared_while_held"
 
 
-class _Switch:
-    """One engine's prepared statements under "auto": on until the first refusal, then off for good."""
+class PreparedSwitch:
+    """One engine's prepared statements: on (unless *named* is False) until the first refusal under "auto"."""
 
-    __slots__ = ("lock", "off")
+    __slots__ = ("detects", "lock", "named", "off")
 
-    def __init__(self) -> None:
+    def __init__(self, *, named: bool, detects: bool) -> None:
+        self.named = named
+        self.detects = detects
         self.lock = threading.Lock()
         self.off = False
+
+    def prepares(self, conn: Connection) -> bool:
+        """Whether a hot statement goes prepared on *conn* now."""
+        return self.named and not self.off and _HELD not in conn.info
 
     def turn_off(self, engine: Engine, error: BaseException) -> None:
         with self.lock:
             if self.off:
                 return
             self.off = True
-            # Pool events, not engine events: an engine event would send every statement through
-            # SQLAlchemy's slow path (`handlers.fastpath`). `recreate()` (after `dispose()`) keeps them.
+            # Pool events (`recreate()`, after `dispose()`, keeps them): psycopg's own threshold too.
             sa.event.listen(engine.pool, "connect", _unprepare_new)
             sa.event.listen(engine.pool, "checkout", _unprepare_checked_out)
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
@@ -83,31 +91,20 @@ class _Switch:
         )
 
 
-#: Engines (by dialect: an engine and its `execution_options()` copies share one, and keep it across
-#: `dispose()`) whose prepared statements turn off at the first refusal.
-_SWITCHES: weakref.WeakKeyDictionary[Dialect, _Switch] = weakref.WeakKeyDictionary()
+#: Switches by dialect: an engine and its `execution_options()` copies share one, and keep it across
+#: `dispose()`; an async engine made from the same URL has a pool, and a switch, of its own.
+_SWITCHES: weakref.WeakKeyDictionary[Dialect, PreparedSwitch] = weakref.WeakKeyDictionary()
 
 
-def detect_refusals(engine: Engine, *, named_by_sql: bool = False) -> None:
-    """Turn *engine*'s prepared statements off at the server's first refusal (`prepared_statements="auto"`).
-
-    *named_by_sql*: the engine's psycopg prepares nothing by itself (`prepare_threshold=None`: its
-    names, `_pg3_0`, `_pg3_1`…, are per client connection, so behind a pooler one client's name can
-    reach another's statement with the same parameters and run it, silently), and only this
-    library's own hot statements go prepared, under names derived from their SQL (`handlers.libpq`):
-    the same name is the same statement on any server connection. Until the first refusal.
-
-    Only psycopg 3 prepares statements by itself; other drivers are left alone."""
-    if engine.dialect.driver != "psycopg":
-        return
-    switch = _SWITCHES.setdefault(engine.dialect, _Switch())
-    if named_by_sql:
-
-        def name_by_sql(_dbapi_connection: Any, record: Any) -> None:
-            if not switch.off:
-                record.info[NAMED] = True
-
-        sa.event.listen(engine.pool, "connect", name_by_sql)
+def switch_for(engine: Engine, *, named: bool, detects: bool) -> PreparedSwitch:
+    """The switch of *engine* (made on first use). *named*: the hot statements go prepared (psycopg 3's
+    sync driver only); *detects*: the first refusal turns them, and psycopg's own, off ("auto")."""
+    named = named and engine.dialect.driver == "psycopg"
+    detects = detects and engine.dialect.driver in ("psycopg", "psycopg_async")
+    switch = _SWITCHES.get(engine.dialect)
+    if switch is None:
+        switch = _SWITCHES.setdefault(engine.dialect, PreparedSwitch(named=named, detects=detects))
+    return switch
 
 
 def refused(conn: Connection, error: BaseException) -> bool:
@@ -116,12 +113,11 @@ def refused(conn: Connection, error: BaseException) -> bool:
     If so the engine is switched to unnamed statements (once, with the warning) and so is *conn*'s
     own connection at once: the statement may be sent again, and goes unnamed."""
     switch = _SWITCHES.get(conn.dialect)
-    if switch is None or not _is_refusal(error):
+    if switch is None or not switch.detects or not _is_refusal(error):
         return False
     switch.turn_off(conn.engine, error)
     if not conn.invalidated:
         _unprepare(conn.connection.driver_connection)
-        conn.connection.info[NAMED] = False
     return True
 
 
@@ -150,27 +146,25 @@ def unprepared_while_held(conn: Connection) -> None:
     """Under "auto" (before any refusal), send unnamed statements on *conn* until `prepared_again`:
     a blocking request's transaction, which a refusal would abort beyond retrying."""
     switch = _SWITCHES.get(conn.dialect)
-    if switch is None or switch.off:
+    if switch is None or not switch.detects or switch.off:
         return
     driver: Any = conn.connection.driver_connection
-    if driver.prepare_threshold is None:
-        return
-    conn.info[_THRESHOLD_WHILE_HELD] = driver.prepare_threshold
+    conn.info[_HELD] = driver.prepare_threshold
     driver.prepare_threshold = None
 
 
 def prepared_again(conn: Connection) -> None:
     """End `unprepared_while_held` (unless the engine turned prepared statements off meanwhile)."""
-    switch = _SWITCHES.get(conn.dialect)
-    if switch is None or conn.invalidated:  # an invalidated connection is never used again
+    if conn.invalidated or _HELD not in conn.info:  # an invalidated connection is never used again
         return
-    threshold = conn.info.pop(_THRESHOLD_WHILE_HELD, None)
-    if threshold is not None and not switch.off:
+    threshold = conn.info.pop(_HELD)
+    switch = _SWITCHES.get(conn.dialect)
+    if switch is not None and not switch.off:
         conn.connection.driver_connection.prepare_threshold = threshold  # type: ignore[union-attr]
 
 
 def _idle(conn: Connection) -> bool:
-    """Whether *conn* works and has no transaction open (psycopg's view of the server's)."""
+    """Whether *conn* works and has no transaction open on the server (psycopg's view of it)."""
     if conn.invalidated:
         return False
     info: Any = getattr(conn.connection.driver_connection, "info", None)
@@ -183,11 +177,6 @@ def _idle(conn: Connection) -> bool:
 
 def _is_refusal(error: BaseException) -> bool:
     orig = error.orig if isinstance(error, sa.exc.DBAPIError) else error
-    if isinstance(orig, StatementFailed):
-        # Our own statements are named by a hash of their SQL: a name on any server is the same statement,
-        # and a missing one may have been deallocated meanwhile (psycopg runs DEALLOCATE ALL after a
-        # ROLLBACK). Only one missing right after it was prepared tells of a pooler.
-        return isinstance(orig, PreparedElsewhere)
     sqlstate = getattr(orig, "sqlstate", None)
     if sqlstate in _MISSING_OR_TAKEN:
         return True
@@ -196,14 +185,12 @@ def _is_refusal(error: BaseException) -> bool:
 
 def _unprepare(driver_connection: Any) -> None:
     if getattr(driver_connection, "prepare_threshold", None) is not None:
-        driver_connection.prepare_threshold = None  # psycopg: never prepare, never use what it prepared
+        driver_connection.prepare_threshold = None  # psycopg: never prepare by itself again
 
 
 def _unprepare_new(_dbapi_connection: Any, record: Any) -> None:
     _unprepare(record.driver_connection)
-    record.info[NAMED] = False
 
 
 def _unprepare_checked_out(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     _unprepare(record.driver_connection)
-    record.info[NAMED] = False

@@ -22,7 +22,7 @@ from sqla_sessions.handlers.base import BaseHandler
 from sqla_sessions.session import Session
 from sqla_sessions.unit import UnitOfWork
 from tests.conftest import Backend, FakeClock, backend_for
-from tests.handlers.test_libpq import _wire
+from tests.handlers.test_wire import _wire
 
 
 def _stored(handler: BaseHandler[Any], **data: Any) -> str:
