@@ -11,8 +11,9 @@ always: there is no second path to fall back to, and none to turn off.
   and `Compiled.positiontup` for a positional paramstyle); parameters are plain Python values every
   driver adapts itself (str, int, bytes, None, lists of them for PostgreSQL's arrays).
 - A driver error becomes SQLAlchemy's (`DBAPIError.instance`, parameters hidden: they are session
-  payloads), and a connection the dialect finds dead (`Dialect.is_disconnect`) is invalidated, as
-  `Connection.execute` would: the pool then replaces it. Nothing is sent twice here.
+  payloads), and a connection found dead (`Dialect.is_disconnect`, or a SQLSTATE saying the server
+  ended it) is invalidated with the pool's older connections, as `Connection.execute` would. Nothing
+  is sent twice here.
 - What SQLAlchemy's `ConnectionEvents` see: not these statements (`before_cursor_execute`, `echo`,
   OpenTelemetry's SQLAlchemy instrumentation). Instrumentation at the driver's level does (psycopg's
   cursor, OpenTelemetry's psycopg instrumentation), and so does the server (`pg_stat_statements`).
@@ -23,16 +24,25 @@ always: there is no second path to fall back to, and none to turn off.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.expression import Executable
 
 from .prepared import PreparedSwitch
 
 T = TypeVar("T")
+
+#: Connection record `info` key: when the connection was opened (unix time).
+_OPENED = "sqla_sessions_opened"
+
+#: SQLSTATEs of a connection the server ended (class 08, and operator intervention: `pg_terminate_backend`,
+#: a shutdown). The error may arrive before the driver has read the end of the connection, so the
+#: dialect does not see it dead yet; the next statement on it would fail again.
+_CONNECTION_ENDED = ("08", "57P01", "57P02", "57P03")
 
 
 class Compiled:
@@ -55,13 +65,30 @@ class Compiled:
 class _Driver:
     """How statements go to one dialect's DBAPI connections."""
 
-    __slots__ = ("dialect", "error", "prepared", "psycopg")
+    __slots__ = ("dead_since", "dialect", "error", "prepared", "psycopg")
 
-    def __init__(self, dialect: Dialect, prepared: PreparedSwitch) -> None:
-        self.dialect = dialect
+    def __init__(self, engine: Engine, prepared: PreparedSwitch) -> None:
+        self.dialect = dialect = engine.dialect
         self.error: type[Exception] = dialect.loaded_dbapi.Error
         self.psycopg = dialect.driver == "psycopg"  # the sync driver: prepare and binary are its options
         self.prepared = prepared
+        self.dead_since = 0.0  # when a connection was last found ended by the server (unix time)
+        self.watch(engine)
+
+    def watch(self, engine: Engine) -> None:
+        """Replace, at checkout, each pooled connection opened before one was found ended by the
+        server: the pool's own events, raising `DisconnectionError` (SQLAlchemy's documented way to
+        have the pool connect afresh)."""
+
+        def opened(_dbapi_connection: Any, record: Any) -> None:
+            record.info[_OPENED] = time.time()
+
+        def checked_out(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+            if record.info.get(_OPENED, 0.0) < self.dead_since:
+                raise sa.exc.DisconnectionError("opened before the server ended another connection")
+
+        sa.event.listen(engine, "connect", opened)
+        sa.event.listen(engine, "checkout", checked_out)
 
 
 class Runner:
@@ -69,11 +96,11 @@ class Runner:
     the same URL (`AsyncSessionStore`: the same SQL, its connections through `run_sync`)."""
 
     def __init__(self, engine: Engine, prepared: PreparedSwitch) -> None:
-        self._drivers = {engine.dialect: _Driver(engine.dialect, prepared)}
+        self._drivers = {engine.dialect: _Driver(engine, prepared)}
 
     def use_also(self, engine: Engine, prepared: PreparedSwitch) -> None:
         """Run the statements on *engine*'s connections too (an async engine's sync face)."""
-        self._drivers[engine.dialect] = _Driver(engine.dialect, prepared)
+        self._drivers[engine.dialect] = _Driver(engine, prepared)
 
     def first(self, conn: Connection, statement: Compiled, values: Mapping[str, Any]) -> Any:
         """The first row (a tuple) of a SELECT, or None."""
@@ -119,10 +146,9 @@ def _translated(
     conn: Connection, driver: _Driver, statement: Compiled, values: Mapping[str, Any], error: Exception
 ) -> sa.exc.DBAPIError:
     """SQLAlchemy's error for a driver's, its connection invalidated if the dialect finds it dead."""
-    dead = not conn.invalidated and driver.dialect.is_disconnect(
-        error,  # type: ignore[arg-type]
-        conn.connection.dbapi_connection,
-        None,
+    dead = not conn.invalidated and (
+        driver.dialect.is_disconnect(error, conn.connection.dbapi_connection, None)  # type: ignore[arg-type]
+        or str(getattr(error, "sqlstate", None)).startswith(_CONNECTION_ENDED)
     )
     translated = sa.exc.DBAPIError.instance(
         statement.sql,
@@ -135,6 +161,9 @@ def _translated(
     )
     assert isinstance(translated, sa.exc.DBAPIError)  # a DBAPI error is always one
     if dead:
+        # As `Connection.execute` does: this connection is discarded, and so are the pool's older ones
+        # at their next checkout (a restart or a failover ended them all: `_Driver.watch`).
+        driver.dead_since = time.time()
         conn.invalidate(translated)
     return translated
 
