@@ -23,6 +23,16 @@ async def increment(request: Request) -> PlainTextResponse:
 ROUTES = [Route("/read", read), Route("/increment", increment, methods=["POST"])]
 
 
+def _listened(engine: Any) -> Any:
+    """*engine*, with a SQLAlchemy event listener attached when BENCH_LISTENER is set (what a statement
+    counter or OpenTelemetry's SQLAlchemy instrumentation adds): its cost, measured."""
+    if os.environ.get("BENCH_LISTENER"):
+        import sqlalchemy as sa
+
+        sa.event.listen(engine, "before_cursor_execute", lambda *args: None)
+    return engine
+
+
 def cookie_app() -> Any:
     from starlette.middleware.sessions import SessionMiddleware
 
@@ -36,8 +46,8 @@ def sqla_app() -> Any:
 
     url = os.environ["SQLA_SESSIONS_DATABASE_URL"]
     config = SessionConfig(database_url=url, table=os.environ.get("SQLA_SESSIONS_TABLE", "sessions"), lottery=(0, 1))
-    engine = create_session_engine(
-        url, autocommit=True, pool_size=int(os.environ.get("BENCH_POOL", "70")), max_overflow=10
+    engine = _listened(
+        create_session_engine(url, autocommit=True, pool_size=int(os.environ.get("BENCH_POOL", "70")), max_overflow=10)
     )
     async_engine = "auto" if os.environ.get("BENCH_MODE") == "async-engine" else None
     if os.environ.get("BENCH_MODE") == "memory":
@@ -120,7 +130,8 @@ def flask_sqla_app() -> Any:
     url = os.environ["SQLA_SESSIONS_DATABASE_URL"]
     config = SessionConfig(database_url=url, table=os.environ.get("SQLA_SESSIONS_TABLE", "sessions"), lottery=(0, 1))
     app = Flask(__name__)
-    init_app(app, handler=DatabaseHandler(create_session_engine(url, autocommit=True, pool_size=20), config))
+    engine = _listened(create_session_engine(url, autocommit=True, pool_size=20))
+    init_app(app, handler=DatabaseHandler(engine, config))
     return _flask_routes(app)
 
 

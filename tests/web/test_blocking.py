@@ -240,3 +240,47 @@ def test_a_client_that_goes_away_does_not_keep_the_lock(server: Server) -> None:
     assert response.status_code == 200  # not 423: the lock was free within the database's wait bound
     assert time.monotonic() - started < BLOCK_WAIT + 1.0  # (plus the HTTP round trip on a loaded machine)
     assert response.json()["n"] == 2  # the abandoned request finished and saved first
+
+
+def test_a_row_held_by_another_process_answers_423_and_leaves_every_connection_clean(server: Server) -> None:
+    """The wait happens in the database (no request of this server holds the row: this test's own
+    connection does, from another process), is bounded, answers 423, and leaves no transaction, lock or
+    setting behind on the server's pooled connections."""
+    if server.database == "sqlite":
+        pytest.skip("SQLite has no row locks: blocking requests lease the row")
+    cookie = server.new_session()
+    key = cookie.split(".", 1)[0]
+    holder = server.engine.connect()
+    try:
+        holder.begin()
+        holder.execute(sa.text("SELECT 1 FROM sessions WHERE key = :key FOR UPDATE"), {"key": key}).all()
+        with server.client() as client:
+            started = time.monotonic()
+            blocking = client.post("/blocking/work?ms=10", headers=sent(cookie))
+            waited = time.monotonic() - started
+            saved = client.post("/set/while_held", headers=sent(cookie))  # a plain save: its merge waits
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert blocking.status_code == 423 and BLOCK_WAIT - 0.2 <= waited < BLOCK_WAIT + 2.5
+    assert saved.status_code == 423 and saved.headers["retry-after"]
+    with server.client() as client:  # every pooled connection again, each in good order
+        for n in range(1, 2 * POOL_SIZE + 1):
+            started = time.monotonic()
+            assert client.post("/blocking/work?ms=10", headers=sent(cookie)).json()["n"] == n
+            assert client.post(f"/set/after_{n}", headers=sent(cookie)).status_code == 200
+            assert time.monotonic() - started < 1.0
+        data = client.get("/read", headers=sent(cookie)).json()["data"]
+    assert "while_held" not in data and "after_1" in data  # the refused save changed nothing
+    with server.engine.connect() as conn:
+        if server.database == "postgresql":
+            open_transactions = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'"
+                )
+            ).scalar_one()
+        else:
+            open_transactions = conn.execute(sa.text("SELECT count(*) FROM information_schema.innodb_trx")).scalar_one()
+    assert open_transactions == 0
