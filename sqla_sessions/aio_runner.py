@@ -67,7 +67,13 @@ class AsyncRunner:
                 self._engine = _create_async_engine(url, handler)
                 self._owns_engine = True
         elif async_engine is not None:
-            self._engine = async_engine
+            # Single statements commit by themselves, as the handler's own engine does: an engine passed
+            # in that is not in autocommit would leave each write in a transaction nobody commits.
+            options = async_engine.get_execution_options()
+            in_autocommit = options.get("isolation_level") == "AUTOCOMMIT"
+            self._engine = (
+                async_engine if in_autocommit else async_engine.execution_options(isolation_level="AUTOCOMMIT")
+            )
         if self._engine is not None:
             # The handler's hot statements run on its connections too; its own pool has its own switch
             # (`handlers.prepared`: psycopg's async connection is not asked to prepare).

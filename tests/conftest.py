@@ -185,8 +185,13 @@ class StatementCounter:
         self.statements: list[str] = []
         self.hot: list[str] = []
 
+    def _ours(self, conn: Any) -> bool:
+        """A connection to this engine's database, by any driver (an async engine's too)."""
+        url, ours = conn.engine.url, self.engine.url
+        return (url.host, url.port, url.database) == (ours.host, ours.port, ours.database)
+
     def _on_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if conn.engine.url == self.engine.url:
+        if self._ours(conn):
             self.statements.append(statement)
 
     def __enter__(self) -> StatementCounter:
@@ -196,7 +201,7 @@ class StatementCounter:
         self._run = run
 
         def observed(self: Any, conn: Any, statement: Any, *args: Any) -> Any:
-            if conn.engine.url == counter.engine.url:
+            if counter._ours(conn):
                 counter.statements.append(statement.sql)
                 counter.hot.append(statement.sql)
             return run(self, conn, statement, *args)

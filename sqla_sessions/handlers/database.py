@@ -65,9 +65,9 @@ class DatabaseHandler(InTransactions):
             self.engine = create_session_engine(url, autocommit=True, config=config)
             self._owns_engine = True
         # Single statements run in autocommit: one round trip each. An engine passed in is switched per
-        # checkout unless it says it is in autocommit already (correct, a little slower).
-        in_autocommit = self._owns_engine or self.engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
-        self._autocommit = self.engine if in_autocommit else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # checkout (correct, a little slower) unless its connections are in autocommit already: asked
+        # of its first connection (`_autocommit_engine`).
+        self._autocommit: Engine | None = self.engine if self._owns_engine else None
         # Prepared unless "off": psycopg then prepares what it is asked to unless its threshold is None
         # (an engine of ours on PgBouncer's port, or an engine passed in set so: `handlers.prepared`).
         setting = config.prepared_statements
@@ -125,13 +125,33 @@ class DatabaseHandler(InTransactions):
 
     def close(self) -> None:
         """Dispose of the engine if this handler created it."""
+        self.runner.close()
         if self._owns_engine:
             self.engine.dispose()
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
-        with self._autocommit.connect() as conn:
-            yield conn
+        engine = self._autocommit or self._autocommit_engine()
+        try:
+            with engine.connect() as conn:
+                yield conn
+        except sa.exc.StatementError as exc:
+            # Bound values are session payloads and secrets' hashes: never in a message or a report,
+            # also on an engine passed in without `hide_parameters=True`.
+            exc.hide_parameters = True
+            exc.params = None
+            raise
+
+    def _autocommit_engine(self) -> Engine:
+        """The engine passed in, as is if its connections open in autocommit (`create_engine(…,
+        isolation_level="AUTOCOMMIT")`), else switched to it per checkout."""
+        engine = self.engine
+        if engine.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            with engine.connect() as conn:
+                if not self.database.in_autocommit(conn):
+                    engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._autocommit = engine
+        return engine
 
     # -- reads -----------------------------------------------------------------------------------
 

@@ -177,10 +177,10 @@ def _idle(conn: Connection) -> bool:
 
 def _is_refusal(error: BaseException) -> bool:
     orig = error.orig if isinstance(error, sa.exc.DBAPIError) else error
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate in _MISSING_OR_TAKEN:
-        return True
-    return sqlstate == _PROTOCOL_VIOLATION and "prepared statement" in str(orig)
+    # A protocol violation answers a Bind that does not fit the statement the name reached ("bind
+    # message supplies 2 parameters…", "insufficient data left in message"): before Execute, so
+    # nothing ran, and the connection is in good order.
+    return getattr(orig, "sqlstate", None) in (*_MISSING_OR_TAKEN, _PROTOCOL_VIOLATION)
 
 
 def _unprepare(driver_connection: Any) -> None:

@@ -29,55 +29,84 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.expression import Executable
 
 from .prepared import PreparedSwitch
 
+try:
+    from psycopg import ClientCursor
+    from psycopg.types.numeric import Int8BinaryDumper
+except ImportError:  # pragma: no cover - psycopg finds no libpq (neither the system's nor psycopg[binary]'s)
+    ClientCursor = Int8BinaryDumper = None  # type: ignore[assignment,misc]
+
 T = TypeVar("T")
 
-#: Connection record `info` key: the psycopg cursor the hot statements run on, and its DBAPI connection.
+#: Connection record `info` key: the psycopg cursor the hot statements run on, with its DBAPI connection.
 _CURSOR = "sqla_sessions_cursor"
 #: Connection record `info` key: when the connection was opened (unix time).
 _OPENED = "sqla_sessions_opened"
 
-#: SQLSTATEs of a connection the server ended (class 08, and operator intervention: `pg_terminate_backend`,
-#: a shutdown). The error may arrive before the driver has read the end of the connection, so the
-#: dialect does not see it dead yet; the next statement on it would fail again.
-_CONNECTION_ENDED = ("08", "57P01", "57P02", "57P03")
+#: SQLSTATEs of a connection the server ended (class 08 but 08P01, a protocol violation such as a
+#: refused Bind, which leaves the connection in good order; and operator intervention:
+#: `pg_terminate_backend`, a shutdown). The error may arrive before the driver has read the end of
+#: the connection, so the dialect does not see it dead yet; the next statement on it would fail again.
+_OPERATOR_ENDED = ("57P01", "57P02", "57P03")
+
+Names = tuple[str, ...] | None
 
 
 class Compiled:
-    """One statement compiled for one dialect: its SQL, and its parameters' order if positional."""
+    """One statement compiled for one dialect (and, on demand, for another engine's: an async engine of
+    another driver): its SQL, and its parameters' order if positional."""
 
-    __slots__ = ("names", "sql", "statement")
+    __slots__ = ("_dialect", "_elsewhere", "names", "sql", "statement")
 
     def __init__(self, statement: Executable, engine: Engine) -> None:
-        compiled = statement.compile(dialect=engine.dialect)  # type: ignore[attr-defined]
         self.statement = statement
-        self.sql: str = compiled.string
-        self.names: tuple[str, ...] | None = tuple(compiled.positiontup) if compiled.positional else None
+        self._dialect = engine.dialect
+        self.sql, self.names = _compiled(statement, engine.dialect)
+        self._elsewhere: dict[Dialect, tuple[str, Names]] = {}
 
-    def parameters(self, values: Mapping[str, Any]) -> Any:
-        if self.names is None:
-            return values
-        return tuple(values[name] for name in self.names)
+    def for_dialect(self, dialect: Dialect) -> tuple[str, Names]:
+        """The SQL and parameter order for *dialect*."""
+        if dialect is self._dialect:
+            return self.sql, self.names
+        found = self._elsewhere.get(dialect)
+        if found is None:
+            found = self._elsewhere.setdefault(dialect, _compiled(self.statement, dialect))
+        return found
+
+
+def _compiled(statement: Executable, dialect: Dialect) -> tuple[str, Names]:
+    compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    return compiled.string, (tuple(compiled.positiontup) if compiled.positional else None)
+
+
+def _parameters(values: Mapping[str, Any], names: Names) -> Any:
+    return values if names is None else tuple(values[name] for name in names)
 
 
 class _Driver:
-    """How statements go to one dialect's DBAPI connections."""
+    """How statements go to one engine's DBAPI connections."""
 
-    __slots__ = ("dead_since", "dialect", "error", "prepared", "psycopg")
+    __slots__ = ("dead_since", "dialect", "engine", "error", "keeps_cursor", "listeners", "prepared", "psycopg")
 
     def __init__(self, engine: Engine, prepared: PreparedSwitch) -> None:
+        self.engine = engine
         self.dialect = dialect = engine.dialect
         self.error: type[Exception] = dialect.loaded_dbapi.Error
-        self.psycopg = dialect.driver == "psycopg"  # the sync driver: prepare and binary are its options
+        # psycopg's sync driver: `prepare` and `binary` are its options (its async one, through
+        # SQLAlchemy's adapter, takes neither).
+        self.psycopg = dialect.driver == "psycopg" and not dialect.is_async
+        # One cursor per connection, unless threads share a connection (StaticPool): then one each call.
+        self.keeps_cursor = self.psycopg and not isinstance(engine.pool, StaticPool)
         self.prepared = prepared
         self.dead_since = 0.0  # when a connection was last found ended by the server (unix time)
-        self.watch(engine)
+        self.listeners = self._watch(engine)
 
-    def watch(self, engine: Engine) -> None:
+    def _watch(self, engine: Engine) -> list[tuple[str, Callable[..., None]]]:
         """Replace, at checkout, each pooled connection opened before one was found ended by the
         server: the pool's own events, raising `DisconnectionError` (SQLAlchemy's documented way to
         have the pool connect afresh)."""
@@ -89,13 +118,20 @@ class _Driver:
             if record.info.get(_OPENED, 0.0) < self.dead_since:
                 raise sa.exc.DisconnectionError("opened before the server ended another connection")
 
-        sa.event.listen(engine, "connect", opened)
-        sa.event.listen(engine, "checkout", checked_out)
+        listeners: list[tuple[str, Callable[..., None]]] = [("connect", opened), ("checkout", checked_out)]
+        for name, listener in listeners:
+            sa.event.listen(engine, name, listener)
+        return listeners
+
+    def close(self) -> None:
+        for name, listener in self.listeners:
+            if sa.event.contains(self.engine, name, listener):
+                sa.event.remove(self.engine, name, listener)
 
 
 class Runner:
-    """Runs `Compiled` statements on the connections of one engine, or of the async engine made from
-    the same URL (`AsyncSessionStore`: the same SQL, its connections through `run_sync`)."""
+    """Runs `Compiled` statements on the connections of one engine, and of the async engine an
+    `AsyncSessionStore` runs the handler on (its connections through `run_sync`)."""
 
     def __init__(self, engine: Engine, prepared: PreparedSwitch) -> None:
         self._drivers = {engine.dialect: _Driver(engine, prepared)}
@@ -103,6 +139,11 @@ class Runner:
     def use_also(self, engine: Engine, prepared: PreparedSwitch) -> None:
         """Run the statements on *engine*'s connections too (an async engine's sync face)."""
         self._drivers[engine.dialect] = _Driver(engine, prepared)
+
+    def close(self) -> None:
+        """Remove what the runner attached to its engines' pools (the engines stay the caller's)."""
+        for driver in self._drivers.values():
+            driver.close()
 
     def first(self, conn: Connection, statement: Compiled, values: Mapping[str, Any]) -> Any:
         """The first row (a tuple) of a SELECT, or None."""
@@ -127,51 +168,71 @@ class Runner:
         driver = self._drivers.get(conn.dialect)
         if driver is None or "schema_translate_map" in conn.get_execution_options():
             return from_result(conn.execute(statement.statement, dict(values)))
+        sql, names = statement.for_dialect(driver.dialect)
         # The DBAPI connection: the driver's own for a sync engine, SQLAlchemy's adapter for an async one
         # (run through `AsyncConnection.run_sync`).
         dbapi_connection: Any = conn.connection.dbapi_connection
         if driver.psycopg:
-            cursor = _cursor_of(conn, dbapi_connection)
+            cursor, binds_on_server = _psycopg_cursor(conn, dbapi_connection, keep=driver.keeps_cursor)
             try:
-                # Binary: no text escaping both ways (a bytea payload travels as it is).
-                prepare = driver.prepared.prepares(conn)
-                cursor.execute(statement.sql, statement.parameters(values), prepare=prepare, binary=True)
+                if binds_on_server:
+                    # Binary: no text escaping both ways (a bytea payload travels as it is).
+                    prepare = driver.prepared.prepares(conn)
+                    cursor.execute(sql, _parameters(values, names), prepare=prepare, binary=True)
+                else:  # a `ClientCursor` factory (some PgBouncer setups): psycopg binds on the client
+                    cursor.execute(sql, _parameters(values, names))
                 return from_cursor(cursor)
             except driver.error as exc:
-                raise _translated(conn, driver, statement, values, exc) from exc
+                raise _translated(conn, driver, sql, values, exc) from exc
+            finally:
+                if not driver.keeps_cursor:
+                    cursor.close()
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(statement.sql, statement.parameters(values))
+            cursor.execute(sql, _parameters(values, names))
             return from_cursor(cursor)
         except driver.error as exc:
-            raise _translated(conn, driver, statement, values, exc) from exc
+            raise _translated(conn, driver, sql, values, exc) from exc
         finally:
             cursor.close()
 
 
-def _cursor_of(conn: Connection, dbapi_connection: Any) -> Any:
-    """The psycopg cursor kept with *conn*'s pooled connection: a new cursor per statement costs
-    ~6 µs of CPU (benchmarks/statement_paths.py). Kept beside the DBAPI connection it belongs to,
-    so a connection the pool replaced never gets its predecessor's cursor."""
+def _psycopg_cursor(conn: Connection, dbapi_connection: Any, *, keep: bool) -> tuple[Any, bool]:
+    """A psycopg cursor for the hot statements, and whether it binds on the server (not a
+    `ClientCursor`). Kept with the pooled connection when *keep* (a new cursor per statement costs
+    ~6 µs of CPU: benchmarks/statement_paths.py), beside the DBAPI connection it belongs to, so a
+    connection the pool replaced never gets its predecessor's cursor. Its integers go as int8
+    whatever their size: the same statement has the same parameter types on every connection (a
+    pooler may hand one client's prepared statement to another)."""
     info = conn.connection.info
-    kept = info.get(_CURSOR)
+    kept = info.get(_CURSOR) if keep else None
     if kept is not None and kept[0] is dbapi_connection:
-        return kept[1]
+        return kept[1], kept[2]
     cursor = dbapi_connection.cursor()
-    info[_CURSOR] = (dbapi_connection, cursor)
-    return cursor
+    binds_on_server = not isinstance(cursor, ClientCursor)
+    if binds_on_server:
+        cursor.adapters.register_dumper(int, Int8BinaryDumper)
+    if keep:
+        info[_CURSOR] = (dbapi_connection, cursor, binds_on_server)
+    return cursor, binds_on_server
 
 
 def _translated(
-    conn: Connection, driver: _Driver, statement: Compiled, values: Mapping[str, Any], error: Exception
+    conn: Connection, driver: _Driver, sql: str, values: Mapping[str, Any], error: Exception
 ) -> sa.exc.DBAPIError:
-    """SQLAlchemy's error for a driver's, its connection invalidated if the dialect finds it dead."""
+    """SQLAlchemy's error for a driver's, its connection invalidated if the dialect finds it dead.
+
+    SQLAlchemy's `handle_error` listeners are not called for these statements (they take an
+    execution context only `Connection.execute` builds): a listener that decides what counts as a
+    disconnect sees the other statements only."""
+    sqlstate = str(getattr(error, "sqlstate", None))
     dead = not conn.invalidated and (
         driver.dialect.is_disconnect(error, conn.connection.dbapi_connection, None)  # type: ignore[arg-type]
-        or str(getattr(error, "sqlstate", None)).startswith(_CONNECTION_ENDED)
+        or (sqlstate.startswith("08") and sqlstate != "08P01")
+        or sqlstate in _OPERATOR_ENDED
     )
     translated = sa.exc.DBAPIError.instance(
-        statement.sql,
+        sql,
         dict(values),
         error,
         driver.error,
@@ -182,7 +243,7 @@ def _translated(
     assert isinstance(translated, sa.exc.DBAPIError)  # a DBAPI error is always one
     if dead:
         # As `Connection.execute` does: this connection is discarded, and so are the pool's older ones
-        # at their next checkout (a restart or a failover ended them all: `_Driver.watch`).
+        # at their next checkout (a restart or a failover ended them all: `_Driver._watch`).
         driver.dead_since = time.time()
         conn.invalidate(translated)
     return translated

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from ...config import SessionConfig
+from ...errors import ConfigurationError
 from ..statements import SessionStatements
 from .base import Database
 from .mysql import MySQL
@@ -22,11 +23,12 @@ __all__ = ["Database", "MySQL", "PostgreSQL", "SQLite", "database_for"]
 def database_for(
     engine: Engine, statements: SessionStatements, config: SessionConfig, *, owns_engine: bool
 ) -> Database:
-    """The `Database` of *engine*'s dialect (MariaDB is MySQL's; any other is treated as SQLite is:
-    no row locks, no batches)."""
+    """The `Database` of *engine*'s dialect (MariaDB is MySQL's)."""
     name = engine.dialect.name
     if name == "postgresql":
         return PostgreSQL(statements, config)
     if name in ("mysql", "mariadb"):
         return MySQL(statements, config, owns_engine=owns_engine)
-    return SQLite(statements, config)
+    if name == "sqlite":
+        return SQLite(statements, config)
+    raise ConfigurationError("database_url", f"sessions live in PostgreSQL, MariaDB, MySQL or SQLite, not {name}")

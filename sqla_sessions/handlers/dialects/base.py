@@ -56,6 +56,12 @@ class Database:
             return None
         return None if size is None else int(size)
 
+    def in_autocommit(self, conn: Connection) -> bool:
+        """Whether *conn*'s DBAPI connection is in autocommit (an engine passed in may open them so):
+        sqlite3's `isolation_level` None, as SQLAlchemy sets it for "AUTOCOMMIT"."""
+        dbapi_connection: Any = conn.connection.dbapi_connection
+        return getattr(dbapi_connection, "isolation_level", "") is None
+
     def begin(self, conn: Connection) -> None:
         """Open a merge's transaction on an autocommit connection, its wait for the row's lock bounded.
 

@@ -60,6 +60,11 @@ class MySQL(Database):
         size = conn.execute(self._size, {"name": self.statements.table.name}).scalar()
         return None if size is None else int(size)
 
+    def in_autocommit(self, conn: Connection) -> bool:
+        dbapi_connection: Any = conn.connection.dbapi_connection
+        get_autocommit = getattr(dbapi_connection, "get_autocommit", None)  # pymysql's own
+        return bool(get_autocommit()) if get_autocommit is not None else False
+
     def begin(self, conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 

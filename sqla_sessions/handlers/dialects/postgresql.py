@@ -75,6 +75,10 @@ class PostgreSQL(Database):
     def table_bytes(self, conn: Connection) -> int | None:
         return int(conn.execute(self._size).scalar_one())
 
+    def in_autocommit(self, conn: Connection) -> bool:
+        dbapi_connection: Any = conn.connection.dbapi_connection
+        return bool(getattr(dbapi_connection, "autocommit", False))  # psycopg's own flag
+
     def begin(self, conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
         # The wait for the row's lock ends with the transaction's setting.
