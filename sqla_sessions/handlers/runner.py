@@ -37,9 +37,10 @@ from .prepared import PreparedSwitch
 
 try:
     from psycopg import ClientCursor
+    from psycopg.pq import TransactionStatus
     from psycopg.types.numeric import Int8BinaryDumper
 except ImportError:  # pragma: no cover - psycopg finds no libpq (neither the system's nor psycopg[binary]'s)
-    ClientCursor = Int8BinaryDumper = None  # type: ignore[assignment,misc]
+    ClientCursor = Int8BinaryDumper = TransactionStatus = None  # type: ignore[assignment,misc]
 
 T = TypeVar("T")
 
@@ -53,6 +54,9 @@ _OPENED = "sqla_sessions_opened"
 #: `pg_terminate_backend`, a shutdown). The error may arrive before the driver has read the end of
 #: the connection, so the dialect does not see it dead yet; the next statement on it would fail again.
 _OPERATOR_ENDED = ("57P01", "57P02", "57P03")
+
+#: "cached plan must not change result type": a prepared statement's table changed under it.
+_STALE_PLAN = "0A000"
 
 Names = tuple[str, ...] | None
 
@@ -174,11 +178,20 @@ class Runner:
         dbapi_connection: Any = conn.connection.dbapi_connection
         if driver.psycopg:
             cursor, binds_on_server = _psycopg_cursor(conn, dbapi_connection, keep=driver.keeps_cursor)
+            prepare = binds_on_server and driver.prepared.prepares(conn)
             try:
                 if binds_on_server:
                     # Binary: no text escaping both ways (a bytea payload travels as it is).
-                    prepare = driver.prepared.prepares(conn)
-                    cursor.execute(sql, _parameters(values, names), prepare=prepare, binary=True)
+                    try:
+                        cursor.execute(sql, _parameters(values, names), prepare=prepare, binary=True)
+                    except driver.error as exc:
+                        if not (prepare and _stale(exc, dbapi_connection)):
+                            raise
+                        # The table changed under the prepared statement (a migration): it did not run.
+                        # Unnamed this once; the connection, whose statements are all stale, is
+                        # replaced when it goes back to the pool.
+                        conn.connection.invalidate(soft=True)
+                        cursor.execute(sql, _parameters(values, names), prepare=False, binary=True)
                 else:  # a `ClientCursor` factory (some PgBouncer setups): psycopg binds on the client
                     cursor.execute(sql, _parameters(values, names))
                 return from_cursor(cursor)
@@ -195,6 +208,15 @@ class Runner:
             raise _translated(conn, driver, sql, values, exc) from exc
         finally:
             cursor.close()
+
+
+def _stale(error: Exception, dbapi_connection: Any) -> bool:
+    """Whether *error* is PostgreSQL's refusal of a prepared statement whose table changed since it
+    was prepared ("cached plan must not change result type"), on an idle connection: the statement
+    did not run, and may be sent again."""
+    if getattr(error, "sqlstate", None) != _STALE_PLAN:
+        return False
+    return bool(dbapi_connection.info.transaction_status == TransactionStatus.IDLE)
 
 
 def _psycopg_cursor(conn: Connection, dbapi_connection: Any, *, keep: bool) -> tuple[Any, bool]:

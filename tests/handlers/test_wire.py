@@ -96,9 +96,11 @@ def test_statements_dropped_by_discard_all_are_prepared_again(one_connection: En
         conn.exec_driver_sql("DISCARD ALL")  # what a connection pooler may do between clients
     assert _prepared(one_connection) == set()
 
-    assert handler.load(session_id)["counter"] == 0  # falls back once, through SQLAlchemy
     assert handler.load(session_id)["counter"] == 0
-    assert len(_prepared(one_connection)) == 1  # the SELECT, prepared afresh
+    assert handler.load(session_id)["counter"] == 0
+    # psycopg 3.3 saw the DISCARD ALL and prepares the SELECT afresh; 3.2 did not, so its next use of
+    # the name was refused ("does not exist"), which "auto" takes for a pooler: unnamed from then on.
+    assert len(_prepared(one_connection)) == 1 or handler.prepared.off
 
 
 def test_a_column_type_changed_under_a_prepared_statement(pg: Backend, clock: FakeClock) -> None:
@@ -116,8 +118,9 @@ def test_a_column_type_changed_under_a_prepared_statement(pg: Backend, clock: Fa
 
         assert handler.load(session_id)["counter"] == 0
         assert handler.load(session_id)["counter"] == 0
-        # psycopg saw the ALTER on its connection and forgot what it had prepared: the SELECT again.
-        assert len(_prepared(engine)) == 1
+        # psycopg 3.3 saw the ALTER on its connection and forgot what it had prepared: the SELECT again.
+        # 3.2 did not: the stale statement's refusal turned prepared statements off ("auto").
+        assert len(_prepared(engine)) == 1 or handler.prepared.off
     finally:
         engine.dispose()
         with pg.engine.begin() as conn:
@@ -281,3 +284,32 @@ def test_a_schema_translate_map_is_honoured(pg: Backend) -> None:
         engine.dispose()
         with pg.engine.begin() as conn:
             conn.exec_driver_sql("DROP SCHEMA tenant_a CASCADE")
+
+
+def test_a_migration_from_another_process_leaves_no_pooled_connection_failing(pg: Backend, clock: FakeClock) -> None:
+    """The usual case of a schema change: a migration run elsewhere. Each pooled connection's prepared
+    SELECT is then refused ("cached plan must not change result type"); it had not run, so it is sent
+    again unnamed, and the connection is replaced when it goes back to the pool."""
+    table = "wire_migrated"
+    from sqla_sessions import upgrade
+
+    upgrade(pg.engine, table=table)
+    engine = create_session_engine(pg.url, autocommit=True, pool_size=1, max_overflow=0)
+    try:
+        handler = DatabaseHandler(engine, SessionConfig(table=table), clock=clock)
+        session_id = _stored(handler)
+        handler.load(session_id)
+        with engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with pg.engine.begin() as conn:  # another connection, as a migration from another process
+            conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN user_agent TYPE text")
+
+        assert [handler.load(session_id)["counter"] for _ in range(3)] == [0, 0, 0]
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid  # replaced
+        assert not handler.prepared.off  # not taken for a pooler
+    finally:
+        engine.dispose()
+        with pg.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+            conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
