@@ -38,9 +38,8 @@ from .prepared import PreparedSwitch
 try:
     from psycopg import ClientCursor
     from psycopg.pq import TransactionStatus
-    from psycopg.types.numeric import Int8BinaryDumper
 except ImportError:  # pragma: no cover - psycopg finds no libpq (neither the system's nor psycopg[binary]'s)
-    ClientCursor = Int8BinaryDumper = TransactionStatus = None  # type: ignore[assignment,misc]
+    ClientCursor = TransactionStatus = None  # type: ignore[assignment,misc]
 
 T = TypeVar("T")
 
@@ -223,17 +222,16 @@ def _psycopg_cursor(conn: Connection, dbapi_connection: Any, *, keep: bool) -> t
     """A psycopg cursor for the hot statements, and whether it binds on the server (not a
     `ClientCursor`). Kept with the pooled connection when *keep* (a new cursor per statement costs
     ~6 µs of CPU: benchmarks/statement_paths.py), beside the DBAPI connection it belongs to, so a
-    connection the pool replaced never gets its predecessor's cursor. Its integers go as int8
-    whatever their size: the same statement has the same parameter types on every connection (a
-    pooler may hand one client's prepared statement to another)."""
+    connection the pool replaced never gets its predecessor's cursor. (psycopg types an integer by
+    its size: behind a pooler, another client's statement of the same SQL may have been prepared
+    with wider types, which the server refuses at Bind, 08P01: `handlers.prepared` then turns
+    prepared statements off.)"""
     info = conn.connection.info
     kept = info.get(_CURSOR) if keep else None
     if kept is not None and kept[0] is dbapi_connection:
         return kept[1], kept[2]
     cursor = dbapi_connection.cursor()
     binds_on_server = not isinstance(cursor, ClientCursor)
-    if binds_on_server:
-        cursor.adapters.register_dumper(int, Int8BinaryDumper)
     if keep:
         info[_CURSOR] = (dbapi_connection, cursor, binds_on_server)
     return cursor, binds_on_server

@@ -125,22 +125,6 @@ def test_a_bind_refused_for_another_clients_statement_is_sent_again_unnamed(pg: 
         handler.close()
 
 
-def test_integers_go_as_int8_whatever_their_size(pg: Backend) -> None:
-    """The same statement has the same parameter types on every connection: a pooler may hand one
-    client's prepared statement to another, which sends an 8-byte integer where 2 were declared."""
-    handler = DatabaseHandler(pg.url, SessionConfig(pool_size=1))
-    try:
-        session = handler.load(None)
-        session["a"] = 1
-        session.save()
-        handler.load(session.id)
-        with handler.connect() as conn:
-            types = conn.exec_driver_sql("SELECT parameter_types::text FROM pg_prepared_statements").scalars().all()
-        assert types and all("smallint" not in t and "integer" not in t for t in types), types
-    finally:
-        handler.close()
-
-
 def test_closing_a_handler_leaves_no_listener_on_an_engine_passed_in(pg: Backend) -> None:
     engine = create_session_engine(pg.url, autocommit=True)
     before = (len(engine.pool.dispatch.checkout), len(engine.pool.dispatch.connect))
