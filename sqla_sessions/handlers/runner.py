@@ -24,6 +24,7 @@ always: there is no second path to fall back to, and none to turn off.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -94,7 +95,7 @@ def _parameters(values: Mapping[str, Any], names: Names) -> Any:
 class _Driver:
     """How statements go to one engine's DBAPI connections."""
 
-    __slots__ = ("dead_since", "dialect", "engine", "error", "keeps_cursor", "listeners", "prepared", "psycopg")
+    __slots__ = ("dead_since", "dialect", "engine", "error", "keeps_cursor", "listeners", "lock", "prepared", "psycopg")
 
     def __init__(self, engine: Engine, prepared: PreparedSwitch) -> None:
         self.engine = engine
@@ -107,29 +108,43 @@ class _Driver:
         self.keeps_cursor = self.psycopg and not isinstance(engine.pool, StaticPool)
         self.prepared = prepared
         self.dead_since = 0.0  # when a connection was last found ended by the server (unix time)
+        self.lock = threading.Lock()
         self.listeners = self._watch(engine)
 
     def _watch(self, engine: Engine) -> list[tuple[str, Callable[..., None]]]:
-        """Replace, at checkout, each pooled connection opened before one was found ended by the
-        server: the pool's own events, raising `DisconnectionError` (SQLAlchemy's documented way to
-        have the pool connect afresh)."""
+        """Note when each pooled connection opens; once one is found ended by the server
+        (`found_dead`), replace at checkout each opened before it: the pool's own events, raising
+        `DisconnectionError` (SQLAlchemy's documented way to have the pool connect afresh). The
+        checkout listener is added then, not before: until a connection dies it would cost every
+        checkout a call."""
 
         def opened(_dbapi_connection: Any, record: Any) -> None:
             record.info[_OPENED] = time.time()
 
-        def checked_out(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-            if record.info.get(_OPENED, 0.0) < self.dead_since:
-                raise sa.exc.DisconnectionError("opened before the server ended another connection")
-
-        listeners: list[tuple[str, Callable[..., None]]] = [("connect", opened), ("checkout", checked_out)]
-        for name, listener in listeners:
-            sa.event.listen(engine, name, listener)
+        listeners: list[tuple[str, Callable[..., None]]] = [("connect", opened)]
+        sa.event.listen(engine, "connect", opened)
         return listeners
 
+    def found_dead(self) -> None:
+        """A connection was found ended by the server: the pool's older ones are replaced at checkout."""
+        with self.lock:
+            self.dead_since = time.time()
+            if any(name == "checkout" for name, _ in self.listeners):
+                return
+
+            def checked_out(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+                if record.info.get(_OPENED, 0.0) < self.dead_since:
+                    raise sa.exc.DisconnectionError("opened before the server ended another connection")
+
+            sa.event.listen(self.engine, "checkout", checked_out)
+            self.listeners.append(("checkout", checked_out))
+
     def close(self) -> None:
-        for name, listener in self.listeners:
-            if sa.event.contains(self.engine, name, listener):
-                sa.event.remove(self.engine, name, listener)
+        with self.lock:
+            for name, listener in self.listeners:
+                if sa.event.contains(self.engine, name, listener):
+                    sa.event.remove(self.engine, name, listener)
+            self.listeners.clear()
 
 
 class Runner:
@@ -264,7 +279,7 @@ def _translated(
     if dead:
         # As `Connection.execute` does: this connection is discarded, and so are the pool's older ones
         # at their next checkout (a restart or a failover ended them all: `_Driver._watch`).
-        driver.dead_since = time.time()
+        driver.found_dead()
         conn.invalidate(translated)
     return translated
 
