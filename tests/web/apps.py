@@ -27,6 +27,7 @@ class Counter:
 
     def __init__(self) -> None:
         self.count = 0
+        self.hot = 0  # of which on the runner's path, the one production runs
         self._lock = threading.Lock()
         _COUNTERS.append(self)
 
@@ -45,6 +46,7 @@ _run = Runner._run
 def _observed(runner: Any, *args: Any) -> Any:
     for counter in _COUNTERS:
         counter._on_execute()
+        counter.hot += 1
     return _run(runner, *args)
 
 
@@ -127,8 +129,8 @@ def starlette_app() -> Any:
 
     async def stats(request: Request) -> JSONResponse:
         if request.method == "POST":
-            counter.count = 0
-        return JSONResponse({"statements": counter.count})
+            counter.count = counter.hot = 0
+        return JSONResponse({"statements": counter.count, "hot": counter.hot})
 
     @blocking
     async def blocking_work(request: Request) -> JSONResponse:
@@ -240,8 +242,8 @@ def fastapi_app() -> Any:
     @app.api_route("/stats", methods=["GET", "POST"])
     async def stats(request: Request) -> dict[str, Any]:
         if request.method == "POST":
-            counter.count = 0
-        return {"statements": counter.count}
+            counter.count = counter.hot = 0
+        return {"statements": counter.count, "hot": counter.hot}
 
     # FastAPI runs on the AsyncEngine path, Starlette on the default thread pool: both are served.
     middleware = SessionMiddleware(app, handler=_handler(), async_engine="auto")
@@ -317,8 +319,8 @@ def flask_app() -> Any:
         from flask import request
 
         if request.method == "POST":
-            counter.count = 0
-        return jsonify(statements=counter.count)
+            counter.count = counter.hot = 0
+        return jsonify(statements=counter.count, hot=counter.hot)
 
     def work() -> Any:
         from flask import request
@@ -375,8 +377,8 @@ def wsgi_app() -> Any:
             return respond(start_response, f"<p>{session.previous_url}</p>", "text/html; charset=utf-8")
         if path == "/stats":
             if method == "POST":
-                counter.count = 0
-            return respond(start_response, {"statements": counter.count})
+                counter.count = counter.hot = 0
+            return respond(start_response, {"statements": counter.count, "hot": counter.hot})
         if path == "/blocking/work" and method == "POST":
             environ["wsgi.input"].read()  # a form the app reads, as a CSRF check would
             query = dict(part.partition("=")[::2] for part in environ.get("QUERY_STRING", "").split("&") if part)

@@ -39,6 +39,10 @@ class Server(ServedApp):
     def statements(self, client: httpx.Client) -> int:
         return int(client.get("/stats").json()["statements"])
 
+    def hot_statements(self, client: httpx.Client) -> int:
+        """Of `statements`, those sent on the path production runs (`handlers.runner`)."""
+        return int(client.get("/stats").json()["hot"])
+
 
 def start_server(
     framework: str, url: str, port: int, log: BinaryIO, *, module: str = "tests.web.apps"
@@ -109,6 +113,7 @@ def test_a_read_only_request_is_one_statement_and_sends_no_cookie(srv: Server) -
         assert response.headers.get_list("set-cookie") == []
         assert "Cookie" in response.headers.get("vary", "")
         assert srv.statements(client) == 1
+        assert srv.hot_statements(client) == 1  # the production path, whatever listens to the engine
 
 
 def test_a_request_that_writes_nothing_creates_no_row_and_no_cookie(srv: Server) -> None:

@@ -16,6 +16,29 @@ from .base import Database
 _DEADLOCK = 1213  # ER_LOCK_DEADLOCK
 _LOCK_WAIT_TIMEOUTS = (1205, 3572)  # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_NOWAIT
 
+#: The session variable that bounds a blocking request's hold, on MariaDB (True) and MySQL.
+_HOLD_VARIABLE = {True: "idle_transaction_timeout", False: "wait_timeout"}
+#: A blocking request's bounds, set on its connection; and what they go back to after it: the
+#: engine's own lock wait (an engine of ours), or the server's (an engine passed in).
+_BOUND = {
+    "idle_transaction_timeout": sa.text(
+        "SET SESSION innodb_lock_wait_timeout = :wait, idle_transaction_timeout = :hold"
+    ),
+    "wait_timeout": sa.text("SET SESSION innodb_lock_wait_timeout = :wait, wait_timeout = :hold"),
+}
+_RESET_TO_OURS = {
+    "idle_transaction_timeout": sa.text(
+        "SET SESSION innodb_lock_wait_timeout = :wait, idle_transaction_timeout = DEFAULT"
+    ),
+    "wait_timeout": sa.text("SET SESSION innodb_lock_wait_timeout = :wait, wait_timeout = DEFAULT"),
+}
+_RESET_TO_SERVERS = {
+    "idle_transaction_timeout": sa.text(
+        "SET SESSION innodb_lock_wait_timeout = DEFAULT, idle_transaction_timeout = DEFAULT"
+    ),
+    "wait_timeout": sa.text("SET SESSION innodb_lock_wait_timeout = DEFAULT, wait_timeout = DEFAULT"),
+}
+
 
 class MySQL(Database):
     """InnoDB's row locks; its lock wait is a session variable (`innodb_lock_wait_timeout`, whole
@@ -43,12 +66,8 @@ class MySQL(Database):
         # variable, but ends any connection idle past `wait_timeout`: set for this connection only while
         # it holds the lock, it bounds the hold the same way (the server closes the connection, which
         # rolls back and releases the lock). Either way a crashed holder's lock cannot go stale.
-        self._bounds: dict[bool, tuple[sa.TextClause, sa.TextClause]] = {}
-        for mariadb, hold in ((True, "idle_transaction_timeout"), (False, "wait_timeout")):
-            bound = sa.text(f"SET SESSION innodb_lock_wait_timeout = :wait, {hold} = :hold")
-            wait_back = ":wait" if owns_engine else "DEFAULT"
-            reset = sa.text(f"SET SESSION innodb_lock_wait_timeout = {wait_back}, {hold} = DEFAULT")
-            self._bounds[mariadb] = (bound, reset)
+        reset = _RESET_TO_OURS if owns_engine else _RESET_TO_SERVERS
+        self._bounds = {mariadb: (_BOUND[hold], reset[hold]) for mariadb, hold in _HOLD_VARIABLE.items()}
         self._write_wait = mysql_lock_wait_seconds(config)
 
     def gc(self, limit: int) -> sa.Delete:
