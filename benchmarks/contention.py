@@ -14,7 +14,7 @@ import time
 import uuid
 
 from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig, upgrade
-from sqla_sessions.handlers.engines import create_session_engine
+from sqla_sessions.store.handlers.engines import create_session_engine
 
 
 def run(url: str, seconds: float, writers: int) -> dict[str, float]:

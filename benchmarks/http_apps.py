@@ -42,7 +42,7 @@ def cookie_app() -> Any:
 def sqla_app() -> Any:
     from sqla_sessions import DatabaseHandler, SessionConfig
     from sqla_sessions.asgi import SessionMiddleware
-    from sqla_sessions.handlers.engines import create_session_engine
+    from sqla_sessions.store.handlers.engines import create_session_engine
 
     url = os.environ["SQLA_SESSIONS_DATABASE_URL"]
     config = SessionConfig(database_url=url, table=os.environ.get("SQLA_SESSIONS_TABLE", "sessions"), lottery=(0, 1))
@@ -125,7 +125,7 @@ def flask_sqla_app() -> Any:
 
     from sqla_sessions import DatabaseHandler, SessionConfig
     from sqla_sessions.flask import init_app
-    from sqla_sessions.handlers.engines import create_session_engine
+    from sqla_sessions.store.handlers.engines import create_session_engine
 
     url = os.environ["SQLA_SESSIONS_DATABASE_URL"]
     config = SessionConfig(database_url=url, table=os.environ.get("SQLA_SESSIONS_TABLE", "sessions"), lottery=(0, 1))

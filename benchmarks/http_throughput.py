@@ -76,7 +76,7 @@ def main() -> None:
     os.sched_setaffinity(0, {1})  # the load generator stays off the server's core
 
     from sqla_sessions import upgrade
-    from sqla_sessions.handlers.engines import create_session_engine
+    from sqla_sessions.store.handlers.engines import create_session_engine
 
     table = f"bench_{uuid.uuid4().hex[:8]}"
     engine = create_session_engine(args.pg)
@@ -115,7 +115,7 @@ def gc_under_load(pg: str, rows: int, seconds: float, clients: int = 64) -> dict
     import threading
 
     from sqla_sessions import DatabaseHandler, SessionConfig, upgrade
-    from sqla_sessions.handlers.engines import create_session_engine
+    from sqla_sessions.store.handlers.engines import create_session_engine
 
     table = f"bench_{uuid.uuid4().hex[:8]}"
     engine = create_session_engine(pg)

@@ -47,9 +47,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Connection, Engine
 
 from sqla_sessions import DatabaseHandler, SaveAction, Session, SessionConfig, upgrade
-from sqla_sessions.handlers.engines import create_session_engine
-from sqla_sessions.migrate import alembic_config, version_table_for
-from sqla_sessions.schema import sessions_table
+from sqla_sessions.store.handlers.engines import create_session_engine
+from sqla_sessions.store.migrate import alembic_config, version_table_for
+from sqla_sessions.store.schema import sessions_table
 
 TABLE = "sessions"
 META = "bench_large_table_meta"

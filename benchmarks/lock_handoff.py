@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 from sqla_sessions import DatabaseHandler, SessionConfig, upgrade
-from sqla_sessions.handlers.engines import create_session_engine
-from sqla_sessions.locking import BlockingSession
+from sqla_sessions.store.handlers.engines import create_session_engine
+from sqla_sessions.store.locking import BlockingSession
 
 
 def measure(handler: DatabaseHandler, rounds: int) -> list[float]:

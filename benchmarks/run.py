@@ -50,8 +50,8 @@ def statements_per_request(pg: str) -> dict[str, int]:
     from psycopg import pq
 
     from sqla_sessions import DatabaseHandler, SessionConfig, upgrade
-    from sqla_sessions.handlers.engines import create_session_engine
-    from sqla_sessions.locking import BlockingSession
+    from sqla_sessions.store.handlers.engines import create_session_engine
+    from sqla_sessions.store.locking import BlockingSession
 
     table = f"bench_{uuid.uuid4().hex[:8]}"
     upgrade(create_session_engine(pg), table=table)
@@ -313,7 +313,7 @@ def _env(pg: str) -> tuple[dict[str, str], str]:
     import uuid
 
     from sqla_sessions import upgrade
-    from sqla_sessions.handlers.engines import create_session_engine
+    from sqla_sessions.store.handlers.engines import create_session_engine
 
     table = f"bench_{uuid.uuid4().hex[:8]}"
     upgrade(create_session_engine(pg), table=table)
@@ -342,7 +342,7 @@ def _drop_database(pg: str, name: str) -> None:
 
 
 def _drop(pg: str, table: str) -> None:
-    from sqla_sessions.handlers.engines import create_session_engine
+    from sqla_sessions.store.handlers.engines import create_session_engine
 
     engine = create_session_engine(pg)
     with engine.begin() as conn:

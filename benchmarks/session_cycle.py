@@ -19,8 +19,8 @@ import psycopg
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionConfig, upgrade
-from sqla_sessions.handlers.engines import create_session_engine
-from sqla_sessions.ids import session_key_of
+from sqla_sessions.core.ids import session_key_of
+from sqla_sessions.store.handlers.engines import create_session_engine
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:

@@ -14,9 +14,9 @@ from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection, Engine
 
-from sqla_sessions.handlers.engines import create_session_engine, normalize_url
-from sqla_sessions.migrate import table_name_for_migrations, version_table_for, version_table_has_pk
-from sqla_sessions.schema import sessions_table
+from sqla_sessions.store.handlers.engines import create_session_engine, normalize_url
+from sqla_sessions.store.migrate import table_name_for_migrations, version_table_for, version_table_has_pk
+from sqla_sessions.store.schema import sessions_table
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -3,6 +3,8 @@
 from typing import TYPE_CHECKING, Any
 
 from .config import SessionConfig
+from .core.records import SaveAction, SessionInfo
+from .core.session import Session
 from .errors import (
     ConfigurationError,
     LockTimeout,
@@ -13,14 +15,12 @@ from .errors import (
     StoreUnavailable,
     TooManyRequests,
 )
-from .handlers import DatabaseHandler, MemoryHandler, SessionHandler
-from .records import SaveAction, SessionInfo
-from .session import Session
+from .store.handlers import DatabaseHandler, MemoryHandler, SessionHandler
 
 __version__ = "0.3.0"
 
 if TYPE_CHECKING:
-    from .migrate import downgrade, upgrade
+    from .store.migrate import downgrade, upgrade
 
 
 def __getattr__(name: str) -> Any:

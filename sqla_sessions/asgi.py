@@ -17,15 +17,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from .aio import AsyncBlockingSession, AsyncSessionStore
-from .bodies import BodyRefused, ClientGone, read_asgi_body
 from .config import SessionConfig
+from .core.records import SaveAction
+from .core.session import Session
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
-from .handlers.base import BaseHandler
-from .locking import Blocking, blocking_matcher
-from .records import SaveAction
-from .session import Session
-from .web import (
+from .http.bodies import BodyRefused, ClientGone, read_asgi_body
+from .http.web import (
     RETRY_AFTER,
     SAVE_ERRORS,
     STORE_ERRORS,
@@ -40,6 +37,9 @@ from .web import (
     store_failure,
     sweep_batches,
 )
+from .store.aio import AsyncBlockingSession, AsyncSessionStore
+from .store.handlers.base import BaseHandler
+from .store.locking import Blocking, blocking_matcher
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -68,11 +68,11 @@ class SessionMiddleware:
         blocking: Blocking = None,
         async_engine: AsyncEngine | Literal["auto"] | None = None,
     ) -> None:
-        """*blocking*: path globs (`["/checkout/*"]`) or a callable given the scope; see `sqla_sessions.locking`.
+        """*blocking*: path globs (`["/checkout/*"]`) or a callable given the scope; see `sqla_sessions.store.locking`.
 
         For per-endpoint marking in Starlette/FastAPI use `sqla_sessions.starlette.marked_blocking(app)`.
         *async_engine*: run database work on an `AsyncEngine` ("auto": derived from the handler's URL)
-        instead of the default thread pool; see `sqla_sessions.aio`.
+        instead of the default thread pool; see `sqla_sessions.store.aio`.
         """
         self.app = app
         self._owns_handler = handler is None
@@ -115,7 +115,7 @@ class SessionMiddleware:
         presented: str | None = None
         held: AsyncBlockingSession | None = None
         blocking = self._blocking is not None and self._blocking(scope)
-        if blocking:  # the whole body first: the lock waits for nobody (sqla_sessions.bodies)
+        if blocking:  # the whole body first: the lock waits for nobody (sqla_sessions.http.bodies)
             try:
                 receive = await read_asgi_body(scope, receive, self.config.block_body_bytes)
             except BodyRefused as exc:

@@ -26,10 +26,10 @@ from rich.text import Text
 
 from .config import SessionConfig
 from .errors import ConfigurationError, misconfiguration
-from .handlers.database import DatabaseHandler
-from .handlers.engines import create_session_engine, masked_url
-from .migrate import upgrade
-from .useragents import describe
+from .http.useragents import describe
+from .store.handlers.database import DatabaseHandler
+from .store.handlers.engines import create_session_engine, masked_url
+from .store.migrate import upgrade
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_URL = SessionConfig().database_url

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send
-from .session import Session
+from .core.session import Session
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

@@ -50,11 +50,11 @@ except ImportError:  # pragma: no cover - dramatiq is a core dependency
     raise ImportError("sqla_sessions.dramatiq needs dramatiq: pip install sqla-sessions") from None
 
 from .config import SessionConfig
+from .core.session import Session
+from .core.unit import JOBS_KEY, JobAlreadyApplied
 from .errors import SessionInterrupted
-from .handlers.base import BaseHandler
-from .handlers.database import DatabaseHandler
-from .session import Session
-from .unit import JOBS_KEY, JobAlreadyApplied
+from .store.handlers.base import BaseHandler
+from .store.handlers.database import DatabaseHandler
 
 logger = logging.getLogger("sqla_sessions")
 

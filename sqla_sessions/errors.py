@@ -56,7 +56,7 @@ class LockTimeout(SessionError):
 
 class TooManyRequests(LockTimeout):
     """Raised when one client address holds its share of the pool already (`address_connections`);
-    answered 429 with `Retry-After` (see `sqla_sessions.fairshare`)."""
+    answered 429 with `Retry-After` (see `sqla_sessions.store.fairshare`)."""
 
     status = 429
 

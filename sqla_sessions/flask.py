@@ -1,7 +1,7 @@
 """Flask integration: `init_app(app)` makes `flask.session` a sqla_sessions `Session`.
 
     from sqla_sessions.flask import init_app
-    from sqla_sessions.locking import blocking
+    from sqla_sessions.store.locking import blocking
 
     init_app(app, SessionConfig.from_env(), blocking=["/checkout/*"])
 
@@ -36,13 +36,11 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 from werkzeug.datastructures import ImmutableMultiDict
 from werkzeug.exceptions import HTTPException
 
-from .bodies import BodyRefused, read_wsgi_body
 from .config import SessionConfig, config_from_flask_settings
+from .core.session import Session
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
-from .handlers.base import BaseHandler
-from .locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
-from .session import Session
-from .web import (
+from .http.bodies import BodyRefused, read_wsgi_body
+from .http.web import (
     RETRY_AFTER,
     STORE_ERRORS,
     SessionCycle,
@@ -54,6 +52,8 @@ from .web import (
     store_failure,
     sweep_batches,
 )
+from .store.handlers.base import BaseHandler
+from .store.locking import Blocking, BlockingSession, blocking_matcher, is_marked_blocking
 from .wsgi import finish_response, request_info
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class SqlaSessionInterface(SessionInterface):
         try:
             presented = self.handler.choose_session_id(self.cycle.session_ids(info))
             if self._is_blocking(app, environ):
-                # The whole body first (before Flask reads it): the lock waits for nobody (sqla_sessions.bodies).
+                # The whole body first (before Flask reads it): the lock waits for nobody (sqla_sessions.http.bodies).
                 read_wsgi_body(environ, self.handler.config.block_body_bytes)
                 held = BlockingSession.open(self.handler, presented, address=info.client_ip)
             else:
@@ -166,7 +166,7 @@ def init_app(
     """Make `flask.session` a sqla_sessions `Session` for *app*.
 
     *config*: by default read from the app (see `config_from_app`). *blocking*: path globs or a
-    callable given the WSGI environ; views can also be marked with `sqla_sessions.locking.blocking`.
+    callable given the WSGI environ; views can also be marked with `sqla_sessions.store.locking.blocking`.
     """
     if handler is None and config is None:
         config = config_from_app(app)

@@ -26,7 +26,7 @@ applied before the save) or `get_session(request)` is called, which applies them
 the `Session` back in the scope. `get_session` is also the typed way to reach `login()`/`logout()`
 (Litestar types `request.session` as a dict).
 
-Endpoints marked with `sqla_sessions.locking.blocking` (under `@post(...)`) are blocking requests.
+Endpoints marked with `sqla_sessions.store.locking.blocking` (under `@post(...)`) are blocking requests.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 
 from . import asgi
 from .config import SessionConfig
+from .core.session import Session
+from .core.unit import JOBS_KEY
 from .errors import StoreMisconfigured, StoreUnavailable
-from .handlers.base import BaseHandler
-from .locking import Blocking, blocking_matcher, is_marked_blocking
-from .session import Session
-from .unit import JOBS_KEY
-from .web import error_headers, http_reason, store_failure
+from .http.web import error_headers, http_reason, store_failure
+from .store.handlers.base import BaseHandler
+from .store.locking import Blocking, blocking_matcher, is_marked_blocking
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -82,7 +82,7 @@ class SqlaSessionsPlugin(InitPlugin):
         async_engine: AsyncEngine | Literal["auto"] | None = None,
     ) -> None:
         """*blocking*: path globs (`["/checkout/*"]`) or a callable given the scope, besides endpoints
-        marked with `sqla_sessions.locking.blocking`. *async_engine*: see `sqla_sessions.asgi`."""
+        marked with `sqla_sessions.store.locking.blocking`. *async_engine*: see `sqla_sessions.asgi`."""
         rule = blocking_matcher(blocking, lambda scope: scope.get("path", ""))
 
         def is_blocking(scope: asgi.Scope) -> bool:

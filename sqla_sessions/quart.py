@@ -13,7 +13,7 @@ Quart's session hooks are coroutines: the session is loaded and saved through an
 `AsyncSessionStore` (worker threads, or an `AsyncEngine` with `async_engine=`), so the event loop
 never waits for the database. The HTTP policy (when to save, which cookie, 503 on an unreachable
 store) is `SessionCycle`'s, as for the other integrations. Views marked with
-`sqla_sessions.locking.blocking` (or matched by `blocking=`) are blocking requests.
+`sqla_sessions.store.locking.blocking` (or matched by `blocking=`) are blocking requests.
 
 As with Flask, `session.modified = True` is accepted and unnecessary, and without a config
 `init_app` reads one from the app (`config_from_app`): `SQLA_SESSIONS_*` keys of `app.config`, then
@@ -41,15 +41,12 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from .aio import AsyncBlockingSession, AsyncSessionStore
 from .asgi import Scope, finish_response, request_info, same_origin
-from .bodies import TOO_LARGE, BodyRefused
 from .config import SessionConfig, config_from_flask_settings
+from .core.session import Session
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
-from .handlers.base import BaseHandler
-from .locking import Blocking, blocking_matcher, is_marked_blocking
-from .session import Session
-from .web import (
+from .http.bodies import TOO_LARGE, BodyRefused
+from .http.web import (
     RETRY_AFTER,
     STORE_ERRORS,
     RequestInfo,
@@ -62,6 +59,9 @@ from .web import (
     store_failure,
     sweep_batches,
 )
+from .store.aio import AsyncBlockingSession, AsyncSessionStore
+from .store.handlers.base import BaseHandler
+from .store.locking import Blocking, blocking_matcher, is_marked_blocking
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -205,7 +205,7 @@ def init_app(
     """Make `quart.session` a sqla_sessions `Session` for *app*.
 
     *blocking*: path globs or a callable given the ASGI scope; views can also be marked with
-    `sqla_sessions.locking.blocking`. *async_engine*: see `sqla_sessions.aio`. The store is closed
+    `sqla_sessions.store.locking.blocking`. *async_engine*: see `sqla_sessions.store.aio`. The store is closed
     when the app stops serving.
     """
     owns_handler = handler is None
@@ -259,7 +259,7 @@ def current_session() -> Session:
 
 
 async def _read_body(request: Request, limit: int) -> None:
-    """Read a blocking request's body into Quart's cache before its lock is taken (`sqla_sessions.bodies`)."""
+    """Read a blocking request's body into Quart's cache before its lock is taken (`sqla_sessions.http.bodies`)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BodyRefused(TOO_LARGE)

@@ -1,6 +1,6 @@
 """Starlette/FastAPI helpers: mark endpoints as blocking.
 
-    from sqla_sessions.locking import blocking
+    from sqla_sessions.store.locking import blocking
     from sqla_sessions.starlette import marked_blocking
 
     @app.post("/checkout")
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .locking import is_marked_blocking
+from .store.locking import is_marked_blocking
 
 
 def marked_blocking(app: Any) -> Callable[[Any], bool]:

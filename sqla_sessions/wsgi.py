@@ -12,13 +12,11 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .bodies import BodyRefused, read_wsgi_body
 from .config import SessionConfig
+from .core.records import SaveAction
 from .errors import LockTimeout, StoreMisconfigured, StoreUnavailable
-from .handlers.base import BaseHandler
-from .locking import Blocking, BlockingSession, blocking_matcher
-from .records import SaveAction
-from .web import (
+from .http.bodies import BodyRefused, read_wsgi_body
+from .http.web import (
     RETRY_AFTER,
     SAVE_ERRORS,
     STORE_ERRORS,
@@ -33,6 +31,8 @@ from .web import (
     store_failure,
     sweep_batches,
 )
+from .store.handlers.base import BaseHandler
+from .store.locking import Blocking, BlockingSession, blocking_matcher
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -53,7 +53,8 @@ class SessionMiddleware:
         handler: BaseHandler[Any] | None = None,
         blocking: Blocking = None,
     ) -> None:
-        """*blocking*: path globs (`["/checkout/*"]`) or a callable given the environ; see `sqla_sessions.locking`."""
+        """*blocking*: path globs (`["/checkout/*"]`) or a callable given the environ; see
+        `sqla_sessions.store.locking`."""
         self.app = app
         config, handler = resolve_handler(config, handler)
         self.config, self.handler = config, handler
@@ -64,7 +65,7 @@ class SessionMiddleware:
         info = request_info(environ)
         presented: str | None = None
         blocking = self._blocking is not None and self._blocking(environ)
-        if blocking:  # the whole body first: the lock waits for nobody (sqla_sessions.bodies)
+        if blocking:  # the whole body first: the lock waits for nobody (sqla_sessions.http.bodies)
             try:
                 read_wsgi_body(environ, self.config.block_body_bytes)
             except BodyRefused as exc:

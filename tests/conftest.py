@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from sqla_sessions import DatabaseHandler, MemoryHandler, SessionConfig, upgrade
-from sqla_sessions.handlers.base import BaseHandler
-from sqla_sessions.handlers.engines import create_session_engine
+from sqla_sessions.store.handlers.base import BaseHandler
+from sqla_sessions.store.handlers.engines import create_session_engine
 
 PG_ADMIN_URL = os.environ.get("SQLA_SESSIONS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MYSQL_ADMIN_URL = os.environ.get("SQLA_SESSIONS_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -195,7 +195,7 @@ class StatementCounter:
             self.statements.append(statement)
 
     def __enter__(self) -> StatementCounter:
-        from sqla_sessions.handlers import runner
+        from sqla_sessions.store.handlers import runner
 
         counter, run = self, runner.Runner._run
         self._run = run
@@ -211,7 +211,7 @@ class StatementCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from sqla_sessions.handlers import runner
+        from sqla_sessions.store.handlers import runner
 
         runner.Runner._run = self._run  # type: ignore[method-assign]
         sa.event.remove(Engine, "before_cursor_execute", self._on_execute)

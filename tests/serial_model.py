@@ -8,7 +8,7 @@ ends up holding and the identity-addressed operations it performed follow. Two o
 - `serial`: the operations applied one request after the other, in commit order, each addressed by
   identity (insert before item e, remove e, replace e, edit e). It fails (returns None) where the
   operations do not commute: an item one request edits or replaces is gone, an anchor is gone.
-- `by_rule`: the documented outcome for every history, commuting or not (`sqla_sessions.listmerge`):
+- `by_rule`: the documented outcome for every history, commuting or not (`sqla_sessions.core.listmerge`):
   insertions never disappear, an edit of a removed item is the last committed write's.
 
 Items are unique (values carry the writer and a counter), so every operation can be found in the result.
@@ -197,7 +197,7 @@ def _twin(current: list[tuple[Any, Any]], base: list[Any], index: int, mine: Lis
 
 
 def by_rule(base: list[Any], edits: list[ListEdit]) -> list[Any]:
-    """The documented merge of edits committed in this order (`sqla_sessions.listmerge`), for any history."""
+    """The documented merge of edits committed in this order (`sqla_sessions.core.listmerge`), for any history."""
     # Per base item, the last committed fate among remove/edit wins, edits compose, replacements and
     # insertions all stay. A removal that meets another removal or an edit of the same item takes an
     # untouched identical twin instead, if there is one (a list cannot tell identical items apart).

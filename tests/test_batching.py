@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from sqla_sessions.batching import Batcher, ThreadBatcher
-from sqla_sessions.threads import WorkerThreads
+from sqla_sessions.store.batching import Batcher, ThreadBatcher
+from sqla_sessions.store.threads import WorkerThreads
 
 
 class Recorder:

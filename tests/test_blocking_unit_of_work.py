@@ -14,10 +14,10 @@ import pytest
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, Session, SessionConfig
-from sqla_sessions.aio import AsyncSessionStore
 from sqla_sessions.asgi import SessionMiddleware as AsgiMiddleware
-from sqla_sessions.handlers.engines import create_session_engine
-from sqla_sessions.locking import BlockingSession
+from sqla_sessions.store.aio import AsyncSessionStore
+from sqla_sessions.store.handlers.engines import create_session_engine
+from sqla_sessions.store.locking import BlockingSession
 from tests.conftest import Backend, StatementCounter
 
 

@@ -80,7 +80,7 @@ def test_same_site_none_requires_secure() -> None:
 
 def test_the_host_prefix_is_enforced_and_always_secure() -> None:
     """`__Host-session`: Secure, Path=/, no Domain, so no sibling subdomain can plant (toss) it."""
-    from sqla_sessions.cookies import CookieWriter
+    from sqla_sessions.http.cookies import CookieWriter
 
     for bad in ({"cookie_domain": "example.com"}, {"cookie_path": "/app"}, {"cookie_secure": False}):
         with pytest.raises(ValueError, match="__Host-"):

@@ -17,8 +17,8 @@ from sqlalchemy.engine import make_url
 
 from sqla_sessions import ConfigurationError, DatabaseHandler, SessionConfig, upgrade
 from sqla_sessions.asgi import SessionMiddleware as AsgiMiddleware
-from sqla_sessions.handlers.engines import create_session_engine, engine_options
-from sqla_sessions.locking import BlockingSession
+from sqla_sessions.store.handlers.engines import create_session_engine, engine_options
+from sqla_sessions.store.locking import BlockingSession
 from sqla_sessions.wsgi import SessionMiddleware as WsgiMiddleware
 from tests.conftest import Backend
 
@@ -229,7 +229,7 @@ def test_auto_lets_psycopg_prepare_only_the_hot_statements(pg_backend: Backend) 
     """psycopg's names (`_pg3_0`, …) are per client connection: behind a pooler, one client's name can
     reach another's statement. Under "auto" psycopg prepares only what the library asks it to (the
     hot statements), never the application's statements by counting their runs."""
-    from sqla_sessions.handlers.engines import ONLY_WHEN_ASKED
+    from sqla_sessions.store.handlers.engines import ONLY_WHEN_ASKED
 
     handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
     try:  # with a statement through SQLAlchemy beside each save: never prepared
@@ -271,7 +271,7 @@ def test_auto_turns_prepared_statements_off_at_the_first_refusal_and_runs_the_st
 def test_auto_on_the_async_engine_prepares_nothing(pg_backend: Backend) -> None:
     """`async_engine="auto"` has its own pool; its statements go through psycopg, which never prepares
     under "auto": nothing a pooler could refuse or confuse."""
-    from sqla_sessions.aio import AsyncSessionStore
+    from sqla_sessions.store.aio import AsyncSessionStore
 
     handler = DatabaseHandler(pg_backend.url, SessionConfig(pool_size=1))
     store = AsyncSessionStore(handler, async_engine="auto")

@@ -1,5 +1,5 @@
-"""Fair share of the pool (sqla_sessions.fairshare), bounded row-lock waits, and bodies read before a
-lock (sqla_sessions.bodies). The attacks through real servers are in tests/web/test_fair_share.py."""
+"""Fair share of the pool (sqla_sessions.store.fairshare), bounded row-lock waits, and bodies read before a
+lock (sqla_sessions.http.bodies). The attacks through real servers are in tests/web/test_fair_share.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from sqla_sessions import DatabaseHandler, LockTimeout, SessionConfig, TooManyRequests
-from sqla_sessions.bodies import BodyRefused, ClientGone, read_asgi_body, read_wsgi_body
-from sqla_sessions.fairshare import MAX_WAITING_PER_SESSION, FairShare, SessionSlots
-from sqla_sessions.locking import BlockingSession
+from sqla_sessions.http.bodies import BodyRefused, ClientGone, read_asgi_body, read_wsgi_body
+from sqla_sessions.store.fairshare import MAX_WAITING_PER_SESSION, FairShare, SessionSlots
+from sqla_sessions.store.locking import BlockingSession
 from tests.conftest import Backend
 
 
@@ -268,7 +268,7 @@ def test_a_hold_past_block_lock_seconds_gives_its_connection_back_before_the_app
     """ASGI: the app of a blocking request runs on past `block_lock_seconds`; its connection goes back
     to the pool then (the database ends the lock's transaction), not when the app ends, and every save
     of the request still lands, the one made inside the lost transaction included."""
-    from sqla_sessions.aio import EXPIRY_GRACE, AsyncSessionStore
+    from sqla_sessions.store.aio import EXPIRY_GRACE, AsyncSessionStore
 
     config = SessionConfig(database_url=db_backend.url, block_lock_seconds=1, pool_size=4)
     handler = DatabaseHandler(db_backend.url, config)
@@ -344,7 +344,7 @@ def test_threads_waiting_at_a_blocking_gate_count_on_their_address() -> None:
 def test_a_cancelled_finish_after_the_hold_expired_still_runs_the_callbacks_of_what_it_saved(
     db_backend: Backend,
 ) -> None:
-    from sqla_sessions.aio import EXPIRY_GRACE, AsyncSessionStore
+    from sqla_sessions.store.aio import EXPIRY_GRACE, AsyncSessionStore
 
     url = db_backend.url
     handler = DatabaseHandler(url, SessionConfig(database_url=url, block_lock_seconds=0.5, pool_size=4))

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from sqla_sessions import DatabaseHandler, LockTimeout, SaveAction
-from sqla_sessions.handlers.base import BaseHandler
-from sqla_sessions.locking import BlockingSession, blocking, blocking_matcher, is_marked_blocking
+from sqla_sessions.store.handlers.base import BaseHandler
+from sqla_sessions.store.locking import BlockingSession, blocking, blocking_matcher, is_marked_blocking
 from tests.conftest import HandlerFactory
 
 
@@ -137,7 +137,9 @@ def test_a_hold_past_block_lock_seconds_is_ended_by_the_database_and_the_save_st
         pytest.skip("SQLite holds leases, not locks; PostgreSQL runs once")
     handler = make_handler(block_lock_seconds=0.5)
     assert isinstance(handler, DatabaseHandler)
-    monkeypatch.setattr("sqla_sessions.handlers.dialects.mysql._is_mariadb", lambda conn: mysql_bound != "wait_timeout")
+    monkeypatch.setattr(
+        "sqla_sessions.store.handlers.dialects.mysql._is_mariadb", lambda conn: mysql_bound != "wait_timeout"
+    )
     handler._clock = time.time
     session_id = stored_id(handler)
     held = BlockingSession.open(handler, session_id)

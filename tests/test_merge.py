@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqla_sessions import MemoryHandler
-from sqla_sessions.merge import MISSING, ChangeSet, apply_changes, merge_value
-from sqla_sessions.serializer import encode_value
+from sqla_sessions.core.merge import MISSING, ChangeSet, apply_changes, merge_value
+from sqla_sessions.core.serializer import encode_value
 
 # -- the rules, by example -----------------------------------------------------------------------------
 

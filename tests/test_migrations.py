@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from sqla_sessions import downgrade, upgrade
-from sqla_sessions.migrate import DEFAULT_VERSION_TABLE, alembic_config, version_table_for
+from sqla_sessions.store.migrate import DEFAULT_VERSION_TABLE, alembic_config, version_table_for
 from tests.conftest import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +182,7 @@ def test_the_wheel_ships_the_migrations_and_migrates_from_an_install(tmp_path: P
     assert install.returncode == 0, install.stderr[-2000:]
     db = tmp_path / "from_wheel.db"
     code = (
-        "import sqla_sessions, sqla_sessions.migrate as m;"
+        "import sqla_sessions, sqla_sessions.store.migrate as m;"
         f"assert m.script_location().startswith({str(target)!r}), m.script_location();"
         f"sqla_sessions.upgrade('sqlite:///{db}')"
     )

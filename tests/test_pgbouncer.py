@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 from sqla_sessions import DatabaseHandler, Session, SessionConfig, upgrade
 from sqla_sessions.dramatiq import session_actor
-from sqla_sessions.locking import BlockingSession
+from sqla_sessions.store.locking import BlockingSession
 from tests.conftest import backend_for, unavailable
 from tests.web.test_servers import cookie_of, free_port, sent, start_server, wait_until_up
 

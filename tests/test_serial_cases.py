@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from sqla_sessions import DatabaseHandler
-from sqla_sessions.aio import AsyncSessionStore
-from sqla_sessions.handlers.base import BaseHandler
+from sqla_sessions.store.aio import AsyncSessionStore
+from sqla_sessions.store.handlers.base import BaseHandler
 from tests.conftest import HandlerFactory
 
 

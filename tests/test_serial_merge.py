@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sqla_sessions import DatabaseHandler, MemoryHandler, listdiff
-from sqla_sessions.handlers.base import BaseHandler
-from sqla_sessions.merge import MISSING, merge_value
-from sqla_sessions.serializer import encode_value
+from sqla_sessions.core.merge import MISSING, merge_value
+from sqla_sessions.core.serializer import encode_value
+from sqla_sessions.store.handlers.base import BaseHandler
 from tests.conftest import backend_for
 from tests.serial_model import ListEdit, by_rule, list_edits, perform, serial, twin_readings
 

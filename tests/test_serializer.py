@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sqla_sessions.serializer import decode_value, dumps_payload, encode_entry, encode_value, loads_payload
+from sqla_sessions.core.serializer import decode_value, dumps_payload, encode_entry, encode_value, loads_payload
 
 SAMPLES: list[Any] = [
     None,
@@ -115,7 +115,7 @@ def test_dumps_is_compact_utf8() -> None:
 
 
 def test_values_nested_too_deeply_are_refused_naming_the_key() -> None:
-    from sqla_sessions.serializer import MAX_DEPTH, encode_entry
+    from sqla_sessions.core.serializer import MAX_DEPTH, encode_entry
 
     nested: dict[str, object] = {}
     for _ in range(MAX_DEPTH + 1):
@@ -129,7 +129,7 @@ def test_values_nested_too_deeply_are_refused_naming_the_key() -> None:
 
 
 def test_an_int_too_long_for_json_is_refused_naming_the_key_and_never_breaks_a_read() -> None:
-    from sqla_sessions.serializer import encode_entry, loads_payload
+    from sqla_sessions.core.serializer import encode_entry, loads_payload
 
     with pytest.raises(TypeError, match="'big'.*4,000 digits"):
         encode_entry("big", 10**5000)

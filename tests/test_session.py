@@ -8,7 +8,7 @@ import pytest
 
 import sqla_sessions
 from sqla_sessions import MemoryHandler, SaveAction, Session
-from sqla_sessions.ids import is_valid_session_id
+from sqla_sessions.core.ids import is_valid_session_id
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sqla_sessions.threads import WorkerThreads
+from sqla_sessions.store.threads import WorkerThreads
 
 
 def test_returns_the_result_from_another_thread() -> None:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import context, op
 from sqlalchemy.dialects import mysql
 
-from sqla_sessions.migrate import table_name_for_migrations
+from sqla_sessions.store.migrate import table_name_for_migrations
 
 revision: str = "sqla_sessions_0001"
 down_revision: str | Sequence[str] | None = None

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
-from sqla_sessions.migrate import table_name_for_migrations
+from sqla_sessions.store.migrate import table_name_for_migrations
 
 revision: str = "sqla_sessions_0005"
 down_revision: str | Sequence[str] | None = "sqla_sessions_0004"

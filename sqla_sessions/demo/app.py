@@ -17,11 +17,11 @@ from starlette.routing import Route
 
 from ..asgi import SessionMiddleware
 from ..config import SessionConfig
+from ..core.session import Session
 from ..csrf import CSRFMiddleware
 from ..dramatiq import configure
-from ..handlers.database import DatabaseHandler
-from ..session import Session
-from ..useragents import describe
+from ..http.useragents import describe
+from ..store.handlers.database import DatabaseHandler
 from . import jobs, pages
 
 

@@ -12,8 +12,8 @@ import time
 
 import dramatiq
 
+from ..core.session import Session
 from ..dramatiq import session_actor
-from ..session import Session
 
 BROKER_ENV = "SQLA_SESSIONS_DEMO_BROKER"
 HYDRATE_SECONDS = float(os.environ.get("SQLA_SESSIONS_DEMO_JOB_SECONDS", "1.5"))

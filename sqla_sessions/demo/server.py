@@ -9,8 +9,8 @@ import sys
 import uvicorn
 
 from ..config import SessionConfig
-from ..handlers.engines import masked_url
-from ..migrate import upgrade
+from ..store.handlers.engines import masked_url
+from ..store.migrate import upgrade
 
 
 def serve(*, database_url: str, table: str, broker_url: str | None, host: str, port: int, workers: int) -> None:

@@ -35,10 +35,10 @@ from django.contrib.sessions.backends.base import CreateError, SessionBase, Upda
 from django.core.signals import setting_changed
 
 from ..config import SessionConfig
+from ..core.session import Session
+from ..core.store_api import TOKEN_KEY
 from ..errors import SessionInterrupted
-from ..handlers.database import DatabaseHandler
-from ..session import Session
-from ..store_api import TOKEN_KEY
+from ..store.handlers.database import DatabaseHandler
 
 #: The session key `django.contrib.auth` stores the logged-in user's primary key under.
 AUTH_USER_KEY = "_auth_user_id"

@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig
-from sqla_sessions.aio import AsyncSessionStore
 from sqla_sessions.errors import StoreUnavailable
+from sqla_sessions.store.aio import AsyncSessionStore
 from tests.conftest import Backend, FakeClock, backend_for
 
 

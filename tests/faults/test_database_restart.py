@@ -96,7 +96,7 @@ def test_a_database_restart_under_load(framework: str, tmp_root: Path) -> None:
     assert max(elapsed for _, elapsed in failures) < 5.0  # answered quickly, no hang
     assert recovered_at, "service must resume by itself"
     # Every write that was acknowledged with a 200 is in the database.
-    from sqla_sessions.ids import session_key_of
+    from sqla_sessions.core.ids import session_key_of
 
     for cookie, keys in acknowledged.items():
         with backend.engine.connect() as conn:

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionConfig
-from sqla_sessions.aio import AsyncSessionStore
+from sqla_sessions.store.aio import AsyncSessionStore
 from tests.conftest import Backend, backend_for
 
 

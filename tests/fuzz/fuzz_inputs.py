@@ -26,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sqla_sessions.codec import CorruptPayload, PayloadCodec
 from sqla_sessions.config import SessionConfig
-from sqla_sessions.cookies import session_cookie_values, session_id_candidates
+from sqla_sessions.core.codec import CorruptPayload, PayloadCodec
+from sqla_sessions.core.ids import generate_session_key, is_valid_session_id, new_session_id
+from sqla_sessions.core.serializer import decode_value, encode_value
 from sqla_sessions.csrf import token_from_body
-from sqla_sessions.ids import generate_session_key, is_valid_session_id, new_session_id
-from sqla_sessions.serializer import decode_value, encode_value
+from sqla_sessions.http.cookies import session_cookie_values, session_id_candidates
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY"
 SESSION_KEY = "0123456789abcdef0123456789abcdef"

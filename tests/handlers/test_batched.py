@@ -16,11 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig
-from sqla_sessions.aio import AsyncSessionStore
+from sqla_sessions.core.session import Session
+from sqla_sessions.core.unit import UnitOfWork
 from sqla_sessions.errors import SessionInterrupted
-from sqla_sessions.handlers.base import BaseHandler
-from sqla_sessions.session import Session
-from sqla_sessions.unit import UnitOfWork
+from sqla_sessions.store.aio import AsyncSessionStore
+from sqla_sessions.store.handlers.base import BaseHandler
 from tests.conftest import Backend, FakeClock, backend_for
 from tests.handlers.test_wire import _wire
 

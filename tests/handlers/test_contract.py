@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, PayloadTooLarge, SaveAction, SessionConfig, SessionInterrupted
-from sqla_sessions.handlers.base import BaseHandler
+from sqla_sessions.store.handlers.base import BaseHandler
 from tests.conftest import FakeClock, HandlerFactory, stored_rows
 
 Handler = BaseHandler[Any]

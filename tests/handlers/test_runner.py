@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig
-from sqla_sessions.aio import AsyncSessionStore
-from sqla_sessions.handlers.engines import create_session_engine
-from sqla_sessions.handlers.runner import Compiled
+from sqla_sessions.store.aio import AsyncSessionStore
+from sqla_sessions.store.handlers.engines import create_session_engine
+from sqla_sessions.store.handlers.runner import Compiled
 from tests.conftest import Backend, StatementCounter, backend_for
 
 
@@ -33,7 +33,7 @@ def _rows(backend: Backend) -> list[tuple[int, bytes]]:
 def test_an_async_engine_runs_the_hot_statements_and_stores_them(db_backend: Backend, passed_in: bool) -> None:
     """psycopg's async dialect calls its driver "psycopg" too: its adapter takes no `prepare`/`binary`.
     An async engine passed in that is not in autocommit has its writes committed all the same."""
-    from sqla_sessions.aio_runner import async_url
+    from sqla_sessions.store.aio_runner import async_url
 
     url = async_url(db_backend.engine.url)
     if url is None:

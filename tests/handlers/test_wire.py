@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from sqla_sessions import DatabaseHandler, SaveAction, SessionConfig
 from sqla_sessions.errors import StoreUnavailable
-from sqla_sessions.handlers.engines import create_session_engine
+from sqla_sessions.store.handlers.engines import create_session_engine
 from tests.conftest import Backend, FakeClock, backend_for
 
 
@@ -229,7 +229,7 @@ def test_the_same_on_psycopgs_pure_python_libpq_binding(pg: Backend, tmp_path: P
         "import sys\n"
         "from psycopg import pq\n"
         "from sqla_sessions import DatabaseHandler, SessionConfig\n"
-        "from sqla_sessions.handlers.engines import create_session_engine\n"
+        "from sqla_sessions.store.handlers.engines import create_session_engine\n"
         "engine = create_session_engine(sys.argv[1], autocommit=True, pool_size=1, max_overflow=0)\n"
         "handler = DatabaseHandler(engine, SessionConfig())\n"
         "session = handler.load(None)\n"

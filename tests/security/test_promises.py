@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionInterrupted
-from sqla_sessions.handlers.base import BaseHandler
+from sqla_sessions.store.handlers.base import BaseHandler
 from tests.conftest import HandlerFactory
 
 KEY_A = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY"
@@ -146,7 +146,7 @@ def test_payloads_sealed_in_the_older_layout_still_open_and_are_resealed(
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from sqla_sessions.config import decode_encryption_key
-    from sqla_sessions.serializer import dumps_payload
+    from sqla_sessions.core.serializer import dumps_payload
 
     handler, session, table = _sealed_row(make_handler)
     raw_key = decode_encryption_key(KEY_A)
@@ -171,7 +171,7 @@ def test_the_stored_id_hash_does_not_open_the_session(handler: BaseHandler[Any])
     session = handler.load(None)
     session["secret"] = 1
     session.save()
-    from sqla_sessions.ids import secret_hash
+    from sqla_sessions.core.ids import secret_hash
 
     # A leaked table row gives the key and the hash; presenting them (or a part of the hash) as a
     # cookie opens nothing.

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sqla_sessions import DatabaseHandler, MemoryHandler, SessionConfig, SessionInterrupted, upgrade
-from sqla_sessions.codec import CorruptPayload, PayloadCodec
-from sqla_sessions.cookies import session_cookie_values, session_id_candidates
-from sqla_sessions.handlers.base import BaseHandler
-from sqla_sessions.ids import is_valid_session_id
-from sqla_sessions.serializer import decode_value, dumps_payload, encode_value, loads_payload
+from sqla_sessions.core.codec import CorruptPayload, PayloadCodec
+from sqla_sessions.core.ids import is_valid_session_id
+from sqla_sessions.core.serializer import decode_value, dumps_payload, encode_value, loads_payload
+from sqla_sessions.http.cookies import session_cookie_values, session_id_candidates
+from sqla_sessions.store.handlers.base import BaseHandler
 
 offsets = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
 scalars = st.one_of(

@@ -14,9 +14,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, Session, SessionConfig
-from sqla_sessions.handlers.engines import create_session_engine
-from sqla_sessions.handlers.runner import Runner
-from sqla_sessions.locking import blocking
+from sqla_sessions.store.handlers.engines import create_session_engine
+from sqla_sessions.store.handlers.runner import Runner
+from sqla_sessions.store.locking import blocking
 
 EVIL = "v\r\nSet-Cookie: pwned=1\r\nX-Injected: yes"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqla_sessions import Session, SessionConfig
-from sqla_sessions.locking import blocking
+from sqla_sessions.store.locking import blocking
 
 
 def _visible(session: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from sqla_sessions import SessionConfig
-from sqla_sessions.locking import blocking
+from sqla_sessions.store.locking import blocking
 
 
 def _visible(session: Any) -> dict[str, Any]:

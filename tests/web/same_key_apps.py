@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from sqla_sessions import DatabaseHandler, MemoryHandler, Session, SessionConfig
-from sqla_sessions.handlers.base import BaseHandler
+from sqla_sessions.store.handlers.base import BaseHandler
 
 OVERLAP_SECONDS = 0.05
 

@@ -11,7 +11,7 @@ import pytest
 
 from sqla_sessions import DatabaseHandler, SessionConfig
 from sqla_sessions.flask import config_from_app, init_app
-from sqla_sessions.migrate import upgrade
+from sqla_sessions.store.migrate import upgrade
 
 
 @pytest.fixture(autouse=True)

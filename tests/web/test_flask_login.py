@@ -15,8 +15,8 @@ import sqlalchemy as sa
 
 from sqla_sessions import DatabaseHandler, SessionConfig
 from sqla_sessions.flask import init_app
-from sqla_sessions.locking import blocking
-from sqla_sessions.schema import sessions_table
+from sqla_sessions.store.locking import blocking
+from sqla_sessions.store.schema import sessions_table
 from tests.conftest import Backend
 from tests.web.flask_login_apps import LEGACY_REMEMBER_UNTIL, SECRET_KEY, flask_login_app
 from tests.web.served_app import ServedApp, cookie_of, sent, serve_app
