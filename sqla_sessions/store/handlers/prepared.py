@@ -68,9 +68,9 @@ class PreparedSwitch:
         self.lock = threading.Lock()
         self.off = False
 
-    def prepares(self, conn: Connection) -> bool:
-        """Whether a hot statement goes prepared on *conn* now."""
-        return self.named and not self.off and _HELD not in conn.info
+    def prepares(self, info: dict[Any, Any]) -> bool:
+        """Whether a hot statement goes prepared now on the pooled connection whose `info` this is."""
+        return self.named and not self.off and _HELD not in info
 
     def turn_off(self, engine: Engine, error: BaseException) -> None:
         with self.lock:

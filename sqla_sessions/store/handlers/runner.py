@@ -189,10 +189,12 @@ class Runner:
         sql, names = statement.for_dialect(driver.dialect)
         # The DBAPI connection: the driver's own for a sync engine, SQLAlchemy's adapter for an async one
         # (run through `AsyncConnection.run_sync`).
-        dbapi_connection: Any = conn.connection.dbapi_connection
+        pooled = conn.connection
+        dbapi_connection: Any = pooled.dbapi_connection
         if driver.psycopg:
-            cursor, binds_on_server = _psycopg_cursor(conn, dbapi_connection, keep=driver.keeps_cursor)
-            prepare = binds_on_server and driver.prepared.prepares(conn)
+            info = pooled.info
+            cursor, binds_on_server = _psycopg_cursor(info, dbapi_connection, keep=driver.keeps_cursor)
+            prepare = binds_on_server and driver.prepared.prepares(info)
             try:
                 if binds_on_server:
                     # Binary: no text escaping both ways (a bytea payload travels as it is).
@@ -204,7 +206,7 @@ class Runner:
                         # The table changed under the prepared statement (a migration): it did not run.
                         # Unnamed this once; the connection, whose statements are all stale, is
                         # replaced when it goes back to the pool.
-                        conn.connection.invalidate(soft=True)
+                        pooled.invalidate(soft=True)
                         cursor.execute(sql, _parameters(values, names), prepare=False, binary=True)
                 else:  # a `ClientCursor` factory (some PgBouncer setups): psycopg binds on the client
                     cursor.execute(sql, _parameters(values, names))
@@ -233,7 +235,7 @@ def _stale(error: Exception, dbapi_connection: Any) -> bool:
     return bool(dbapi_connection.info.transaction_status == TransactionStatus.IDLE)
 
 
-def _psycopg_cursor(conn: Connection, dbapi_connection: Any, *, keep: bool) -> tuple[Any, bool]:
+def _psycopg_cursor(info: dict[Any, Any], dbapi_connection: Any, *, keep: bool) -> tuple[Any, bool]:
     """A psycopg cursor for the hot statements, and whether it binds on the server (not a
     `ClientCursor`). Kept with the pooled connection when *keep* (a new cursor per statement costs
     ~6 µs of CPU: benchmarks/statement_paths.py), beside the DBAPI connection it belongs to, so a
@@ -241,7 +243,6 @@ def _psycopg_cursor(conn: Connection, dbapi_connection: Any, *, keep: bool) -> t
     its size: behind a pooler, another client's statement of the same SQL may have been prepared
     with wider types, which the server refuses at Bind, 08P01: `handlers.prepared` then turns
     prepared statements off.)"""
-    info = conn.connection.info
     kept = info.get(_CURSOR) if keep else None
     if kept is not None and kept[0] is dbapi_connection:
         return kept[1], kept[2]
