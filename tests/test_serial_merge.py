@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sqla_sessions import DatabaseHandler, MemoryHandler, listdiff
+from sqla_sessions import DatabaseHandler, MemoryHandler
+from sqla_sessions.core import listdiff
 from sqla_sessions.core.merge import MISSING, merge_value
 from sqla_sessions.core.serializer import encode_value
 from sqla_sessions.store.handlers.base import BaseHandler
