@@ -167,7 +167,7 @@ def test_an_engine_passed_in_without_hide_parameters_leaks_no_payload(pg: Backen
         with pytest.raises(sa.exc.DBAPIError) as raised:
             second.save()  # lost the race: the merge's UPDATE is refused
         assert "4111" not in str(raised.value) and "also secret" not in str(raised.value)
-        assert raised.value.params is None
+        assert "hidden" in str(raised.value)
     finally:
         with engine.connect() as conn:
             conn.exec_driver_sql("DROP TRIGGER refuse_merges ON sessions; DROP FUNCTION refuse_merges()")

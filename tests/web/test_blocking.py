@@ -17,6 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from sqla_sessions.store.schema import sessions_table
 from tests.conftest import backend_for
 from tests.web.test_servers import ROOT, cookie_of, free_port, sent, wait_until_up
 
@@ -253,7 +254,8 @@ def test_a_row_held_by_another_process_answers_423_and_leaves_every_connection_c
     holder = server.engine.connect()
     try:
         holder.begin()
-        holder.execute(sa.text("SELECT 1 FROM sessions WHERE key = :key FOR UPDATE"), {"key": key}).all()
+        sessions = sessions_table()
+        holder.execute(sa.select(sessions.c.key).where(sessions.c.key == key).with_for_update()).all()
         with server.client() as client:
             started = time.monotonic()
             blocking = client.post("/blocking/work?ms=10", headers=sent(cookie))

@@ -136,10 +136,9 @@ class DatabaseHandler(InTransactions):
             with engine.connect() as conn:
                 yield conn
         except sa.exc.StatementError as exc:
-            # Bound values are session payloads and secrets' hashes: never in a message or a report,
+            # Bound values are session payloads and secrets' hashes: never in a message or a log line,
             # also on an engine passed in without `hide_parameters=True`.
             exc.hide_parameters = True
-            exc.params = None
             raise
 
     def _autocommit_engine(self) -> Engine:
