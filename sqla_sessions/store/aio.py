@@ -5,7 +5,7 @@ There is one implementation of the logic (`BaseHandler.load_on`, `write_on`, …
 
 - `DatabaseHandler` (default): on the handler's own sync engine, in `WorkerThreads`. The loop never
   waits for the database; a request holds a thread only while its statements run, and on
-  PostgreSQL the wait happens inside libpq with the GIL released (`handlers.libpq`). Measured here
+  PostgreSQL the wait for the server happens in psycopg with the GIL released. Measured here
   (benchmarks/http_throughput.py, PostgreSQL, 64 clients, one core) this serves more requests than
   the AsyncEngine path: psycopg's async machinery plus SQLAlchemy's greenlet bridge cost more per
   statement than one thread hop.
