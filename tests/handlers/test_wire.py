@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,25 @@ def test_statements_dropped_by_discard_all_are_prepared_again(one_connection: En
     assert len(_prepared(one_connection)) == 1 or handler.prepared.off
 
 
-def test_a_column_type_changed_under_a_prepared_statement(pg: Backend, clock: FakeClock) -> None:
-    table = "libpq_altered"
+@contextmanager
+def _table_of_its_own(pg: Backend, table: str) -> Iterator[Engine]:
+    """A sessions table of the test's own (its schema is altered) and an engine of one connection."""
     from sqla_sessions import upgrade
 
     upgrade(pg.engine, table=table)
     engine = create_session_engine(pg.url, autocommit=True, pool_size=1, max_overflow=0)
     try:
+        yield engine
+    finally:
+        engine.dispose()
+        with pg.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+            conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
+
+
+def test_a_column_type_changed_under_a_prepared_statement(pg: Backend, clock: FakeClock) -> None:
+    table = "libpq_altered"
+    with _table_of_its_own(pg, table) as engine:
         handler = DatabaseHandler(engine, SessionConfig(table=table), clock=clock)
         session_id = _stored(handler)
         handler.load(session_id)
@@ -121,11 +134,6 @@ def test_a_column_type_changed_under_a_prepared_statement(pg: Backend, clock: Fa
         # psycopg 3.3 saw the ALTER on its connection and forgot what it had prepared: the SELECT again.
         # 3.2 did not: the stale statement's refusal turned prepared statements off ("auto").
         assert len(_prepared(engine)) == 1 or handler.prepared.off
-    finally:
-        engine.dispose()
-        with pg.engine.begin() as conn:
-            conn.exec_driver_sql(f"DROP TABLE {table}")
-            conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")
 
 
 def test_no_prepared_statements_when_psycopg_is_told_not_to_prepare(pg: Backend, clock: FakeClock) -> None:
@@ -291,11 +299,7 @@ def test_a_migration_from_another_process_leaves_no_pooled_connection_failing(pg
     SELECT is then refused ("cached plan must not change result type"); it had not run, so it is sent
     again unnamed, and the connection is replaced when it goes back to the pool."""
     table = "wire_migrated"
-    from sqla_sessions import upgrade
-
-    upgrade(pg.engine, table=table)
-    engine = create_session_engine(pg.url, autocommit=True, pool_size=1, max_overflow=0)
-    try:
+    with _table_of_its_own(pg, table) as engine:
         handler = DatabaseHandler(engine, SessionConfig(table=table), clock=clock)
         session_id = _stored(handler)
         handler.load(session_id)
@@ -308,8 +312,3 @@ def test_a_migration_from_another_process_leaves_no_pooled_connection_failing(pg
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid  # replaced
         assert not handler.prepared.off  # not taken for a pooler
-    finally:
-        engine.dispose()
-        with pg.engine.begin() as conn:
-            conn.exec_driver_sql(f"DROP TABLE {table}")
-            conn.exec_driver_sql(f"DROP TABLE sqla_sessions_alembic_version_{table}")

@@ -84,14 +84,10 @@ class DatabaseHandler(InTransactions):
                 ("insert", statements.insert),
                 ("compare_and_set", database.compare_and_set),
                 ("touch", database.touch),
-                ("update_unless_locked", statements.unless_locked(statements.compare_and_set)),
-                ("touch_unless_locked", statements.unless_locked(statements.touch)),
             )
         }
         self._by_key, self._insert_one = compiled["by_key"], compiled["insert"]
         self._compare_and_set, self._touch_one = compiled["compare_and_set"], compiled["touch"]
-        self._update_unless_locked = compiled["update_unless_locked"]
-        self._touch_unless_locked = compiled["touch_unless_locked"]
         self._by_keys: dict[int, Compiled] = {}
         self._many = {
             name: Compiled(statement, self.engine)
@@ -242,7 +238,7 @@ class DatabaseHandler(InTransactions):
             values = write_values(record)
             values["b_version"] = expected
             values["now"] = now
-            return self._one_unless_locked(conn, self._update_unless_locked, values)
+            return self._one_unless_locked(conn, self._compare_and_set, values)
         return self._keys_written(conn, self._many["update"], _arrays(writes, WRITABLE, now))
 
     def _touch_many(self, conn: Connection, touches: list[tuple[Record, int]], now: int) -> set[str]:
@@ -252,7 +248,7 @@ class DatabaseHandler(InTransactions):
             record, version = touches[0]
             values = {"b_key": record.key, "b_version": version, "now": now}
             values.update(v_last_activity=record.last_activity, v_expires_at=record.expires_at)
-            return self._one_unless_locked(conn, self._touch_unless_locked, values)
+            return self._one_unless_locked(conn, self._touch_one, values)
         return self._keys_written(conn, self._many["touch"], _arrays(touches, ("last_activity", "expires_at"), now))
 
     def _keys_written(self, conn: Connection, statement: Compiled, values: dict[str, Any]) -> set[str]:

@@ -17,7 +17,9 @@ class Database:
     name = "sqlite"
     #: Whether a blocking request holds a row lock in a transaction (False: a lease it polls for).
     row_locks = False
-    #: Whether many rows' writes go in one statement (`insert_many`, `update_many`, `touch_many`).
+    #: Whether many rows' writes go in one statement (`insert_many`, `update_many`, `touch_many`). Such a
+    #: database's `compare_and_set` and `touch` must never wait for a row lock either: a batch of one
+    #: runs them (PostgreSQL's skip a row another transaction holds).
     writes_in_batches = False
 
     def __init__(self, statements: SessionStatements, config: SessionConfig) -> None:
